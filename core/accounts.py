@@ -1,0 +1,375 @@
+"""Accounts: registration, login sessions with rotating refresh tokens, logout, profile, roles.
+
+A *login* is one sign-in: it owns the current refresh token's ``jti``. Refreshing rotates it;
+presenting a refresh token that was already rotated away is treated as theft and revokes the
+whole login (its refresh token in MongoDB, its access tokens through a Redis denylist).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any, Literal
+
+from bson import ObjectId
+from bson.errors import InvalidId
+from pydantic import BaseModel, ConfigDict, EmailStr, Field, StringConstraints
+from pymongo import ReturnDocument
+from pymongo.asynchronous.client_session import AsyncClientSession
+from pymongo.errors import DuplicateKeyError
+from redis.exceptions import RedisError
+
+from config.logging import get_logger
+from core import events
+from core.context import Context
+from core.errors import Conflict, NotFound, RateLimited, Unauthorized
+from core.security import TokenClaims, hash_password, needs_rehash, verify_password
+from core.store import Doc, utcnow
+
+log = get_logger(__name__)
+
+Role = Literal["user", "admin"]
+Password = Annotated[str, StringConstraints(min_length=8, max_length=128)]
+Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100)]
+
+
+class Strict(BaseModel):
+    """Request bodies: unknown fields and wrong JSON types are refused (never coerced)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class NotificationPrefs(Strict):
+    """What a user wants to be told, and how."""
+
+    email_welcome: bool = True
+    email_due_soon: bool = True
+    in_app: bool = True
+    due_soon_window_hours: int = Field(24, ge=1, le=168)
+
+
+class NotificationPrefsPatch(Strict):
+    """A partial change of :class:`NotificationPrefs`."""
+
+    email_welcome: bool | None = None
+    email_due_soon: bool | None = None
+    in_app: bool | None = None
+    due_soon_window_hours: int | None = Field(None, ge=1, le=168)
+
+
+class RegisterIn(Strict):
+    """``POST /auth/register`` body."""
+
+    email: EmailStr
+    password: Password
+    name: Name
+
+
+class LoginIn(Strict):
+    """``POST /auth/login`` body."""
+
+    email: Annotated[str, StringConstraints(min_length=1, max_length=320)]
+    password: Annotated[str, StringConstraints(min_length=1, max_length=128)]
+
+
+class RefreshIn(Strict):
+    """``POST /auth/refresh`` body."""
+
+    refresh_token: Annotated[str, StringConstraints(min_length=1, max_length=4096)]
+
+
+class MePatch(Strict):
+    """``PATCH /me`` body."""
+
+    name: Name | None = None
+    notification_prefs: NotificationPrefsPatch | None = None
+
+
+class UserPublic(BaseModel):
+    """A user as the API shows it (never the stored document)."""
+
+    id: str
+    email: str
+    name: str
+    role: Role
+    notification_prefs: NotificationPrefs
+    created_at: datetime
+    updated_at: datetime
+
+
+class TokenPair(BaseModel):
+    """Response of register, login and refresh."""
+
+    user: UserPublic
+    access_token: str
+    refresh_token: str
+    token_type: Literal["Bearer"] = "Bearer"
+    expires_in: int
+
+
+def public_user(doc: Doc) -> UserPublic:
+    """The public view of a stored user."""
+    return UserPublic(
+        id=str(doc["_id"]),
+        email=doc["email"],
+        name=doc["name"],
+        role=doc.get("role", "user"),
+        notification_prefs=NotificationPrefs(**doc.get("notification_prefs", {})),
+        created_at=doc["created_at"],
+        updated_at=doc["updated_at"],
+    )
+
+
+def _oid(user_id: str) -> ObjectId:
+    try:
+        return ObjectId(user_id)
+    except (InvalidId, TypeError) as exc:
+        raise NotFound("No such user") from exc
+
+
+def normalize_email(email: str) -> str:
+    """Emails are compared case-insensitively."""
+    return email.strip().lower()
+
+
+async def get_user(ctx: Context, user_id: str) -> Doc:
+    """A stored user or :class:`NotFound`."""
+    doc = await ctx.store["users"].find_one({"_id": _oid(user_id)})
+    if doc is None:
+        raise NotFound("No such user")
+    return doc
+
+
+async def create_user(
+    ctx: Context, email: str, password: str, name: str, role: Role = "user"
+) -> Doc:
+    """Store a new user and its ``user.registered`` event in one transaction."""
+    now = utcnow()
+    doc: Doc = {
+        "_id": ObjectId(),
+        "email": normalize_email(email),
+        "password_hash": await hash_password(password),
+        "name": name,
+        "role": role,
+        "notification_prefs": NotificationPrefs().model_dump(),
+        "created_at": now,
+        "updated_at": now,
+    }
+    user_id = str(doc["_id"])
+    event = events.new_event("user.registered", user_id=user_id, subject_id=user_id)
+
+    async def work(session: AsyncClientSession) -> None:
+        await ctx.store["users"].insert_one(doc, session=session)
+        await events.record(ctx.store, [event], session)
+
+    try:
+        await ctx.store.transaction(work)
+    except DuplicateKeyError as exc:
+        raise Conflict("An account with this email already exists") from exc
+    log.info("user.registered", user_id=user_id)
+    return doc
+
+
+async def register(ctx: Context, body: RegisterIn, *, client: str) -> TokenPair:
+    """Create an account and sign it in."""
+    user = await create_user(ctx, str(body.email), body.password, body.name)
+    return await _start_login(ctx, user, client=client)
+
+
+async def login(ctx: Context, body: LoginIn, *, address: str, client: str) -> TokenPair:
+    """Sign in; the same answer and similar timing whether or not the account exists."""
+    email = normalize_email(body.email)
+    counters = [
+        (ctx.key("login-fail", "acct", _digest(email)), ctx.settings.login_max_failures),
+        (ctx.key("login-fail", "addr", address), ctx.settings.login_max_failures_per_address),
+    ]
+    await _check_throttle(ctx, counters)
+    user = await ctx.store["users"].find_one({"email": email})
+    ok = await verify_password(user["password_hash"] if user else None, body.password)
+    if not ok or user is None:
+        await _count_failure(ctx, counters)
+        raise Unauthorized("Incorrect email or password", error="invalid_grant")
+    await _forget_failures(ctx, counters[0][0])
+    if needs_rehash(user["password_hash"]):
+        new_hash = await hash_password(body.password)
+        await ctx.store["users"].update_one(
+            {"_id": user["_id"]}, {"$set": {"password_hash": new_hash}}
+        )
+    return await _start_login(ctx, user, client=client)
+
+
+async def refresh(ctx: Context, body: RefreshIn) -> TokenPair:
+    """Rotate a refresh token; reuse of a rotated one revokes the whole login."""
+    claims = ctx.tokens.decode(body.refresh_token, "refresh")
+    new_jti = secrets.token_urlsafe(16)
+    login_doc = await ctx.store["logins"].find_one_and_update(
+        {"_id": claims.login_id, "refresh_jti": claims.jti, "revoked": False},
+        {"$set": {"refresh_jti": new_jti, "refreshed_at": utcnow()}},
+        return_document=ReturnDocument.AFTER,
+    )
+    if login_doc is None:
+        existing = await ctx.store["logins"].find_one({"_id": claims.login_id})
+        if existing is not None and not existing.get("revoked"):
+            log.warning("auth.refresh_reuse", login_id=claims.login_id, user_id=claims.subject)
+            await revoke_login(ctx, claims.login_id)
+            raise Unauthorized("Refresh token was already used; this login is now revoked")
+        raise Unauthorized("Refresh token is no longer valid")
+    user = await get_user(ctx, claims.subject)
+    return await _issue_pair(ctx, user, claims.login_id, new_jti, login_doc["expires_at"])
+
+
+async def logout(ctx: Context, access: TokenClaims) -> None:
+    """End a login: its access token stops working now and its refresh tokens die."""
+    await ctx.store["logins"].update_one({"_id": access.login_id}, {"$set": {"revoked": True}})
+    ttl = max(1, access.expires_at - int(datetime.now(UTC).timestamp()))
+    await ctx.redis.set(ctx.key("deny", "jti", access.jti), b"1", ex=ttl)
+    await ctx.redis.set(
+        ctx.key("deny", "login", access.login_id), b"1", ex=ctx.settings.access_token_ttl
+    )
+
+
+async def revoke_login(ctx: Context, login_id: str) -> None:
+    """Revoke every token of one login."""
+    await ctx.store["logins"].update_one({"_id": login_id}, {"$set": {"revoked": True}})
+    try:
+        await ctx.redis.set(
+            ctx.key("deny", "login", login_id), b"1", ex=ctx.settings.access_token_ttl
+        )
+    except RedisError:
+        # MongoDB holds the truth; authenticate() falls back to it while Redis is away.
+        log.warning("auth.denylist_unavailable", login_id=login_id)
+
+
+async def authenticate(ctx: Context, token: str) -> TokenClaims:
+    """Verify an access token, including logout and login revocation."""
+    claims = ctx.tokens.decode(token, "access")
+    try:
+        denied = await ctx.redis.exists(
+            ctx.key("deny", "jti", claims.jti), ctx.key("deny", "login", claims.login_id)
+        )
+    except RedisError:
+        log.warning("auth.denylist_unavailable_fallback_to_store")
+        doc = await ctx.store["logins"].find_one({"_id": claims.login_id}, {"revoked": 1})
+        denied = doc is None or bool(doc.get("revoked"))
+    if denied:
+        raise Unauthorized("Token has been revoked")
+    return claims
+
+
+async def update_me(ctx: Context, user_id: str, patch: MePatch) -> Doc:
+    """Apply a partial profile change."""
+    changes: dict[str, Any] = {}
+    if patch.name is not None:
+        changes["name"] = patch.name
+    if patch.notification_prefs is not None:
+        for key, value in patch.notification_prefs.model_dump(exclude_none=True).items():
+            changes[f"notification_prefs.{key}"] = value
+    if not changes:
+        return await get_user(ctx, user_id)
+    changes["updated_at"] = utcnow()
+    doc = await ctx.store["users"].find_one_and_update(
+        {"_id": _oid(user_id)}, {"$set": changes}, return_document=ReturnDocument.AFTER
+    )
+    if doc is None:
+        raise NotFound("No such user")
+    return doc
+
+
+async def ensure_admin(ctx: Context, email: str, password: str) -> tuple[Doc, bool]:
+    """Create an admin, or promote the existing account with that email (password kept).
+
+    Returns the user and whether it was created.
+    """
+    existing = await ctx.store["users"].find_one_and_update(
+        {"email": normalize_email(email)},
+        {"$set": {"role": "admin", "updated_at": utcnow()}},
+        return_document=ReturnDocument.AFTER,
+    )
+    if existing is not None:
+        return existing, False
+    try:
+        return await create_user(ctx, email, password, "Administrator", role="admin"), True
+    except Conflict:  # created concurrently by another replica: promote it
+        return await ensure_admin(ctx, email, password)
+
+
+async def _start_login(ctx: Context, user: Doc, *, client: str) -> TokenPair:
+    login_id = secrets.token_urlsafe(16)
+    jti = secrets.token_urlsafe(16)
+    expires_at = utcnow() + timedelta(seconds=ctx.settings.refresh_token_ttl)
+    await ctx.store["logins"].insert_one(
+        {
+            "_id": login_id,
+            "user_id": str(user["_id"]),
+            "refresh_jti": jti,
+            "revoked": False,
+            "client": client[:200],
+            "created_at": utcnow(),
+            "expires_at": expires_at,
+        }
+    )
+    return await _issue_pair(ctx, user, login_id, jti, expires_at)
+
+
+async def _issue_pair(
+    ctx: Context, user: Doc, login_id: str, refresh_jti: str, login_expires: datetime
+) -> TokenPair:
+    subject = str(user["_id"])
+    role = user.get("role", "user")
+    access = ctx.tokens.issue("access", subject=subject, login_id=login_id, role=role)
+    refresh_claims = TokenClaims(
+        subject=subject,
+        login_id=login_id,
+        jti=refresh_jti,
+        type="refresh",
+        role=role,
+        expires_at=int(login_expires.timestamp()),
+    )
+    return TokenPair(
+        user=public_user(user),
+        access_token=ctx.tokens.encode(access),
+        refresh_token=ctx.tokens.encode(refresh_claims),
+        expires_in=ctx.settings.access_token_ttl,
+    )
+
+
+def _digest(value: str) -> str:
+    return hashlib.sha256(value.encode()).hexdigest()[:32]
+
+
+async def _check_throttle(ctx: Context, counters: list[tuple[str, int]]) -> None:
+    try:
+        async with ctx.redis.pipeline(transaction=False) as pipe:
+            for key, _ in counters:
+                pipe.get(key)
+                pipe.ttl(key)
+            values = await pipe.execute()
+    except RedisError:
+        log.warning(
+            "auth.throttle_unavailable"
+        )  # fail open: a Redis outage must not lock users out
+        return
+    for i, (_, limit) in enumerate(counters):
+        count, ttl = values[2 * i], values[2 * i + 1]
+        if count is not None and int(count) >= limit:
+            raise RateLimited("Too many failed sign-in attempts; try again later", max(1, int(ttl)))
+
+
+async def _count_failure(ctx: Context, counters: list[tuple[str, int]]) -> None:
+    window = ctx.settings.login_failure_window
+    try:
+        async with ctx.redis.pipeline(transaction=False) as pipe:
+            for key, _ in counters:
+                pipe.incr(key)
+                pipe.expire(key, window, nx=True)
+            await pipe.execute()
+    except RedisError:
+        log.warning("auth.throttle_unavailable")
+
+
+async def _forget_failures(ctx: Context, key: str) -> None:
+    try:
+        await ctx.redis.delete(key)
+    except RedisError:
+        log.warning("auth.throttle_unavailable")

@@ -1,0 +1,32 @@
+"""What domain functions are handed: the store, Redis, settings and the token service.
+
+``core`` never builds connections itself; each process builds one :class:`Context` from its
+:class:`~config.settings.Settings` and passes it down.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import redis.asyncio as aioredis
+
+from config.settings import Settings
+from core.security import Tokens
+from core.store import Store
+
+
+@dataclass
+class Context:
+    """Handles shared by domain code in one event loop."""
+
+    settings: Settings
+    store: Store
+    redis: aioredis.Redis
+    tokens: Tokens = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.tokens = Tokens(self.settings)
+
+    def key(self, *parts: str) -> str:
+        """A Redis key under this deployment's prefix."""
+        return self.settings.redis_prefix + ":".join(parts)

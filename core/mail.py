@@ -1,0 +1,66 @@
+"""Outgoing email: a base, an SMTP implementation and a log-only one (no ``SMTP_URL``)."""
+
+from __future__ import annotations
+
+from email.message import EmailMessage
+from urllib.parse import unquote, urlparse
+
+import aiosmtplib
+
+from config.logging import get_logger
+
+log = get_logger(__name__)
+
+
+class Mailer:
+    """Sends one message; raises on failure so the actor can retry."""
+
+    async def send(self, message: EmailMessage) -> None:
+        """Deliver ``message``."""
+        raise NotImplementedError
+
+
+class SmtpMailer(Mailer):
+    """SMTP from ``smtp://[user:pass@]host:port`` (``smtps://`` for implicit TLS,
+    ``?starttls=1`` to upgrade)."""
+
+    def __init__(self, url: str, *, timeout: float = 10.0):
+        parsed = urlparse(url)
+        if parsed.scheme not in ("smtp", "smtps") or not parsed.hostname:
+            raise ValueError(f"SMTP_URL must look like smtp://host:port, got {url!r}")
+        self.host = parsed.hostname
+        self.port = parsed.port or (465 if parsed.scheme == "smtps" else 25)
+        self.use_tls = parsed.scheme == "smtps"
+        self.start_tls = "starttls=1" in parsed.query
+        self.username = unquote(parsed.username) if parsed.username else None
+        self.password = unquote(parsed.password) if parsed.password else None
+        self.timeout = timeout
+
+    async def send(self, message: EmailMessage) -> None:
+        await aiosmtplib.send(
+            message,
+            hostname=self.host,
+            port=self.port,
+            username=self.username,
+            password=self.password,
+            use_tls=self.use_tls,
+            start_tls=self.start_tls,
+            timeout=self.timeout,
+        )
+
+
+class LogMailer(Mailer):
+    """Writes messages to the log instead of sending them (development default)."""
+
+    async def send(self, message: EmailMessage) -> None:
+        log.info(
+            "mail.logged_not_sent",
+            to=message["To"],
+            subject=message["Subject"],
+            body=message.get_content()[:500],
+        )
+
+
+def build_mailer(smtp_url: str | None) -> Mailer:
+    """The mailer for a configuration."""
+    return SmtpMailer(smtp_url) if smtp_url else LogMailer()

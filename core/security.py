@@ -1,0 +1,141 @@
+"""Passwords (argon2id) and tokens (JWT per RFC 8725).
+
+Hashing is CPU-bound (~20 ms) and runs in a thread so it never blocks the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import jwt
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError
+
+from config.settings import Settings
+from core.errors import Unauthorized
+
+# OWASP Password Storage Cheat Sheet: argon2id, m=19 MiB, t=2, p=1.
+_hasher = PasswordHasher(time_cost=2, memory_cost=19 * 1024, parallelism=1)
+# Verified against when an account does not exist, so a login for an unknown email costs the
+# same time as one for a known email with a wrong password (no user enumeration by timing).
+_DUMMY_HASH = _hasher.hash(secrets.token_urlsafe(16))
+
+ALGORITHM = "HS256"
+TokenType = Literal["access", "refresh"]
+_JWT_TYP = {"access": "at+jwt", "refresh": "rt+jwt"}
+
+
+async def hash_password(password: str) -> str:
+    """The argon2id hash of ``password``."""
+    return await asyncio.to_thread(_hasher.hash, password)
+
+
+async def verify_password(stored_hash: str | None, password: str) -> bool:
+    """Whether ``password`` matches; with no hash, spends the same time and says no."""
+    return await asyncio.to_thread(_verify, stored_hash, password)
+
+
+def _verify(stored_hash: str | None, password: str) -> bool:
+    try:
+        return _hasher.verify(stored_hash or _DUMMY_HASH, password) and stored_hash is not None
+    except (VerificationError, InvalidHashError):
+        return False
+
+
+def needs_rehash(stored_hash: str) -> bool:
+    """Whether a stored hash uses older parameters than today's."""
+    return _hasher.check_needs_rehash(stored_hash)
+
+
+@dataclass(frozen=True)
+class TokenClaims:
+    """What a verified token says."""
+
+    subject: str
+    login_id: str
+    jti: str
+    type: TokenType
+    role: str
+    expires_at: int
+
+
+class Tokens:
+    """Issues and verifies access and refresh tokens.
+
+    Per RFC 8725: the algorithm is pinned (no ``alg`` negotiation, so ``none`` and key
+    confusion are impossible), ``iss``/``aud``/``exp`` are required and checked, and the JOSE
+    ``typ`` header plus a ``type`` claim make access and refresh tokens non-interchangeable.
+    """
+
+    def __init__(self, settings: Settings):
+        self._key = settings.jwt_secret.get_secret_value()
+        self._issuer = settings.jwt_issuer
+        self._audience = settings.jwt_audience
+        self.ttl = {"access": settings.access_token_ttl, "refresh": settings.refresh_token_ttl}
+
+    def issue(self, type_: TokenType, *, subject: str, login_id: str, role: str) -> TokenClaims:
+        """A new token's claims (call :meth:`encode` to get the string)."""
+        return TokenClaims(
+            subject=subject,
+            login_id=login_id,
+            jti=secrets.token_urlsafe(16),
+            type=type_,
+            role=role,
+            expires_at=int(time.time()) + self.ttl[type_],
+        )
+
+    def encode(self, claims: TokenClaims) -> str:
+        """Sign ``claims``."""
+        now = int(time.time())
+        payload: dict[str, Any] = {
+            "iss": self._issuer,
+            "aud": self._audience,
+            "sub": claims.subject,
+            "sid": claims.login_id,
+            "jti": claims.jti,
+            "type": claims.type,
+            "role": claims.role,
+            "iat": now,
+            "nbf": now,
+            "exp": claims.expires_at,
+        }
+        return jwt.encode(
+            payload, self._key, algorithm=ALGORITHM, headers={"typ": _JWT_TYP[claims.type]}
+        )
+
+    def decode(self, token: str, expected: TokenType) -> TokenClaims:
+        """Verify ``token`` as a token of type ``expected``; raise :class:`Unauthorized`."""
+        try:
+            header = jwt.get_unverified_header(token)
+            if header.get("alg") != ALGORITHM or header.get("typ") != _JWT_TYP[expected]:
+                raise Unauthorized(f"Not a valid {expected} token")
+            payload = jwt.decode(
+                token,
+                self._key,
+                algorithms=[ALGORITHM],
+                audience=self._audience,
+                issuer=self._issuer,
+                options={"require": ["exp", "iat", "iss", "aud", "sub", "jti", "sid", "type"]},
+                leeway=5,
+            )
+        except jwt.ExpiredSignatureError as exc:
+            raise Unauthorized("Token has expired") from exc
+        except jwt.PyJWTError as exc:
+            raise Unauthorized(f"Not a valid {expected} token") from exc
+        if payload.get("type") != expected:
+            raise Unauthorized(f"Not a valid {expected} token")
+        fields = ("sub", "sid", "jti", "role")
+        if not all(isinstance(payload.get(f), str) for f in fields):
+            raise Unauthorized(f"Not a valid {expected} token")
+        return TokenClaims(
+            subject=payload["sub"],
+            login_id=payload["sid"],
+            jti=payload["jti"],
+            type=expected,
+            role=payload["role"],
+            expires_at=int(payload["exp"]),
+        )

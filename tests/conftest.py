@@ -1,0 +1,244 @@
+"""Shared fixtures: a real MongoDB wire-protocol server, real Redis, real SMTP.
+
+MongoDB: ``MONGODB_URL`` when set (e.g. the docker-compose service), else one SecantusDB
+server for the session on a free port; every test gets a fresh database.
+Redis: ``REDIS_URL`` when set, else the machine's on 6379, else a private ``redis-server`` on a
+free port; every test gets its own key prefix and only its own keys are deleted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from email import message_from_bytes
+from email.message import Message
+from typing import Any
+
+import pytest
+import redis
+from aiosmtpd.controller import Controller
+from dramatiq import Worker
+from pymongo import MongoClient
+
+from cli.embedded import EmbeddedMongo, free_port
+from config.settings import Settings
+
+TEST_SECRET = "test-secret-" + "x" * 40
+
+
+def _redis_answers(url: str) -> bool:
+    try:
+        return bool(redis.Redis.from_url(url, socket_connect_timeout=0.5).ping())
+    except redis.RedisError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def mongo_url() -> Iterator[str]:
+    """A MongoDB server for the session."""
+    if os.environ.get("MONGODB_URL"):
+        yield os.environ["MONGODB_URL"]
+        return
+    server = EmbeddedMongo(":memory:").start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """A Redis server for the session (never flushed: tests use their own prefixes)."""
+    url = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+    if _redis_answers(url):
+        yield url
+        return
+    server = PrivateRedis().start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+class PrivateRedis:
+    """A ``redis-server`` of our own on a free port (fault tests stop only this one)."""
+
+    def __init__(self, port: int | None = None):
+        self.port = port or free_port()
+        self.dir = tempfile.mkdtemp(prefix="tm-redis-")
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> PrivateRedis:
+        exe = shutil.which("redis-server")
+        if exe is None:
+            raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
+        self.proc = subprocess.Popen(
+            [
+                exe,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                self.dir,
+            ],
+            stdout=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while not _redis_answers(self.url):
+            if time.monotonic() > deadline:
+                raise RuntimeError("private redis-server did not start")
+            time.sleep(0.05)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(10)
+            self.proc = None
+
+
+@pytest.fixture
+def make_settings(mongo_url: str, redis_url: str) -> Iterator[Any]:
+    """Build test settings; each test gets a fresh database and Redis prefix (cleaned after)."""
+    tag = uuid.uuid4().hex[:10]
+    made: list[Settings] = []
+
+    def make(**overrides: Any) -> Settings:
+        values: dict[str, Any] = {
+            "app_env": "test",
+            "mongodb_url": mongo_url,
+            "mongodb_db": f"t_{tag}",
+            "redis_url": redis_url,
+            "redis_prefix": f"t{tag}:",
+            "jwt_secret": TEST_SECRET,
+            "log_format": "console",
+        }
+        values.update(overrides)
+        settings = Settings(**values)
+        made.append(settings)
+        return settings
+
+    yield make
+    for settings in made:
+        if settings.mongodb_url:
+            with MongoClient(settings.mongodb_url) as client:
+                client.drop_database(settings.mongodb_db)
+        if settings.redis_url:
+            r = redis.Redis.from_url(settings.redis_url)
+            keys = list(r.scan_iter(match=settings.redis_prefix + "*", count=1000))
+            if keys:
+                r.delete(*keys)
+
+
+@pytest.fixture
+def settings(make_settings: Any) -> Settings:
+    """Default test settings."""
+    return make_settings()
+
+
+@dataclass
+class SmtpSink:
+    """A real SMTP server on loopback collecting every message it receives."""
+
+    port: int
+    messages: list[Message] = field(default_factory=list)
+    arrived: threading.Condition = field(default_factory=threading.Condition)
+
+    @property
+    def url(self) -> str:
+        return f"smtp://127.0.0.1:{self.port}"
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        with self.arrived:
+            self.messages.append(message_from_bytes(envelope.content))
+            self.arrived.notify_all()
+        return "250 OK"
+
+    async def wait_for(self, count: int, timeout: float = 10.0) -> list[Message]:
+        """Wait (without blocking the loop) until ``count`` messages arrived."""
+        deadline = time.monotonic() + timeout
+        while len(self.messages) < count:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"expected {count} emails, got {len(self.messages)}")
+            await asyncio.sleep(0.05)
+        return list(self.messages)
+
+
+@pytest.fixture
+def smtp() -> Iterator[SmtpSink]:
+    """A running SMTP sink."""
+    port = free_port()
+    sink = SmtpSink(port)
+    controller = Controller(sink, hostname="127.0.0.1", port=port)
+    controller.start()
+    try:
+        yield sink
+    finally:
+        controller.stop()
+
+
+@pytest.fixture
+async def worker_for() -> AsyncIterator[Any]:
+    """Start an in-process Dramatiq worker over an app's (real, Redis) broker."""
+    started: list[Worker] = []
+
+    def start(app: Any) -> Worker:
+        from web.app import PLATFORM
+
+        worker = Worker(app[PLATFORM].broker, worker_threads=2, worker_timeout=100)
+        worker.start()
+        started.append(worker)
+        return worker
+
+    yield start
+    for worker in started:
+        await asyncio.to_thread(worker.stop)
+
+
+@pytest.fixture
+async def app(settings: Settings) -> Any:
+    """The application, as ``taskmanager web`` builds it."""
+    from web.app import create_app
+
+    return create_app(settings)
+
+
+@pytest.fixture
+async def client(app: Any, aiohttp_client: Any) -> Any:
+    """An HTTP client for :func:`app` (the app is started: indexes, relay)."""
+    return await aiohttp_client(app)
+
+
+async def register(
+    client: Any, email: str | None = None, password: str = "correct horse 1", name: str = "Ann"
+) -> dict[str, Any]:
+    """Register a user; returns the token-pair body."""
+    email = email or f"{uuid.uuid4().hex[:8]}@example.com"
+    resp = await client.post(
+        "/api/v1/auth/register", json={"email": email, "password": password, "name": name}
+    )
+    assert resp.status == 201, await resp.text()
+    body: dict[str, Any] = await resp.json()
+    return body
+
+
+def bearer(token: str) -> dict[str, str]:
+    """An Authorization header."""
+    return {"Authorization": f"Bearer {token}"}

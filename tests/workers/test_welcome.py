@@ -1,0 +1,66 @@
+"""API → outbox → relay → Redis broker → worker → real SMTP server."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from tests.conftest import SmtpSink, register
+from web.app import CONTEXT, PLATFORM, create_app
+
+
+async def test_register_sends_one_welcome_email(
+    make_settings: Any, aiohttp_client: Any, smtp: SmtpSink, worker_for: Any
+) -> None:
+    app = create_app(make_settings(smtp_url=smtp.url))
+    client = await aiohttp_client(app)
+    worker_for(app)
+    pair = await register(client, "welcome@example.com", name="Wendy")
+    [message] = await smtp.wait_for(1)
+    assert message["To"] == "welcome@example.com"
+    assert message["Subject"] == "Welcome to Task Manager"
+    assert "Hello Wendy" in message.get_payload()
+    # The event left the outbox.
+    event = await app[CONTEXT].store["events"].find_one({"user_id": pair["user"]["id"]})
+    assert event is not None
+    assert "pending" not in event
+    assert event["dispatched_at"]
+
+
+async def test_welcome_actor_is_idempotent(
+    make_settings: Any, aiohttp_client: Any, smtp: SmtpSink, worker_for: Any
+) -> None:
+    app = create_app(make_settings(smtp_url=smtp.url))
+    client = await aiohttp_client(app)
+    worker_for(app)
+    pair = await register(client)
+    await smtp.wait_for(1)
+    # Redeliver the same event twice, as an at-least-once broker may.
+    actor = app[PLATFORM].actors["send_welcome_email"]
+    for _ in range(2):
+        await asyncio.to_thread(
+            actor.send, {"id": "x", "type": "user.registered", "user_id": pair["user"]["id"]}
+        )
+    await asyncio.sleep(1.5)
+    assert len(smtp.messages) == 1
+
+
+async def test_welcome_respects_preferences(
+    make_settings: Any, aiohttp_client: Any, smtp: SmtpSink, worker_for: Any
+) -> None:
+    """A user who opted out before the worker ran gets nothing."""
+    app = create_app(make_settings(smtp_url=smtp.url))
+    client = await aiohttp_client(app)
+    pair = await register(client)
+    await (
+        app[CONTEXT]
+        .store["users"]
+        .update_one(
+            {"email": pair["user"]["email"]}, {"$set": {"notification_prefs.email_welcome": False}}
+        )
+    )
+    worker_for(app)
+    other = await register(client)
+    messages = await smtp.wait_for(1)
+    await asyncio.sleep(0.5)
+    assert [m["To"] for m in messages] == [other["user"]["email"]]

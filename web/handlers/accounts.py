@@ -1,0 +1,61 @@
+"""Auth and account handlers."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from core import accounts
+from web.keys import CONTEXT, RELAY_WAKE
+from web.routing import body, claims, json_response
+
+
+def client_address(request: web.Request) -> str:
+    """The caller's address (the socket peer; a trusted proxy sets ``X-Forwarded-For``)."""
+    return request.remote or "unknown"
+
+
+async def register(request: web.Request) -> web.Response:
+    """Create an account and sign it in."""
+    ctx = request.app[CONTEXT]
+    pair = await accounts.register(
+        ctx, body(request, accounts.RegisterIn), client=request.headers.get("User-Agent", "")
+    )
+    request.app[RELAY_WAKE].set()
+    return json_response(pair, status=201, headers={"Location": "/api/v1/me"})
+
+
+async def login(request: web.Request) -> web.Response:
+    """Sign in with email and password."""
+    pair = await accounts.login(
+        request.app[CONTEXT],
+        body(request, accounts.LoginIn),
+        address=client_address(request),
+        client=request.headers.get("User-Agent", ""),
+    )
+    return json_response(pair)
+
+
+async def refresh(request: web.Request) -> web.Response:
+    """Exchange a refresh token for a new pair (rotation)."""
+    pair = await accounts.refresh(request.app[CONTEXT], body(request, accounts.RefreshIn))
+    return json_response(pair)
+
+
+async def logout(request: web.Request) -> web.Response:
+    """End the caller's login."""
+    await accounts.logout(request.app[CONTEXT], claims(request))
+    return web.Response(status=204)
+
+
+async def get_me(request: web.Request) -> web.Response:
+    """The caller's profile."""
+    user = await accounts.get_user(request.app[CONTEXT], claims(request).subject)
+    return json_response(accounts.public_user(user))
+
+
+async def patch_me(request: web.Request) -> web.Response:
+    """Change the caller's name or notification preferences."""
+    user = await accounts.update_me(
+        request.app[CONTEXT], claims(request).subject, body(request, accounts.MePatch)
+    )
+    return json_response(accounts.public_user(user))

@@ -1,0 +1,104 @@
+"""Cross-cutting request behaviour: request id, access log and metrics, problem+json errors."""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+
+import structlog
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from config.logging import get_logger
+from core.errors import AppError, PayloadTooLarge
+from web.keys import REQ_ID, SETTINGS
+from web.metrics import HTTP_ERRORS, HTTP_LATENCY, HTTP_REQUESTS
+from web.problem import from_app_error, problem_response
+
+log = get_logger("web")
+_SANE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+def _route_name(request: web.Request) -> str:
+    info = request.match_info
+    resource = info.route.resource if info.route is not None else None
+    return resource.canonical if resource is not None else "unmatched"
+
+
+@web.middleware
+async def request_context(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Give the request an id (the client's if sane), log it, count it, time it."""
+    incoming = request.headers.get("X-Request-ID", "")
+    request_id = incoming if _SANE_ID.match(incoming) else uuid.uuid4().hex
+    request[REQ_ID] = request_id
+    structlog.contextvars.clear_contextvars()
+    structlog.contextvars.bind_contextvars(request_id=request_id)
+    started = time.perf_counter()
+    route = _route_name(request)
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except web.HTTPException as exc:
+        status = exc.status
+        raise
+    finally:
+        elapsed = time.perf_counter() - started
+        HTTP_REQUESTS.labels(request.method, route, str(status)).inc()
+        HTTP_LATENCY.labels(route).observe(elapsed)
+        if route not in ("/metrics", "/healthz"):
+            log.info(
+                "http.request",
+                method=request.method,
+                path=request.path,
+                status=status,
+                ms=round(elapsed * 1000, 2),
+            )
+
+
+@web.middleware
+async def problems(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Answer every error as problem+json; unexpected ones as a bare 500 that leaks nothing."""
+    request_id = request.get(REQ_ID)
+    try:
+        response = await handler(request)
+    except AppError as exc:
+        response = from_app_error(exc, request_id=request_id, instance=request.path)
+    except web.HTTPRequestEntityTooLarge:
+        exc2 = PayloadTooLarge(f"Body exceeds {request.app[SETTINGS].max_body_size} bytes")
+        response = from_app_error(exc2, request_id=request_id, instance=request.path)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        response = problem_response(
+            exc.status,
+            exc.reason,
+            _http_detail(exc),
+            slug=exc.reason.lower().replace(" ", "-"),
+            request_id=request_id,
+            instance=request.path,
+            headers={k: v for k, v in exc.headers.items() if k in ("Allow",)},
+        )
+    except Exception:
+        HTTP_ERRORS.inc()
+        log.exception("http.unhandled_error", method=request.method, path=request.path)
+        response = problem_response(
+            500,
+            "Internal Server Error",
+            "An unexpected error occurred; quote the request id when reporting it",
+            slug="internal",
+            request_id=request_id,
+        )
+    if request_id:
+        response.headers["X-Request-ID"] = request_id
+    return response
+
+
+def _http_detail(exc: web.HTTPException) -> str:
+    if exc.status == 404:
+        return "No such resource"
+    if exc.status == 405:
+        return "Method not allowed on this resource"
+    return exc.reason

@@ -1,0 +1,146 @@
+"""Route declarations: one :class:`Route` per operation, carrying what the wrapper validates
+and what the OpenAPI document describes, so the two can never disagree.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar
+
+from aiohttp import web
+from pydantic import BaseModel, ValidationError
+
+from core import accounts
+from core.errors import BadRequest, FieldError, Forbidden, Invalid, Unauthorized
+from core.security import TokenClaims
+from web.keys import CONTEXT, REQ_BODY, REQ_CLAIMS, REQ_QUERY
+from web.problem import invalid_from_pydantic
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+M = TypeVar("M", bound=BaseModel)
+Auth = Literal["none", "user", "admin"]
+
+
+@dataclass(frozen=True)
+class Route:
+    """One operation of the API."""
+
+    method: str
+    path: str
+    handler: Handler
+    summary: str
+    tag: str
+    auth: Auth = "user"
+    body: type[BaseModel] | None = None
+    query: type[BaseModel] | None = None
+    response: type[BaseModel] | None = None
+    status: int = 200
+    errors: tuple[int, ...] = ()
+    content_type: str = "application/json"
+    headers: dict[str, str] = field(default_factory=dict)
+    rate_limited: bool = True
+
+    @property
+    def operation_id(self) -> str:
+        """The handler's name: unique across the table."""
+        return self.handler.__name__
+
+
+def wrap(route: Route) -> Handler:
+    """The aiohttp handler: authenticate, validate query and body, then call the handler."""
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        if route.auth != "none":
+            claims = await _authenticate(request)
+            if route.auth == "admin" and claims.role != "admin":
+                raise Forbidden("This operation needs the admin role")
+            request[REQ_CLAIMS] = claims
+        if route.query is not None:
+            request[REQ_QUERY] = _parse_query(request, route.query)
+        elif request.query:
+            raise Invalid(
+                "This operation takes no query parameters",
+                [
+                    FieldError(field=f"query.{k}", message="Unknown parameter")
+                    for k in request.query
+                ],
+            )
+        if route.body is not None:
+            request[REQ_BODY] = await _parse_body(request, route.body)
+        return await route.handler(request)
+
+    handle.__name__ = route.operation_id
+    return handle
+
+
+async def _authenticate(request: web.Request) -> TokenClaims:
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthorized("Send 'Authorization: Bearer <access token>'", error="invalid_request")
+    return await accounts.authenticate(request.app[CONTEXT], token.strip())
+
+
+def _parse_query(request: web.Request, model: type[M]) -> M:
+    raw: dict[str, Any] = {}
+    for key in request.query:
+        values = request.query.getall(key)
+        raw[key] = values if len(values) > 1 else values[0]
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        raise invalid_from_pydantic(exc, where="query") from exc
+
+
+async def _parse_body(request: web.Request, model: type[M]) -> M:
+    if request.content_type != "application/json":
+        raise Invalid(
+            "Send a JSON body with 'Content-Type: application/json'",
+            [FieldError(field="body", message="Expected application/json")],
+        )
+    raw = await request.read()
+    try:
+        json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"Body is not valid JSON: {exc}") from exc
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as exc:
+        raise invalid_from_pydantic(exc, where="body") from exc
+
+
+def claims(request: web.Request) -> TokenClaims:
+    """The caller's verified access-token claims."""
+    value = request[REQ_CLAIMS]
+    assert isinstance(value, TokenClaims)
+    return value
+
+
+def body(request: web.Request, model: type[M]) -> M:
+    """The validated body (the route declared ``model``)."""
+    value = request[REQ_BODY]
+    assert isinstance(value, model)
+    return value
+
+
+def query(request: web.Request, model: type[M]) -> M:
+    """The validated query (the route declared ``model``)."""
+    value = request[REQ_QUERY]
+    assert isinstance(value, model)
+    return value
+
+
+def json_response(
+    payload: BaseModel | dict[str, Any] | list[Any],
+    *,
+    status: int = 200,
+    headers: dict[str, str] | None = None,
+) -> web.Response:
+    """Serialise a model (or plain JSON) as the response body."""
+    if isinstance(payload, BaseModel):
+        text = payload.model_dump_json()
+    else:
+        text = json.dumps(payload, separators=(",", ":"), default=str)
+    return web.Response(text=text, status=status, content_type="application/json", headers=headers)
