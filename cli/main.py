@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -86,17 +87,25 @@ def web(port: int | None) -> None:
 @click.option("--queues", "-Q", multiple=True, help="Only these queues (repeatable).")
 @click.argument("extra", nargs=-1, type=click.UNPROCESSED)
 def worker(processes: int, threads: int, queues: tuple[str, ...], extra: tuple[str, ...]) -> None:
-    """Run actors (wraps the Dramatiq CLI; extra arguments are passed through)."""
+    """Run actors (wraps the Dramatiq CLI; extra arguments are passed through).
+
+    On SIGTERM each process stops taking messages, finishes those in flight for up to
+    WORKER_SHUTDOWN_TIMEOUT_MS and puts the prefetched ones back on their queues.
+    """
     import dramatiq.cli
 
-    load_settings()  # fail fast, with a readable message, before forking
+    settings = load_settings()  # fail fast, with a readable message, before forking
     argv = [
-        "workers.entry",
+        # The broker must be named: given a bare module, Dramatiq would serve its global
+        # default broker (localhost, namespace "dramatiq") on which no actor is declared.
+        "workers.entry:broker",
         "--processes",
         str(processes),
         "--threads",
         str(threads),
         "--skip-logging",
+        "--worker-shutdown-timeout",
+        str(settings.worker_shutdown_timeout_ms),
     ]
     if queues:
         argv += ["--queues", *queues]
@@ -125,6 +134,7 @@ def run(port: int | None, memory: bool, data_dir: str, worker_threads: int) -> N
     from dramatiq import Worker
 
     from cli.embedded import EmbeddedMongo
+    from cli.jobs import in_app as scheduler_in_app
     from web.app import create_app
     from workers.broker import build_broker
 
@@ -132,26 +142,40 @@ def run(port: int | None, memory: bool, data_dir: str, worker_threads: int) -> N
     setup_logging(settings, process="run")
     setup_sentry(settings, process="run")
     embedded: EmbeddedMongo | None = None
-    if settings.mongodb_url is None:
-        storage = ":memory:" if memory else str(Path(data_dir, "mongo").resolve())
-        embedded = EmbeddedMongo(
-            storage, log_path=None if memory else str(Path(data_dir, "mongo.log"))
-        )
-        embedded.start()
-        settings = settings.model_copy(update={"mongodb_url": embedded.url})
-    connections = Connections(settings)
-    platform = build_broker(connections)
-    worker_ = Worker(platform.broker, worker_threads=worker_threads)
-    port = port or settings.port
-    _banner(settings, embedded, memory, port)
-    worker_.start()
+    worker_: Worker | None = None
+    # Python's default SIGTERM action kills the process without unwinding, which would leave
+    # the embedded server running: until aiohttp installs its own handler (it raises
+    # GracefulExit while serving), a TERM must raise so that `finally` stops the children.
+    signal.signal(signal.SIGTERM, _exit_on_signal)
     try:
+        if settings.mongodb_url is None:
+            storage = ":memory:" if memory else str(Path(data_dir, "mongo").resolve())
+            embedded = EmbeddedMongo(
+                storage, log_path=None if memory else str(Path(data_dir, "mongo.log"))
+            )
+            embedded.start()
+            settings = settings.model_copy(update={"mongodb_url": embedded.url})
+        connections = Connections(settings)
+        platform = build_broker(connections)
+        worker_ = Worker(platform.broker, worker_threads=worker_threads)
+        port = port or settings.port
+        _banner(settings, embedded, memory, port)
+        worker_.start()
         app = create_app(settings, connections=connections, platform=platform)
+        app.cleanup_ctx.append(scheduler_in_app(platform))
         aioweb.run_app(app, host=settings.host, port=port, access_log=None, print=None)
     finally:
-        worker_.stop()
+        # Stopping is bounded (worker join, then TERM/KILL of the server); a repeated TERM
+        # must not cut it short and orphan the server.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if worker_ is not None:
+            worker_.stop()
         if embedded is not None:
             embedded.stop()
+
+
+def _exit_on_signal(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _banner(settings: Settings, embedded: Any, memory: bool, port: int) -> None:
@@ -207,6 +231,231 @@ def admin_create(email: str, password: str) -> None:
 
     user, created = run_async(go)
     click.echo(f"{'created' if created else 'promoted'} admin {user['email']} (id {user['_id']})")
+
+
+@main.command()
+@click.option("--user", "user_id", default=None, help="Only this user's tasks (a user id).")
+@click.option("--batch-size", type=click.IntRange(1, 10_000), default=500, show_default=True)
+def reindex(user_id: str | None, batch_size: int) -> None:
+    """Rebuild the search index from MongoDB (safe while the platform serves)."""
+    from tqdm import tqdm  # type: ignore[import-untyped]
+
+    from core import search
+    from core.store import Store
+
+    settings = load_settings(need_services=False)
+    if not settings.mongodb_url:
+        raise click.ClickException("MONGODB_URL must be set")
+    setup_logging(settings, process="cli")
+
+    async def go() -> search.ReindexResult:
+        store = Store(Connections(settings).mongo(), settings.mongodb_db)
+        try:
+            await store.ensure_indexes()
+            total = await search.count_tasks(store, user_id)
+            with tqdm(total=total, unit="task", desc="reindex", file=sys.stderr) as bar:
+                return await search.reindex(
+                    store, user_id, batch_size=batch_size, progress=bar.update
+                )
+        finally:
+            await store.client.close()
+
+    result = run_async(go)
+    click.echo(
+        f"indexed {result.tasks} tasks ({result.written} entries written, "
+        f"{result.removed} of deleted tasks removed) in {result.seconds:.1f} s"
+    )
+
+
+def _register_commands() -> None:
+    from cli import jobs
+
+    for command in (jobs.scheduler, jobs.schedules, jobs.run_job):
+        main.add_command(command)
+
+
+_register_commands()
+
+# -- Queue operations (workers/ops.py) -------------------------------------------------------
+
+
+def _inspector() -> Any:
+    from workers.broker import build_broker
+
+    settings = load_settings(need_services=False)
+    if settings.effective_broker_url is None:
+        raise click.ClickException("BROKER_URL or REDIS_URL must be set")
+    return build_broker(Connections(settings)).inspector
+
+
+def _backend_call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    from core.errors import AppError
+    from workers.ops import BACKEND_ERRORS
+
+    try:
+        return fn(*args, **kwargs)
+    except AppError as exc:
+        raise click.ClickException(exc.detail) from exc
+    except BACKEND_ERRORS as exc:
+        raise click.ClickException(f"the broker is unreachable: {exc}") from exc
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    for line in [headers, *rows]:
+        click.echo("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip())
+
+
+def _opt(value: object) -> str:
+    return "-" if value is None else str(value)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def queues(as_json: bool) -> None:
+    """Per queue: ready, delayed, in progress, dead-lettered, latency of the next message."""
+    import dataclasses
+    import json
+
+    inspector = _inspector()
+    stats = _backend_call(inspector.stats)
+    if as_json:
+        click.echo(json.dumps([dataclasses.asdict(s) for s in stats], indent=2))
+        return
+    _table(
+        ["QUEUE", "READY", "DELAYED", "IN PROGRESS", "DEAD", "LATENCY"],
+        [
+            [
+                s.queue,
+                str(s.ready),
+                str(s.delayed),
+                _opt(s.in_progress),
+                str(s.dead),
+                "-" if s.oldest_age_seconds is None else f"{s.oldest_age_seconds:.1f}s",
+            ]
+            for s in stats
+        ],
+    )
+
+
+@main.group()
+def dead() -> None:
+    """Dead-lettered messages: list, replay, purge."""
+
+
+@dead.command("list")
+@click.option("--queue", "-q", "queue", default=None, help="One queue (default: all).")
+@click.option("--limit", type=click.IntRange(1, 200), default=50, show_default=True)
+@click.option("--cursor", default=None, help="Continue after a previous page.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def dead_list(queue: str | None, limit: int, cursor: str | None, as_json: bool) -> None:
+    """List dead letters, oldest first."""
+    import dataclasses
+    import json
+
+    inspector = _inspector()
+    names = [queue] if queue else list(inspector.queues)
+    items = []
+    next_cursor = None
+    for name in names:
+        page = _backend_call(inspector.dead, name, limit=limit, cursor=cursor if queue else None)
+        items += page.items
+        next_cursor = page.next_cursor if queue else None
+    if as_json:
+        payload = {"items": [dataclasses.asdict(m) for m in items], "next_cursor": next_cursor}
+        click.echo(json.dumps(payload, indent=2, default=str))
+        return
+    if not items:
+        click.echo("no dead letters")
+        return
+    _table(
+        ["ID", "QUEUE", "ACTOR", "FAILED AT", "RETRIES", "ERROR"],
+        [
+            [
+                m.id,
+                m.queue,
+                m.actor,
+                _opt(m.failed_at and m.failed_at.isoformat(timespec="seconds")),
+                str(m.retries),
+                (m.error or "-")[:80],
+            ]
+            for m in items
+        ],
+    )
+    if next_cursor:
+        click.echo(f"more: --cursor {next_cursor}")
+
+
+@dead.command("retry")
+@click.option("--queue", "-q", "queue", required=True)
+@click.option("--ids", multiple=True, help="Ids from `dead list` (repeatable, or comma-separated).")
+@click.option("--all", "retry_all", is_flag=True, help="Every dead letter of the queue.")
+def dead_retry(queue: str, ids: tuple[str, ...], retry_all: bool) -> None:
+    """Put dead letters back on their queue as fresh messages (safe to repeat)."""
+    wanted = [i.strip() for chunk in ids for i in chunk.split(",") if i.strip()]
+    if bool(wanted) == retry_all:
+        raise click.UsageError("give either --ids or --all")
+    result = _backend_call(_inspector().retry, queue, None if retry_all else wanted)
+    click.echo(f"retried {result.retried} message(s) on {queue}")
+    if result.not_found:
+        click.echo(f"not in the dead-letter queue: {', '.join(result.not_found)}", err=True)
+
+
+@dead.command("purge")
+@click.option("--queue", "-q", "queue", default=None)
+@click.option("--all", "purge_all", is_flag=True, help="Every queue.")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+def dead_purge(queue: str | None, purge_all: bool, yes: bool) -> None:
+    """Drop dead letters for good."""
+    if (queue is None) != purge_all:
+        raise click.UsageError("give either --queue or --all")
+    inspector = _inspector()
+    names: list[str] = [queue] if queue is not None else list(inspector.queues)
+    counts = {s.queue: s.dead for s in _backend_call(inspector.stats)}
+    for name in names:
+        if name not in counts:
+            raise click.ClickException(f"No queue named {name!r}")
+    total = sum(counts[n] for n in names)
+    if not yes:
+        click.confirm(
+            f"Purge {total} dead letter(s) of {', '.join(names)}? This cannot be undone",
+            abort=True,
+        )
+    purged = sum(_backend_call(inspector.purge, name) for name in names)
+    click.echo(f"purged {purged} dead letter(s)")
+
+
+@main.group()
+def healthcheck() -> None:
+    """Probes for container health checks (exit 0 healthy, 1 not)."""
+
+
+@healthcheck.command("worker")
+@click.option("--max-age", type=float, default=30.0, show_default=True, help="Seconds.")
+def healthcheck_worker(max_age: float) -> None:
+    """Whether a worker on this host has beaten within --max-age seconds."""
+    import socket
+
+    import redis
+
+    from workers.ops import host_has_live_worker
+
+    settings = load_settings(need_services=False)
+    if settings.redis_url is None:
+        raise click.ClickException("REDIS_URL must be set")
+    client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=5)
+    host = socket.gethostname()
+    try:
+        alive = host_has_live_worker(client, settings.redis_prefix, host=host, max_age=max_age)
+    except redis.RedisError as exc:
+        click.echo(f"unhealthy: redis unreachable ({exc})", err=True)
+        sys.exit(1)
+    finally:
+        client.close()
+    if not alive:
+        click.echo(f"unhealthy: no worker on {host} beat within {max_age:g} s", err=True)
+        sys.exit(1)
+    click.echo(f"healthy: a worker on {host} is beating")
 
 
 if __name__ == "__main__":

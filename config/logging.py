@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import MutableMapping
 from typing import Any
 
 import structlog
@@ -24,22 +25,23 @@ def setup_logging(settings: Settings, *, process: str) -> None:
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         _add_process(process),
     ]
-    renderer: Any
+    # Exceptions are rendered by the formatter, not before: the stdlib record must still carry
+    # exc_info when it reaches other handlers (Sentry's logging integration reads it there).
+    render: list[Any]
     if settings.log_format == "json":
-        renderer = structlog.processors.JSONRenderer()
-        shared.append(structlog.processors.format_exc_info)
+        render = [structlog.processors.format_exc_info, structlog.processors.JSONRenderer()]
     else:
-        renderer = structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+        render = [structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())]
 
     structlog.configure(
-        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        processors=[*shared, _wrap_for_formatter],
         logger_factory=structlog.stdlib.LoggerFactory(),
         wrapper_class=structlog.stdlib.BoundLogger,
         cache_logger_on_first_use=True,
     )
     formatter = structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=shared,
-        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *render],
     )
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(formatter)
@@ -49,6 +51,35 @@ def setup_logging(settings: Settings, *, process: str) -> None:
     # Access lines are emitted by our own middleware with the request id; pymongo is chatty.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     logging.getLogger("pymongo").setLevel(logging.WARNING)
+    # Library warnings (e.g. PyJWT's key-length warning) become log lines, not raw stderr text.
+    logging.captureWarnings(True)
+
+
+def _wrap_for_formatter(
+    logger: Any, name: str, event_dict: MutableMapping[str, Any]
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """``ProcessorFormatter.wrap_for_formatter`` that also hands ``exc_info`` to the stdlib
+    record (structlog keeps it inside the event dict only)."""
+    exc_info = _exc_info(event_dict.get("exc_info"))
+    if exc_info is not None:
+        event_dict["exc_info"] = exc_info
+    args, extra = structlog.stdlib.ProcessorFormatter.wrap_for_formatter(logger, name, event_dict)
+    kwargs: dict[str, Any] = dict(extra)
+    if exc_info is not None:
+        kwargs["exc_info"] = exc_info
+    return args, kwargs
+
+
+def _exc_info(value: Any) -> tuple[type[BaseException], BaseException, Any] | None:
+    if isinstance(value, BaseException):
+        return type(value), value, value.__traceback__
+    if isinstance(value, tuple) and len(value) == 3 and value[0] is not None:
+        return value
+    if value is True:
+        current = sys.exc_info()
+        if current[0] is not None:
+            return current
+    return None
 
 
 def _add_process(process: str) -> Any:

@@ -6,6 +6,7 @@ and pass it down.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from typing import Annotated, Literal
 
@@ -16,7 +17,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 PLACEHOLDER_SECRETS = frozenset({"", "change-me", "changeme", "secret", "dev-secret-change-me"})
 DEV_JWT_SECRET = "dev-secret-change-me"
 
-_RATE_RE = re.compile(r"^\s*(\d+)\s*/\s*(second|minute|hour|day)\s*$")
+_RATE_RE = re.compile(r"^\s*([1-9]\d*)\s*/\s*(second|minute|hour|day)\s*$")
 _PERIODS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
 
 CommaList = Annotated[list[str], NoDecode]
@@ -42,6 +43,12 @@ class Settings(BaseSettings):
     #: deployments or test runs can share one Redis without touching each other's data.
     redis_prefix: str = "tm:"
     broker_url: str | None = None
+    #: A worker whose heartbeat is older than this is dead: its in-flight messages are
+    #: redelivered (Redis broker; workers beat every second and sweep every second).
+    worker_heartbeat_timeout_ms: int = Field(10_000, ge=3_000, le=600_000)
+    #: How long a worker given SIGTERM waits for in-flight messages before exiting; keep it
+    #: below the orchestrator's grace period (k8s terminationGracePeriodSeconds: 300).
+    worker_shutdown_timeout_ms: int = Field(270_000, ge=1_000)
 
     jwt_secret: SecretStr = SecretStr(DEV_JWT_SECRET)
     jwt_issuer: str = "taskmanager"
@@ -66,10 +73,19 @@ class Settings(BaseSettings):
     admin_email: str | None = None
     admin_password: SecretStr | None = None
     webhook_allow_hosts: CommaList = []
+    #: Webhook deliveries: whole-request timeout (s), and Dramatiq retries with exponential
+    #: backoff between ``webhook_min_backoff_ms`` and ``webhook_max_backoff_ms``.
+    webhook_timeout: float = Field(10.0, gt=0, le=30)
+    webhook_max_retries: int = Field(8, ge=0, le=30)
+    webhook_min_backoff_ms: int = Field(1000, ge=1)
+    webhook_max_backoff_ms: int = Field(3_600_000, ge=1)
     cors_origins: CommaList = []
+    #: Proxies (addresses or CIDR networks) whose ``X-Forwarded-For`` is believed when working
+    #: out the client address for rate limits and sign-in throttling.
+    trusted_proxies: CommaList = []
     max_body_size: int = Field(1024 * 1024, ge=1024)
 
-    @field_validator("webhook_allow_hosts", "cors_origins", mode="before")
+    @field_validator("webhook_allow_hosts", "cors_origins", "trusted_proxies", mode="before")
     @classmethod
     def _split_commas(cls, value: object) -> object:
         if isinstance(value, str):
@@ -85,7 +101,17 @@ class Settings(BaseSettings):
     @classmethod
     def _check_rate(cls, value: str) -> str:
         if not _RATE_RE.match(value):
-            raise ValueError("RATE_LIMIT must look like '100/minute' (second|minute|hour|day)")
+            raise ValueError(
+                "RATE_LIMIT must look like '100/minute': a count of at least 1 per "
+                "second|minute|hour|day"
+            )
+        return value
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _check_networks(cls, value: list[str]) -> list[str]:
+        for item in value:
+            ipaddress.ip_network(item, strict=False)  # raises ValueError naming the bad entry
         return value
 
     @field_validator("redis_prefix")

@@ -191,6 +191,11 @@ async def login(ctx: Context, body: LoginIn, *, address: str, client: str) -> To
         await _count_failure(ctx, counters)
         raise Unauthorized("Incorrect email or password", error="invalid_grant")
     await _forget_failures(ctx, counters[0][0])
+    user_id = str(user["_id"])
+    # Feeds cache warm-up: the worker precomputes what this user reads next.
+    await events.record(
+        ctx.store, [events.new_event("user.logged_in", user_id=user_id, subject_id=user_id)], None
+    )
     if needs_rehash(user["password_hash"]):
         new_hash = await hash_password(body.password)
         await ctx.store["users"].update_one(

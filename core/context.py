@@ -6,10 +6,13 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
 
+from config.connections import Connections
 from config.settings import Settings
 from core.security import Tokens
 from core.store import Store
@@ -30,3 +33,15 @@ class Context:
     def key(self, *parts: str) -> str:
         """A Redis key under this deployment's prefix."""
         return self.settings.redis_prefix + ":".join(parts)
+
+
+@asynccontextmanager
+async def open_context(settings: Settings, connections: Connections) -> AsyncIterator[Context]:
+    """A :class:`Context` with fresh clients on the running loop, closed on exit."""
+    store = Store(connections.mongo(), settings.mongodb_db)
+    redis = connections.redis()
+    try:
+        yield Context(settings, store, redis)
+    finally:
+        await store.client.close()
+        await redis.aclose()

@@ -29,8 +29,51 @@ INDEXES: dict[str, list[IndexModel]] = {
         # The outbox: the relay reads undispatched events in order.
         IndexModel([("pending", ASCENDING), ("_id", ASCENDING)], name="outbox", sparse=True),
         IndexModel([("user_id", ASCENDING), ("_id", DESCENDING)], name="user_events"),
+        # A task's activity, newest first.
+        IndexModel(
+            [("user_id", ASCENDING), ("subject_id", ASCENDING), ("_id", DESCENDING)],
+            name="subject_events",
+        ),
+    ],
+    # One index per task list sort, each starting with the owner and ending with _id (the
+    # tiebreak of keyset pagination); MongoDB walks them either way for either direction.
+    "tasks": [
+        IndexModel([("owner", ASCENDING), ("created_at", DESCENDING), ("_id", DESCENDING)],
+                   name="owner_created"),
+        IndexModel([("owner", ASCENDING), ("due_key", ASCENDING), ("_id", ASCENDING)],
+                   name="owner_due"),
+        IndexModel([("owner", ASCENDING), ("priority_rank", DESCENDING), ("_id", DESCENDING)],
+                   name="owner_priority"),
+        IndexModel([("owner", ASCENDING), ("updated_at", DESCENDING), ("_id", DESCENDING)],
+                   name="owner_updated"),
+    ],
+    "job_runs": [
+        IndexModel([("job", ASCENDING), ("enqueued_at", DESCENDING)], name="job_latest"),
+        IndexModel([("enqueued_at", ASCENDING)], expireAfterSeconds=30 * 86400, name="ttl"),
     ],
     "email_log": [IndexModel([("user_id", ASCENDING)], name="user")],
+    # Stored responses of Idempotency-Key requests (core/idempotency.py), reaped after 24 h.
+    "idempotency": [IndexModel([("expires_at", ASCENDING)], expireAfterSeconds=0, name="ttl")],
+    # Webhooks (core/webhooks.py): a user's list, newest first (also serves the fan-out); the
+    # delivery log per webhook, newest event first, reaped after its retention.
+    "webhooks": [IndexModel([("owner", ASCENDING), ("_id", DESCENDING)], name="owner")],
+    "webhook_deliveries": [
+        IndexModel([("webhook_id", ASCENDING), ("event_oid", DESCENDING)], name="webhook_log"),
+        IndexModel([("expires_at", ASCENDING)], expireAfterSeconds=0, name="ttl"),
+    ],
+    # Full-text search (core/search.py): one entry per task. owner_terms answers queries;
+    # owner_id pages a user's entries (and is the shard-key index when sharded on owner);
+    # tombstones of deleted tasks are reaped after a day.
+    "search_index": [
+        IndexModel(
+            [("owner", ASCENDING), ("terms", ASCENDING), ("updated_at", DESCENDING)],
+            name="owner_terms",
+        ),
+        IndexModel([("owner", ASCENDING), ("_id", ASCENDING)], name="owner_id"),
+        IndexModel(
+            [("deleted_at", ASCENDING)], expireAfterSeconds=86_400, sparse=True, name="tombstones"
+        ),
+    ],
 }
 
 

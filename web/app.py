@@ -18,8 +18,8 @@ from config.settings import Settings
 from core import accounts
 from core.context import Context
 from core.store import Store
-from web.keys import CONNECTIONS, CONTEXT, OPENAPI, RELAY_WAKE, SETTINGS
-from web.middlewares import problems, request_context
+from web.keys import CONNECTIONS, CONTEXT, OPENAPI, PLATFORM, RELAY, RELAY_WAKE, SETTINGS
+from web.middlewares import problems, real_client, request_context
 from web.openapi import build_openapi
 from web.routes import ROUTES
 from web.routing import wrap
@@ -27,8 +27,6 @@ from workers.broker import Platform, build_broker
 from workers.relay import Relay
 
 log = get_logger(__name__)
-PLATFORM = web.AppKey("platform", Platform)
-RELAY = web.AppKey("relay", Relay)
 
 
 def create_app(
@@ -44,7 +42,8 @@ def create_app(
     ``relay=False`` leaves the outbox to another process.
     """
     app = web.Application(
-        middlewares=[request_context, problems], client_max_size=settings.max_body_size
+        middlewares=[real_client(settings.trusted_proxies), request_context, problems],
+        client_max_size=settings.max_body_size,
     )
     app[SETTINGS] = settings
     app[CONNECTIONS] = connections or Connections(settings)
@@ -107,6 +106,7 @@ def _setup_cors(app: web.Application, origins: list[str]) -> None:
             "RateLimit",
             "RateLimit-Policy",
             "Retry-After",
+            "Idempotent-Replayed",
         ),
         allow_headers=(
             "Authorization",

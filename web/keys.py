@@ -12,6 +12,8 @@ from config.connections import Connections
 from config.settings import Settings
 from core.context import Context
 from core.security import TokenClaims
+from workers.broker import Platform
+from workers.relay import Relay
 
 SETTINGS = web.AppKey("settings", Settings)
 CONNECTIONS = web.AppKey("connections", Connections)
@@ -20,10 +22,22 @@ OPENAPI: web.AppKey[dict[str, Any]] = web.AppKey("openapi")
 #: Wakes the outbox relay right after a write, so events leave without waiting for a poll.
 RELAY_WAKE = web.AppKey("relay_wake", asyncio.Event)
 
+PLATFORM = web.AppKey("platform", Platform)
+RELAY = web.AppKey("relay", Relay)
+
 # Request-scoped values (set by the route wrapper).
 REQ_CLAIMS = web.RequestKey("claims", TokenClaims)
 REQ_BODY = web.RequestKey("body", BaseModel)
 REQ_QUERY = web.RequestKey("query", BaseModel)
 REQ_ID = web.RequestKey("request_id", str)
 
-__all__ = ["CONNECTIONS", "CONTEXT", "OPENAPI", "RELAY_WAKE", "SETTINGS", "TokenClaims"]
+__all__ = [
+    "CONNECTIONS",
+    "CONTEXT",
+    "OPENAPI",
+    "PLATFORM",
+    "RELAY",
+    "RELAY_WAKE",
+    "SETTINGS",
+    "TokenClaims",
+]

@@ -14,3 +14,9 @@ HTTP_LATENCY = Histogram(
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
 )
 HTTP_ERRORS = Counter("http_unhandled_errors_total", "Unexpected errors answered with 500")
+RATELIMIT_REJECTED = Counter(
+    "ratelimit_rejected_total", "Requests refused with 429 by the API rate limit", ["caller"]
+)
+RATELIMIT_FAILOPEN = Counter(
+    "ratelimit_failopen_total", "Requests let through unchecked because Redis was unreachable"
+)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import time
 import uuid
 
 import structlog
 from aiohttp import web
-from aiohttp.typedefs import Handler
+from aiohttp.typedefs import Handler, Middleware
 
 from config.logging import get_logger
 from core.errors import AppError, PayloadTooLarge
@@ -102,3 +103,27 @@ def _http_detail(exc: web.HTTPException) -> str:
     if exc.status == 405:
         return "Method not allowed on this resource"
     return exc.reason
+
+
+def real_client(trusted: list[str]) -> Middleware:
+    """Believe ``X-Forwarded-For`` only from trusted proxies: the client is the right-most
+    address not itself a trusted proxy (entries left of it could be forged by the client)."""
+    networks = [ipaddress.ip_network(n, strict=False) for n in trusted]
+
+    def is_trusted(addr: str | None) -> bool:
+        try:
+            ip = ipaddress.ip_address(addr or "")
+        except ValueError:
+            return False
+        return any(ip in net for net in networks)
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if networks and is_trusted(request.remote):
+            hops = [h.strip() for h in request.headers.get("X-Forwarded-For", "").split(",")]
+            for hop in reversed([h for h in hops if h]):
+                if not is_trusted(hop):
+                    return await handler(request.clone(remote=hop))
+        return await handler(request)
+
+    return middleware

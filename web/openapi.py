@@ -1,5 +1,19 @@
 """The OpenAPI 3.1 document, generated from the route table and the same pydantic models
-that validate requests."""
+that validate requests (validation mode) and render answers (serialization mode).
+
+What a :class:`~web.routing.Route` declares becomes the document as follows:
+
+- ``body`` / ``query`` / ``response``: the request body, the query parameters and the success
+  body; every operation also refuses unknown query parameters (422), and one with a body can
+  answer 400 (not JSON) and 413 (too large).
+- ``headers``: response headers the success answer always carries (name → description).
+  A GET whose answer carries ``ETag`` honours ``If-None-Match`` (304); an operation that
+  declares 412 honours ``If-Match``.
+- ``auth``: a bearer token (401 with ``WWW-Authenticate``), and 403 for ``admin``.
+- ``rate_limited``: the ``RateLimit`` / ``RateLimit-Policy`` fields and 429 with
+  ``Retry-After``; ``idempotent``: the ``Idempotency-Key`` header, 409 and 422.
+- Every answer carries ``X-Request-ID``; every error is ``application/problem+json``.
+"""
 
 from __future__ import annotations
 
@@ -7,24 +21,87 @@ import re
 from typing import Any
 
 from pydantic import BaseModel
-from pydantic.json_schema import models_json_schema
+from pydantic.json_schema import GenerateJsonSchema, models_json_schema
+from pydantic_core import core_schema
 
-from web.problem import Problem
+from web.problem import PROBLEM_TYPE, Problem
 from web.routing import Route
 
 _REF = "#/components/schemas/{model}"
 _STATUS_TEXT = {
-    400: "Malformed request",
-    401: "Missing, invalid, expired or revoked access token",
+    304: "Not modified: the resource still has the ETag sent in If-None-Match",
+    400: "The body is not valid JSON",
+    401: "Missing, invalid, expired or revoked credentials",
     403: "Not allowed for this role",
     404: "Not found (or not yours)",
     409: "Conflict with current state",
-    412: "If-Match did not match",
+    412: "If-Match did not match the current ETag",
     413: "Body too large",
-    422: "Validation failed",
+    422: "Validation failed (body, query parameters or headers); see errors",
     429: "Rate limited; see Retry-After",
     503: "A dependency is unavailable",
 }
+_TAGS = {
+    "auth": "Registration, sign-in and tokens",
+    "account": "The caller's profile",
+    "tasks": "A user's to-do items",
+    "operations": "Health, metrics and this document (no auth, no rate limit)",
+}
+_REQUEST_ID = {
+    "description": "The request id: the client's X-Request-ID when it is sane "
+    "([A-Za-z0-9._:-], at most 128 characters), else a new one; quote it when reporting",
+    "required": True,
+    "schema": {"type": "string", "pattern": "^[A-Za-z0-9._:-]{1,128}$"},
+}
+_RATELIMIT_POLICY = {
+    "description": "The quota policy (draft-ietf-httpapi-ratelimit-headers): "
+    "q requests per w seconds",
+    "required": True,
+    "schema": {"type": "string", "pattern": '^"[^"]*";q=[0-9]+;w=[0-9]+$'},
+}
+_RATELIMIT = {
+    "description": "The quota left: r requests, t seconds until it grows again (left out "
+    "when the limiter cannot be asked)",
+    "required": False,
+    "schema": {"type": "string", "pattern": '^"[^"]*";r=[0-9]+;t=[0-9]+$'},
+}
+_RETRY_AFTER = {
+    "description": "Seconds to wait before retrying",
+    "required": True,
+    "schema": {"type": "integer", "minimum": 1},
+}
+_WWW_AUTHENTICATE = {
+    "description": "The Bearer challenge (RFC 6750) with the error code",
+    "required": True,
+    "schema": {"type": "string", "pattern": "^Bearer "},
+}
+_REPLAYED = {
+    "description": "Present (true) when this is the stored answer to an earlier request "
+    "with the same Idempotency-Key",
+    "required": False,
+    "schema": {"type": "string", "const": "true"},
+}
+
+
+class _Generator(GenerateJsonSchema):
+    """Response schemas promise what is always sent: we never exclude defaults, so a field
+    with a default is serialised every time and is required. ``None`` defaults stay optional,
+    because problem details drop ``None`` fields."""
+
+    def field_is_required(
+        self,
+        field: core_schema.ModelField | core_schema.DataclassField | core_schema.TypedDictField,
+        total: bool,
+    ) -> bool:
+        inner = field["schema"]
+        if (
+            self.mode == "serialization"
+            and field["type"] != "typed-dict-field"
+            and inner["type"] == "default"
+            and field.get("serialization_exclude_if") is None
+        ):
+            return "default_factory" in inner or inner.get("default") is not None
+        return super().field_is_required(field, total)
 
 
 def build_openapi(routes: tuple[Route, ...], *, version: str) -> dict[str, Any]:
@@ -36,15 +113,11 @@ def build_openapi(routes: tuple[Route, ...], *, version: str) -> dict[str, Any]:
         if route.response is not None:
             models.append((route.response, "serialization"))
     unique = list(dict.fromkeys(models))
-    refs, schema = models_json_schema(unique, ref_template=_REF)
+    refs, schema = models_json_schema(unique, ref_template=_REF, schema_generator=_Generator)
     paths: dict[str, dict[str, Any]] = {}
     for route in routes:
-        path = route.path
-        params = [
-            {"name": n, "in": "path", "required": True, "schema": {"type": "string"}}
-            for n in re.findall(r"{(\w+)}", path)
-        ]
-        paths.setdefault(path, {})[route.method.lower()] = _operation(route, refs, params)
+        paths.setdefault(route.path, {})[route.method.lower()] = _operation(route, refs)
+    used_tags = list(dict.fromkeys(route.tag for route in routes))
     return {
         "openapi": "3.1.0",
         "info": {
@@ -54,6 +127,9 @@ def build_openapi(routes: tuple[Route, ...], *, version: str) -> dict[str, Any]:
             "application/problem+json (RFC 9457).",
         },
         "servers": [{"url": "/"}],
+        "tags": [
+            {"name": t, "description": _TAGS[t]} if t in _TAGS else {"name": t} for t in used_tags
+        ],
         "paths": paths,
         "components": {
             "schemas": schema.get("$defs", {}),
@@ -64,47 +140,172 @@ def build_openapi(routes: tuple[Route, ...], *, version: str) -> dict[str, Any]:
     }
 
 
-def _operation(route: Route, refs: dict[Any, Any], params: list[dict[str, Any]]) -> dict[str, Any]:
+def _conditional_get(route: Route) -> bool:
+    return route.method == "GET" and "ETag" in route.headers
+
+
+def _operation(route: Route, refs: dict[Any, Any]) -> dict[str, Any]:
     op: dict[str, Any] = {
         "operationId": route.operation_id,
         "summary": route.summary,
         "tags": [route.tag],
-        "responses": {},
     }
     if route.handler.__doc__:
         op["description"] = route.handler.__doc__.strip()
     if route.auth != "none":
         op["security"] = [{"bearer": []}]
-    if route.query is not None:
-        qschema = route.query.model_json_schema(ref_template=_REF)
-        required = set(qschema.get("required", []))
-        for name, prop in qschema.get("properties", {}).items():
-            params.append(
-                {"name": name, "in": "query", "required": name in required, "schema": prop}
-            )
-    if params:
-        op["parameters"] = params
+    op["parameters"] = _parameters(route)
     if route.body is not None:
         op["requestBody"] = {
             "required": True,
             "content": {"application/json": {"schema": refs[(route.body, "validation")]}},
         }
+    op["responses"] = _responses(route, refs)
+    return op
+
+
+def _parameters(route: Route) -> list[dict[str, Any]]:
+    params: list[dict[str, Any]] = [
+        {"name": n, "in": "path", "required": True, "schema": {"type": "string"}}
+        for n in re.findall(r"{(\w+)}", route.path)
+    ]
+    if route.query is not None:
+        qschema = route.query.model_json_schema(ref_template=_REF)
+        required = set(qschema.get("required", []))
+        for name, prop in qschema.get("properties", {}).items():
+            param: dict[str, Any] = {
+                "name": name,
+                "in": "query",
+                "required": name in required,
+                "schema": _query_schema(prop),
+            }
+            if "description" in prop:
+                param["description"] = prop["description"]
+            params.append(param)
+    if _conditional_get(route):
+        params.append(
+            {
+                "name": "If-None-Match",
+                "in": "header",
+                "required": False,
+                "description": "ETags the client holds (or *): 304 when one is current",
+                "schema": {"type": "string"},
+            }
+        )
+    if 412 in route.errors:
+        params.append(
+            {
+                "name": "If-Match",
+                "in": "header",
+                "required": False,
+                "description": "Change only if the resource still has one of these strong "
+                "ETags (or *); otherwise 412",
+                "schema": {"type": "string"},
+            }
+        )
+    if route.idempotent:
+        params.append(
+            {
+                "name": "Idempotency-Key",
+                "in": "header",
+                "required": False,
+                "description": "Repeat the request safely: the same key and body within 24 h "
+                "get the first response again (marked Idempotent-Replayed: true); a different "
+                "body with the key is 422, a repeat while the first still runs is 409.",
+                "schema": {
+                    "type": "string",
+                    "minLength": 1,
+                    "maxLength": 255,
+                    "pattern": "^[\\x20-\\x7e]+$",
+                },
+            }
+        )
+    params.append(
+        {
+            "name": "X-Request-ID",
+            "in": "header",
+            "required": False,
+            "description": "A request id to log and echo back (replaced when not sane)",
+            "schema": {"type": "string"},
+        }
+    )
+    return params
+
+
+def _query_schema(prop: dict[str, Any]) -> dict[str, Any]:
+    """A query parameter is absent or a string: drop the ``null`` branch pydantic adds for
+    optional fields, and the ``null`` default that goes with it."""
+    out = {k: v for k, v in prop.items() if k not in ("title", "description")}
+    variants = out.pop("anyOf", None)
+    if variants is not None:
+        concrete = [v for v in variants if v != {"type": "null"}]
+        if len(concrete) == 1:
+            out = {**concrete[0], **out}
+        else:
+            out["anyOf"] = concrete
+    if "default" in out and out["default"] is None:
+        del out["default"]
+    return out
+
+
+def _responses(route: Route, refs: dict[Any, Any]) -> dict[str, Any]:
+    common: dict[str, Any] = {"X-Request-ID": _REQUEST_ID}
+    if route.rate_limited:
+        common["RateLimit-Policy"] = _RATELIMIT_POLICY
+        common["RateLimit"] = _RATELIMIT
     ok: dict[str, Any] = {"description": "Success"}
+    ok_headers = dict(common)
+    for name, description in route.headers.items():
+        ok_headers[name] = {
+            "description": description,
+            "required": True,
+            "schema": {"type": "string"},
+        }
+    if route.idempotent:
+        ok_headers["Idempotent-Replayed"] = _REPLAYED
+    ok["headers"] = ok_headers
     if route.response is not None:
         ok["content"] = {route.content_type: {"schema": refs[(route.response, "serialization")]}}
     elif route.status != 204:
-        ok["content"] = {route.content_type: {"schema": {}}}
-    op["responses"][str(route.status)] = ok
-    problem = {"application/problem+json": {"schema": refs[(Problem, "serialization")]}}
-    codes = set(route.errors)
+        kind = "object" if route.content_type == "application/json" else "string"
+        ok["content"] = {route.content_type: {"schema": {"type": kind}}}
+    responses: dict[str, Any] = {str(route.status): ok}
+    if _conditional_get(route):
+        responses["304"] = {
+            "description": _STATUS_TEXT[304],
+            "headers": {**common, "ETag": ok_headers["ETag"]},
+        }
+    problem = {PROBLEM_TYPE: {"schema": refs[(Problem, "serialization")]}}
+    for code in sorted(_error_codes(route)):
+        headers = dict(common)
+        if code == 413:
+            # Refused while reading the body, before the rate limit's fields are added.
+            headers = {"X-Request-ID": _REQUEST_ID}
+        if code == 401:
+            headers["WWW-Authenticate"] = _WWW_AUTHENTICATE
+        if code == 429:
+            headers["Retry-After"] = _RETRY_AFTER
+        if code == 409 and route.idempotent:
+            headers["Idempotent-Replayed"] = _REPLAYED
+        responses[str(code)] = {
+            "description": _STATUS_TEXT[code],
+            "headers": headers,
+            "content": problem,
+        }
+    return responses
+
+
+def _error_codes(route: Route) -> set[int]:
+    # Every operation refuses query parameters it does not declare.
+    codes = {*route.errors, 422}
     if route.auth != "none":
         codes.add(401)
     if route.auth == "admin":
         codes.add(403)
-    if route.body is not None or route.query is not None:
-        codes.update({400, 422})
+    if route.body is not None:
+        codes.update({400, 413})
     if route.rate_limited:
         codes.add(429)
-    for code in sorted(codes):
-        op["responses"][str(code)] = {"description": _STATUS_TEXT[code], "content": problem}
-    return op
+    if route.idempotent:
+        codes.add(409)
+    return codes

@@ -13,10 +13,12 @@ from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
 from core import accounts
-from core.errors import BadRequest, FieldError, Forbidden, Invalid, Unauthorized
+from core.errors import AppError, BadRequest, FieldError, Forbidden, Invalid, Unauthorized
 from core.security import TokenClaims
-from web.keys import CONTEXT, REQ_BODY, REQ_CLAIMS, REQ_QUERY
+from web.idempotency import idempotent
+from web.keys import CONTEXT, RELAY_WAKE, REQ_BODY, REQ_CLAIMS, REQ_QUERY
 from web.problem import invalid_from_pydantic
+from web.ratelimit import Budget
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 M = TypeVar("M", bound=BaseModel)
@@ -41,6 +43,8 @@ class Route:
     content_type: str = "application/json"
     headers: dict[str, str] = field(default_factory=dict)
     rate_limited: bool = True
+    #: Honour ``Idempotency-Key`` (web/idempotency.py): for POST operations that create.
+    idempotent: bool = False
 
     @property
     def operation_id(self) -> str:
@@ -52,11 +56,27 @@ def wrap(route: Route) -> Handler:
     """The aiohttp handler: authenticate, validate query and body, then call the handler."""
 
     async def handle(request: web.Request) -> web.StreamResponse:
+        budget = Budget(request) if route.rate_limited else None
+        try:
+            response = await checked(request, budget)
+        except AppError as exc:
+            if budget is not None:
+                await budget.on_error(exc)
+            raise
+        if budget is not None:
+            budget.on_response(response)
+        return response
+
+    async def checked(request: web.Request, budget: Budget | None) -> web.StreamResponse:
         if route.auth != "none":
             claims = await _authenticate(request)
+            if budget is not None:
+                await budget.spend(claims)
             if route.auth == "admin" and claims.role != "admin":
                 raise Forbidden("This operation needs the admin role")
             request[REQ_CLAIMS] = claims
+        elif budget is not None:
+            await budget.spend(None)
         if route.query is not None:
             request[REQ_QUERY] = _parse_query(request, route.query)
         elif request.query:
@@ -69,7 +89,14 @@ def wrap(route: Route) -> Handler:
             )
         if route.body is not None:
             request[REQ_BODY] = await _parse_body(request, route.body)
-        return await route.handler(request)
+        if route.idempotent:
+            response = await idempotent(request, route.handler)
+        else:
+            response = await route.handler(request)
+        if request.method != "GET":
+            # A write may have recorded events: let the outbox relay move them now.
+            request.app[RELAY_WAKE].set()
+        return response
 
     handle.__name__ = route.operation_id
     return handle

@@ -1,23 +1,24 @@
-"""Actors, grouped by concern. Each receives a plain-JSON event and is safe to run twice.
+"""Actor plumbing shared by every concern: defaults, context binding, declaration.
 
-Actors are declared on a broker by :func:`declare_actors` rather than at import time, so the
-broker is built in exactly one place (:mod:`workers.broker`) and tests can build several.
+Each concern lives in its own module (``workers/notifications.py``, ...) exposing
+``declare(declare_one)``; actors are declared on a broker by :func:`declare_actors` rather than
+at import time, so the broker is built in exactly one place (:mod:`workers.broker`) and tests
+can build several.
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 import dramatiq
 import structlog
 
-from core import notifications
 from core.errors import Invalid, NotFound
 from workers.resources import WorkerResources
 
 Event = dict[str, Any]
-ActorFn = Callable[[Event], Awaitable[None]]
+ActorFn = Callable[..., Awaitable[None]]
 
 #: Failures that retrying cannot fix: the message goes to the dead-letter queue at once.
 PERMANENT = (NotFound, Invalid, KeyError, TypeError, ValueError)
@@ -32,7 +33,7 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
-def _bound(event: Event) -> None:
+def bind_event(event: Event) -> None:
     """Carry the request id and user id of the originating request into this message's logs."""
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(
@@ -40,23 +41,29 @@ def _bound(event: Event) -> None:
     )
 
 
+class DeclareOne(Protocol):
+    """Declares one actor: ``declare_one(queue, fn, **options)``; the actor name is the
+    function's name."""
+
+    def __call__(self, queue: str, fn: ActorFn, **options: Any) -> None: ...
+
+
 def declare_actors(
     broker: dramatiq.Broker, res: WorkerResources
 ) -> dict[str, dramatiq.Actor[Any, Any]]:
-    """Declare every actor on ``broker``; returns them by name."""
-    specs: list[tuple[str, str, ActorFn]] = []
-
-    async def send_welcome_email(event: Event) -> None:
-        """Welcome a newly registered user by email."""
-        _bound(event)
-        ctx = await res.context()
-        await notifications.send_welcome(ctx, res.mailer, event["user_id"])
-
-    specs.append(("notifications", "send_welcome_email", send_welcome_email))
+    """Declare every actor of every concern on ``broker``; returns them by name."""
+    from workers import cache, maintenance, notifications, search, webhooks
 
     actors: dict[str, dramatiq.Actor[Any, Any]] = {}
-    for queue, name, fn in specs:
+
+    def declare_one(queue: str, fn: ActorFn, **options: Any) -> None:
+        name = fn.__name__
+        if name in actors:
+            raise ValueError(f"actor {name} declared twice")
         actors[name] = dramatiq.actor(  # type: ignore[call-overload]
-            fn, actor_name=name, queue_name=queue, broker=broker, **DEFAULTS
+            fn, actor_name=name, queue_name=queue, broker=broker, **{**DEFAULTS, **options}
         )
+
+    for concern in (notifications, cache, search, webhooks, maintenance):
+        concern.declare(declare_one, res)
     return actors

@@ -3,6 +3,7 @@ fakeredis when no Redis is configured (the all-in-one default)."""
 
 from __future__ import annotations
 
+from functools import cached_property
 from typing import Any
 
 import dramatiq
@@ -12,6 +13,8 @@ from dramatiq.middleware.asyncio import AsyncIO
 
 from config.connections import Connections
 from workers.actors import declare_actors
+from workers.heartbeat import WorkerHeartbeat
+from workers.ops import DeadLetterNotes, QueueInspector, build_inspector
 from workers.resources import WorkerResources
 
 
@@ -28,6 +31,11 @@ class Platform:
         self.resources = resources
         self.actors = actors
 
+    @cached_property
+    def inspector(self) -> QueueInspector:
+        """Reads and manages this broker's queues (counts, dead letters; workers/ops.py)."""
+        return build_inspector(self.broker, self.resources.connections)
+
 
 def build_broker(connections: Connections) -> Platform:
     """Build the broker for ``connections.settings`` and declare every actor on it."""
@@ -37,13 +45,24 @@ def build_broker(connections: Connections) -> Platform:
     if url is not None and url.startswith(("amqp://", "amqps://")):
         broker = RabbitmqBroker(url=url)
     elif url is not None:
-        broker = RedisBroker(url=url, namespace=f"{settings.redis_prefix}dramatiq")
+        broker = RedisBroker(url=url, **_redis_options(connections))
     else:
-        broker = RedisBroker(
-            client=connections.redis_sync(), namespace=f"{settings.redis_prefix}dramatiq"
-        )
+        broker = RedisBroker(client=connections.redis_sync(), **_redis_options(connections))
     broker.add_middleware(AsyncIO())
     resources = WorkerResources(connections)
+    resources.broker = broker
     broker.add_middleware(resources)
+    broker.add_middleware(WorkerHeartbeat(connections))
+    broker.add_middleware(DeadLetterNotes())
     actors = declare_actors(broker, resources)
     return Platform(broker, resources, actors)
+
+
+def _redis_options(connections: Connections) -> dict[str, Any]:
+    settings = connections.settings
+    return {
+        "namespace": f"{settings.redis_prefix}dramatiq",
+        # Workers beat every second (workers/heartbeat.py), so a short timeout is safe, and
+        # their sweeper makes recovery deterministic; the random maintenance stays a backstop.
+        "heartbeat_timeout": settings.worker_heartbeat_timeout_ms,
+    }

@@ -36,12 +36,16 @@ class Relay:
         batch_size: int = 200,
         poll_interval: float = 1.0,
         lease_seconds: float = 30.0,
+        max_backoff: float = 4.0,
     ):
         self.ctx = ctx
         self.broker = broker
         self.batch_size = batch_size
         self.poll_interval = poll_interval
         self.lease = timedelta(seconds=lease_seconds)
+        #: While the broker is down the relay retries with backoff up to this many seconds, so
+        #: side effects resume within that long after it returns.
+        self.max_backoff = max_backoff
         self.wake = asyncio.Event()
         self.relayed = 0
 
@@ -61,7 +65,7 @@ class Relay:
             if moved >= self.batch_size:
                 continue
             self.wake.clear()
-            delay = self.poll_interval if not failures else min(30.0, 0.5 * 2**failures)
+            delay = self.poll_interval if not failures else min(self.max_backoff, 0.25 * 2**failures)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.wake.wait(), delay)
 

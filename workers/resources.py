@@ -23,6 +23,9 @@ class WorkerResources(dramatiq.Middleware):
         self._ctx: Context | None = None
         self._lock: asyncio.Lock | None = None
         self.mailer: Mailer = build_mailer(self.settings.smtp_url)
+        #: The broker these resources serve (set by ``build_broker``), so an actor can enqueue
+        #: another actor's messages by name.
+        self.broker: dramatiq.Broker | None = None
 
     async def context(self) -> Context:
         """The context for the running loop (created on first use)."""

@@ -4,6 +4,12 @@ from __future__ import annotations
 
 EVENT_ACTORS: dict[str, tuple[str, ...]] = {
     "user.registered": ("send_welcome_email",),
+    "user.logged_in": ("refresh_user_cache",),
+    "task.created": ("refresh_user_cache", "index_task", "fan_out_webhooks"),
+    "task.updated": ("refresh_user_cache", "index_task", "fan_out_webhooks"),
+    "task.completed": ("refresh_user_cache", "index_task", "fan_out_webhooks"),
+    "task.deleted": ("refresh_user_cache", "index_task", "fan_out_webhooks"),
+    "webhook.redelivery_requested": ("redeliver_webhook",),
 }
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from core import accounts
-from web.keys import CONTEXT, RELAY_WAKE
+from web.keys import CONTEXT
 from web.routing import body, claims, json_response
 
 
@@ -20,7 +20,6 @@ async def register(request: web.Request) -> web.Response:
     pair = await accounts.register(
         ctx, body(request, accounts.RegisterIn), client=request.headers.get("User-Agent", "")
     )
-    request.app[RELAY_WAKE].set()
     return json_response(pair, status=201, headers={"Location": "/api/v1/me"})
 
 

@@ -11,6 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 
 from core.errors import Unavailable
+from web.handlers.admin import refresh_queue_metrics
 from web.keys import CONTEXT, OPENAPI
 from web.routing import json_response
 
@@ -49,7 +50,8 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    """Prometheus exposition."""
+    """Prometheus exposition (queue depths read on a thread first, see handlers/admin.py)."""
+    await refresh_queue_metrics(request.app)
     response = web.Response(body=generate_latest())
     response.content_type = CONTENT_TYPE_LATEST.split(";")[0]
     return response

@@ -1,0 +1,37 @@
+"""``python -m bench [NAME] [options]``: run one benchmark, or every one with no name.
+
+``make bench`` runs them all with their defaults; each prints its report and writes it to
+``bench/results/<name>-latest.txt``.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+from bench import api
+
+#: name -> main(argv) returning an exit status.
+BENCHMARKS: dict[str, Callable[[list[str]], int]] = {"api": api.main}
+
+
+def main(argv: list[str]) -> int:
+    """Dispatch to the named benchmark (options follow the name), or run all of them."""
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__.strip())
+        print("benchmarks: " + ", ".join(BENCHMARKS))
+        return 0
+    if argv and not argv[0].startswith("-"):
+        name, rest = argv[0], argv[1:]
+        if name not in BENCHMARKS:
+            print(f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}", file=sys.stderr)
+            return 2
+        return BENCHMARKS[name](rest)
+    status = 0
+    for run in BENCHMARKS.values():
+        status = max(status, run(argv))
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

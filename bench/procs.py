@@ -1,0 +1,289 @@
+"""What the benchmarks run on: the store servers, child processes, CPU and memory readings.
+
+Everything here is loopback-only and bounded: every wait has a deadline, every process started
+is stopped by the ``Services`` that started it, and Redis keys are written under one unique
+prefix that is deleted at the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import redis
+
+from cli.embedded import EmbeddedMongo, free_port
+from config.settings import Settings
+
+#: Product settings are stripped from inherited environments so a developer's shell cannot
+#: point a benchmarked process somewhere else.
+PRODUCT_VARS = frozenset(name.upper() for name in Settings.model_fields)
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def clean_env(**values: str) -> dict[str, str]:
+    """The inherited environment minus product variables, plus ``values``."""
+    env = {k: v for k, v in os.environ.items() if k.upper() not in PRODUCT_VARS}
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(values)
+    return env
+
+
+def redis_answers(url: str) -> bool:
+    """Whether a Redis server answers PING at ``url``."""
+    try:
+        return bool(redis.Redis.from_url(url, socket_connect_timeout=0.5).ping())
+    except redis.RedisError:
+        return False
+
+
+class PrivateRedis:
+    """A ``redis-server`` of our own on a free loopback port (when the machine has none)."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.dir = tempfile.mkdtemp(prefix="bench-redis-")
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        """Its URL."""
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> PrivateRedis:
+        """Start it and wait until it answers."""
+        exe = shutil.which("redis-server")
+        if exe is None:
+            raise RuntimeError("no Redis answers on 6379 and redis-server is not installed")
+        self.proc = subprocess.Popen(
+            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--dir", self.dir],
+            stdout=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while not redis_answers(self.url):
+            if time.monotonic() > deadline:
+                raise RuntimeError("private redis-server did not start")
+            time.sleep(0.05)
+        return self
+
+    def stop(self) -> None:
+        """Stop it."""
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(10)
+            self.proc = None
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class Child:
+    """A child process whose output goes to a temporary file (shown when it fails)."""
+
+    def __init__(self, name: str, args: list[str], env: Mapping[str, str]):
+        self.name = name
+        self.args = args
+        self._out: IO[bytes] = tempfile.NamedTemporaryFile(  # noqa: SIM115
+            prefix=f"bench-{name}-", suffix=".log", delete=False
+        )
+        self.popen = subprocess.Popen(
+            args, env=dict(env), stdout=self._out, stderr=subprocess.STDOUT, cwd=_root()
+        )
+
+    @property
+    def pid(self) -> int:
+        """The process id."""
+        return self.popen.pid
+
+    def output(self) -> str:
+        """What it printed so far (the tail)."""
+        self._out.flush()
+        return Path(self._out.name).read_text(errors="replace")[-4000:]
+
+    def alive(self) -> bool:
+        """Whether it still runs."""
+        return self.popen.poll() is None
+
+    def stop(self, grace: float = 15.0) -> int:
+        """TERM, wait, KILL; returns the exit code. Idempotent."""
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(grace)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(10)
+        return self.popen.returncode
+
+    def close(self) -> None:
+        """Stop it and delete its output file."""
+        self.stop()
+        self._out.close()
+        Path(self._out.name).unlink(missing_ok=True)
+
+
+def _root() -> str:
+    return str(Path(__file__).resolve().parent.parent)
+
+
+async def wait_http(child: Child, url: str, timeout: float = 30.0) -> None:
+    """Poll ``url`` until it answers 200; fail early (with the output) if the child exits."""
+    import aiohttp
+
+    deadline = time.monotonic() + timeout
+    last = "no answer"
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session:
+        while time.monotonic() < deadline:
+            if not child.alive():
+                raise RuntimeError(f"{child.name} exited before {url} answered:\n{child.output()}")
+            try:
+                async with session.get(url) as resp:
+                    if resp.status == 200:
+                        return
+                    last = f"HTTP {resp.status}"
+            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                last = repr(exc)
+            await asyncio.sleep(0.1)
+    raise RuntimeError(f"{url} did not answer 200 within {timeout}s ({last}):\n{child.output()}")
+
+
+def proc_cpu(pid: int) -> float:
+    """CPU seconds (user + system, all threads) a process has used so far; 0 if gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def machine_busy() -> float:
+    """CPU seconds the whole machine has been busy (all cores), from ``/proc/stat``."""
+    with open("/proc/stat") as fh:
+        values = [int(v) for v in fh.readline().split()[1:]]
+    idle = values[3] + (values[4] if len(values) > 4 else 0)
+    # guest time is already counted in user time.
+    return (sum(values[:8]) - idle) / CLK_TCK
+
+
+def rss_mb(pid: int) -> tuple[float, float]:
+    """``(VmRSS, VmHWM)`` of a process in MB (MiB)."""
+    found: dict[str, float] = {}
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                found[key] = int(value.split()[0]) / 1024
+    return found.get("VmRSS", 0.0), found.get("VmHWM", 0.0)
+
+
+def cpu_model() -> str:
+    """The CPU model name."""
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as fh:
+        for line in fh:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return "unknown CPU"
+
+
+@dataclass
+class CpuSnapshot:
+    """CPU seconds used so far by each watched process, Redis and the whole machine."""
+
+    at: float
+    procs: dict[str, float]
+    redis: float
+    machine: float
+
+
+@dataclass
+class Services:
+    """MongoDB (SecantusDB), Redis and the key prefix one benchmark run uses."""
+
+    mongo: EmbeddedMongo
+    redis_url: str
+    redis_source: str
+    prefix: str
+    db: str
+    private_redis: PrivateRedis | None = None
+    children: list[Child] = field(default_factory=list)
+    _redis: redis.Redis | None = None
+
+    @classmethod
+    def start(cls) -> Services:
+        """Start SecantusDB in memory; use the machine's Redis, else a private one."""
+        tag = uuid.uuid4().hex[:10]
+        private: PrivateRedis | None = None
+        url = "redis://127.0.0.1:6379/0"
+        source = "the machine's, 127.0.0.1:6379"
+        if not redis_answers(url):
+            private = PrivateRedis().start()
+            url, source = private.url, f"a private redis-server on port {private.port}"
+        mongo = EmbeddedMongo(":memory:").start()
+        return cls(mongo, url, source, f"bench{tag}:", f"bench_{tag}", private)
+
+    @property
+    def redis(self) -> redis.Redis:
+        """A synchronous client (for readings and clean-up)."""
+        if self._redis is None:
+            self._redis = redis.Redis.from_url(self.redis_url)
+        return self._redis
+
+    def redis_cpu(self) -> float:
+        """CPU seconds the Redis server has used (it may serve others too)."""
+        info: dict[str, Any] = self.redis.info("cpu")
+        return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+    def redis_version(self) -> str:
+        """The Redis server version."""
+        return str(self.redis.info("server")["redis_version"])
+
+    def snapshot(self, pids: Mapping[str, int]) -> CpuSnapshot:
+        """Read CPU counters now."""
+        return CpuSnapshot(
+            time.monotonic(),
+            {name: proc_cpu(pid) for name, pid in pids.items()},
+            self.redis_cpu(),
+            machine_busy(),
+        )
+
+    def spawn(self, name: str, args: list[str], env: Mapping[str, str]) -> Child:
+        """Start a child process that :meth:`stop` will stop."""
+        child = Child(name, args, env)
+        self.children.append(child)
+        return child
+
+    def stop(self) -> None:
+        """Stop every child, the servers, and delete every key under our prefix."""
+        for child in reversed(self.children):
+            child.close()
+        self.children.clear()
+        with contextlib.suppress(redis.RedisError):
+            keys = list(self.redis.scan_iter(match=self.prefix + "*", count=1000))
+            for start in range(0, len(keys), 1000):
+                self.redis.delete(*keys[start : start + 1000])
+        if self._redis is not None:
+            self._redis.close()
+        self.mongo.stop()
+        if self.private_redis is not None:
+            self.private_redis.stop()
+
+
+def python() -> str:
+    """The interpreter running the benchmark (the project's virtualenv)."""
+    return sys.executable
+
+
+def taskmanager_exe() -> str:
+    """The ``taskmanager`` console script beside the running interpreter."""
+    return str(Path(sys.executable).with_name("taskmanager"))

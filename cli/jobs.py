@@ -1,0 +1,124 @@
+"""Scheduler commands: ``scheduler``, ``schedules``, ``run-job``; and the in-process
+scheduler of ``taskmanager run``."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import click
+from aiohttp import web
+
+from config.connections import Connections
+from config.logging import setup_logging
+from config.sentry import setup_sentry
+from core import jobruns
+from core.context import open_context
+from jobs.schedule import SCHEDULE
+from jobs.scheduler import Scheduler
+from workers.broker import Platform, build_broker
+from workers.maintenance import enqueue_run
+
+
+def in_app(platform: Platform) -> Callable[[web.Application], AsyncIterator[None]]:
+    """A cleanup context running the scheduler inside a web app (``taskmanager run``)."""
+
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        from web.keys import CONTEXT
+
+        task = asyncio.create_task(Scheduler(app[CONTEXT], platform).run(), name="scheduler")
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    return ctx
+
+
+@click.command()
+def scheduler() -> None:
+    """Fire scheduled jobs (safe to run several: one leader fires, each slot once)."""
+    from cli.main import load_settings
+
+    settings = load_settings()
+    setup_logging(settings, process="scheduler")
+    setup_sentry(settings, process="scheduler")
+
+    async def go() -> None:
+        connections = Connections(settings)
+        platform = build_broker(connections)
+        async with open_context(settings, connections) as ctx:
+            await ctx.store.ensure_indexes()
+            task = asyncio.create_task(Scheduler(ctx, platform).run())
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, task.cancel)
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    asyncio.run(go())
+
+
+@click.command()
+def schedules() -> None:
+    """The schedule: each job's trigger, next run, last run and the current leader."""
+    from cli.main import load_settings
+
+    settings = load_settings()
+
+    async def go() -> list[dict[str, Any]]:
+        async with open_context(settings, Connections(settings)) as ctx:
+            leader = await ctx.redis.get(ctx.key("scheduler", "leader"))
+            rows = []
+            for job in SCHEDULE:
+                last = await jobruns.latest(ctx, job.name)
+                rows.append(
+                    {
+                        "name": job.name,
+                        "trigger": str(job.trigger),
+                        "next": job.trigger.get_next_fire_time(None, _now()),
+                        "last": last,
+                        "leader": leader.decode() if isinstance(leader, bytes) else "-",
+                    }
+                )
+            return rows
+
+    for row in asyncio.run(go()):
+        click.echo(
+            f"{row['name']:<22} {row['trigger']:<40} next {row['next']:%Y-%m-%d %H:%M:%S}Z"
+            f"  last {_describe(row['last'])}  leader {row['leader']}"
+        )
+
+
+def _describe(run: dict[str, Any] | None) -> str:
+    if run is None:
+        return "never"
+    when = run.get("finished_at") or run.get("enqueued_at")
+    return f"{run['status']} at {when:%Y-%m-%d %H:%M:%S} ({run.get('duration_ms', '-')} ms)"
+
+
+@click.command("run-job")
+@click.argument("name", type=click.Choice([job.name for job in SCHEDULE]))
+def run_job(name: str) -> None:
+    """Fire one scheduled job now (a worker runs it)."""
+    from cli.main import load_settings
+
+    settings = load_settings()
+    job = next(j for j in SCHEDULE if j.name == name)
+
+    async def go() -> str:
+        connections = Connections(settings)
+        platform = build_broker(connections)
+        async with open_context(settings, connections) as ctx:
+            return await enqueue_run(ctx, platform.broker, job.name, job.actor)
+
+    click.echo(f"enqueued {name} as {asyncio.run(go())}")
+
+
+def _now() -> Any:
+    from core.store import utcnow
+
+    return utcnow()

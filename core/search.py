@@ -1,0 +1,448 @@
+"""Full-text search over a user's tasks: the analyzer, the index and the ranked query.
+
+MongoDB offers ``$text`` and Atlas Search, but the test server (SecantusDB) has neither, and a
+``$text`` index is per collection, not per user: every query is scored against the whole
+collection's statistics and cannot do prefix matching. So the index is ours, kept in MongoDB
+(principle 1: rebuildable from the tasks at any time by ``taskmanager reindex``).
+
+**Layout: one index document per task** (collection ``search_index``, ``_id`` = the task id)::
+
+    {_id, owner, version, analyzer, updated_at,
+     terms: ["groceries", "gr", "gro", ..., "milk", "mi", "mil"],   # multikey, indexed
+     w:     {"groceries": 6, "gr": 3, ..., "milk": 2, "mi": 1, ...}}  # score of each term
+
+``terms`` holds every normalised word of the title, tags and description (casefolded, NFKD with
+accents stripped, split on anything that is not a letter or digit) and, for prefix matching,
+each word's prefixes from 2 up to 15 characters. ``w`` maps each term to what it scores when a
+query word equals it: per field, its weight (title 3, tags 2, description 1) times 2 when the
+term is a whole word of that field, times 1 when it is only a prefix of one; summed over the
+fields. So "milk" typed in full beats "mil", and a title hit beats a description hit.
+
+Why not one posting document per (owner, task, term), the classic inverted index? Measured on
+the test server, a task of 40 words is ~400 postings, i.e. ~400 inserts plus a delete of the
+old ones on every edit, not atomic without a transaction, and "only write if newer" would have
+to be checked for each posting. One document per task is one conditional replace: atomic, the
+version check is one filter, and a duplicate or out-of-order event costs one failed match.
+The multikey index holds the same (owner, term) keys the postings would, so queries cost the
+same.
+
+**The query** ``find({owner, terms: {$all: [word, ...]}})`` is an IXSCAN on
+``(owner, terms, updated_at)``: equality on the owner and on the most selective query word
+(the longest; the others are checked on the fetched document), so its cost grows with the
+user's tasks matching that word, never with the corpus or other users. It is hinted because
+the test server's planner does not consider multikey indexes for ``$all`` on its own. With a
+sharded cluster, ``owner`` is the shard key of this collection: a search is one shard's work.
+The newest :data:`MAX_CANDIDATES` matches (the index delivers them in ``updated_at`` order)
+are ranked by score, then recency; so a one-letter-ish query over 100 000 tasks stays bounded,
+ranking only the newest matches (documented trade-off). Words are AND-ed and each is
+prefix-matched, as Todoist and Gmail do: "gro mil" finds "Buy groceries and milk".
+
+**Never trusting the index**: hits are fetched from ``tasks`` by id *with the owner filter*,
+tasks that are gone are dropped, and each task is re-checked and re-scored against its current
+title, tags and description; so a stale entry can neither show another user's task nor a task
+that no longer matches (it can only miss a task written in the last second).
+
+**Idempotent, order-proof indexing**: actors index the task's *current* state read from
+MongoDB (not the event's snapshot) and replace the entry only if its stored ``version`` is
+older (or the analyzer changed). A deleted task leaves a tombstone (version above any real
+one, reaped by a TTL index after a day) so a slow actor that read the task just before the
+delete cannot resurrect it.
+
+There is no cursor pagination: search returns the best ``limit`` (≤ 50) hits, as search boxes
+do; refine the words to see others.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import unicodedata
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Annotated
+
+from bson import ObjectId
+from bson.errors import InvalidId
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pymongo import ReplaceOne, UpdateOne
+from pymongo.asynchronous.cursor import AsyncCursor
+from pymongo.errors import BulkWriteError, DuplicateKeyError
+
+from core.errors import FieldError, Invalid
+from core.store import Doc, Store, utcnow
+from core.tasks import TaskPublic, public
+
+COLLECTION = "search_index"
+INDEX_NAME = "owner_terms"
+#: Bump when the analyzer changes: entries of an older analyzer are rewritten by the next event
+#: or by ``taskmanager reindex``.
+ANALYZER = 1
+#: Field weights: a title hit outranks a tag hit, which outranks a description hit.
+WEIGHTS = {"title": 3, "tags": 2, "description": 1}
+EXACT, PREFIX = 2, 1
+MIN_PREFIX = 2
+MAX_PREFIX = 15
+#: Bounds one task's entry (a 10 000-character description has rarely more than ~3 000 terms).
+MAX_TERMS = 5_000
+MAX_QUERY_WORDS = 10
+MAX_QUERY_CHARS = 200
+MAX_LIMIT = 50
+MAX_CANDIDATES = 1_000
+#: Above any task version: a tombstone is never overwritten by a stale write.
+TOMBSTONE = 2**62
+
+_WORD = re.compile(r"[^\W_]+")
+_TASK_FIELDS = {"owner": 1, "version": 1, "title": 1, "tags": 1, "description": 1, "updated_at": 1}
+
+
+class SearchQuery(BaseModel):
+    """``GET /search`` query."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    q: Annotated[
+        str, StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_QUERY_CHARS)
+    ]
+    limit: int = Field(20, ge=1, le=MAX_LIMIT)
+
+
+class SearchHit(BaseModel):
+    """One matching task and its score (higher is better)."""
+
+    task: TaskPublic
+    score: int
+
+
+class SearchResults(BaseModel):
+    """The best matches, best first; ``words`` are the normalised query words (for
+    highlighting)."""
+
+    items: list[SearchHit]
+    words: list[str]
+
+
+# -- the analyzer ---------------------------------------------------------------------------
+
+
+def normalise(text: str) -> str:
+    """Caseless, accentless form of ``text`` (NFKD, casefold, combining marks dropped)."""
+    folded = unicodedata.normalize("NFKD", unicodedata.normalize("NFKD", text).casefold())
+    return "".join(ch for ch in folded if not unicodedata.combining(ch))
+
+
+def words(text: str) -> list[str]:
+    """The normalised words of ``text``, in order (runs of letters and digits)."""
+    return _WORD.findall(normalise(text))
+
+
+def query_words(q: str) -> list[str]:
+    """The distinct words of a query, in order; more than :data:`MAX_QUERY_WORDS` is 422."""
+    out = list(dict.fromkeys(words(q)))
+    if len(out) > MAX_QUERY_WORDS:
+        raise Invalid(
+            f"Search for at most {MAX_QUERY_WORDS} words",
+            [FieldError(field="query.q", message=f"At most {MAX_QUERY_WORDS} words")],
+        )
+    return out
+
+
+def _key(word: str) -> str:
+    """The index term a query word looks up (prefixes are stored up to MAX_PREFIX)."""
+    return word[:MAX_PREFIX]
+
+
+def _field_words(title: str, tags: Iterable[str], description: str) -> dict[str, list[str]]:
+    return {
+        "title": words(title),
+        "tags": [w for tag in tags for w in words(tag)],
+        "description": words(description),
+    }
+
+
+def term_weights(title: str, tags: Iterable[str], description: str) -> dict[str, int]:
+    """Every index term of a task with its score; title, tags, then description terms first
+    when :data:`MAX_TERMS` cuts."""
+    levels: dict[str, dict[str, int]] = {}
+    for field, field_words in _field_words(title, tags, description).items():
+        for word in dict.fromkeys(field_words):
+            if len(word) <= MAX_PREFIX:
+                per = levels.setdefault(word, {})
+                per[field] = EXACT
+            for n in range(MIN_PREFIX, min(len(word), MAX_PREFIX + 1)):
+                per = levels.setdefault(word[:n], {})
+                per[field] = max(per.get(field, 0), PREFIX)
+            if len(levels) >= MAX_TERMS:
+                break
+    weights = {
+        term: sum(WEIGHTS[f] * level for f, level in per.items()) for term, per in levels.items()
+    }
+    return dict(list(weights.items())[:MAX_TERMS])
+
+
+def score(query: list[str], title: str, tags: Iterable[str], description: str) -> int | None:
+    """The score of a task for the query words, or None when some word matches nothing (AND).
+
+    Computed from the task's current content with the same rule as :func:`term_weights`,
+    except that words longer than :data:`MAX_PREFIX` are compared in full.
+    """
+    fields = {f: set(ws) for f, ws in _field_words(title, tags, description).items()}
+    total = 0
+    for q in query:
+        points = 0
+        for field, field_words in fields.items():
+            if q in field_words:
+                points += WEIGHTS[field] * EXACT
+            elif len(q) >= MIN_PREFIX and any(w.startswith(q) for w in field_words):
+                points += WEIGHTS[field] * PREFIX
+        if not points:
+            return None
+        total += points
+    return total
+
+
+def entry(task: Doc) -> Doc:
+    """The index document of a stored task."""
+    weights = term_weights(task["title"], task.get("tags", []), task.get("description", ""))
+    return {
+        "_id": task["_id"],
+        "owner": task["owner"],
+        "version": task["version"],
+        "analyzer": ANALYZER,
+        "updated_at": task["updated_at"],
+        "terms": list(weights),
+        "w": weights,
+        "indexed_at": utcnow(),
+    }
+
+
+# -- writing ----------------------------------------------------------------------------------
+
+
+def _older(entry_: Doc, *, rewrite: bool) -> Doc:
+    """Matches the stored entry only if ``entry_`` may replace it: same task, older version
+    (or the same version of an older analyzer; any same version when ``rewrite``)."""
+    version = entry_["version"]
+    same = {"version": version} if rewrite else {"version": version, "analyzer": {"$lt": ANALYZER}}
+    # The owner is in every filter: a sharded cluster (shard key: owner) requires it in upserts.
+    return {
+        "_id": entry_["_id"],
+        "owner": entry_["owner"],
+        "$or": [{"version": {"$lt": version}}, same],
+    }
+
+
+async def _put(store: Store, entry_: Doc, *, rewrite: bool = False) -> bool:
+    """Write one entry unless a newer one is stored; True when written."""
+    col = store[COLLECTION]
+    flt = _older(entry_, rewrite=rewrite)
+    try:
+        result = await col.replace_one(flt, entry_, upsert=True)
+    except DuplicateKeyError:
+        # An entry exists that the filter did not match: newer (nothing to do), or one
+        # inserted concurrently after our filter ran (replace it if older).
+        result = await col.replace_one(flt, entry_)
+    return bool(result.upserted_id is not None or result.modified_count)
+
+
+async def tombstone(store: Store, tasks: list[tuple[ObjectId, str]]) -> int:
+    """Replace the entries of deleted tasks, given as ``(task id, owner)``, with tombstones
+    (upserted: a write still in flight for a task read just before its deletion must not land
+    afterwards)."""
+    if not tasks:
+        return 0
+    now = utcnow()
+    ops = [
+        UpdateOne(
+            {"_id": tid, "owner": owner, "version": {"$lt": TOMBSTONE}},
+            {
+                "$set": {"version": TOMBSTONE, "terms": [], "deleted_at": now},
+                "$unset": {"w": "", "updated_at": ""},
+            },
+            upsert=True,
+        )
+        for tid, owner in tasks
+    ]
+    try:
+        result = await store[COLLECTION].bulk_write(ops, ordered=False)
+    except BulkWriteError as exc:
+        _raise_unless_duplicates(exc)
+        return int(exc.details.get("nModified", 0)) + int(exc.details.get("nUpserted", 0))
+    return result.modified_count + result.upserted_count
+
+
+def _raise_unless_duplicates(exc: BulkWriteError) -> list[int]:
+    """The indexes of the operations that hit a duplicate key; raise on any other error."""
+    errors = exc.details.get("writeErrors", [])
+    if any(e.get("code") != 11000 for e in errors) or exc.details.get("writeConcernErrors"):
+        raise exc
+    return [int(e["index"]) for e in errors]
+
+
+def _task_oid(task_id: str) -> ObjectId:
+    try:
+        return ObjectId(task_id)
+    except (InvalidId, TypeError) as exc:
+        raise Invalid(f"Not a task id: {task_id!r}") from exc
+
+
+async def index_task(store: Store, task_id: str, owner: str) -> str:
+    """Bring the entry of ``owner``'s task up to date with the task as stored now.
+
+    Safe to run twice, late or out of order: returns ``"indexed"``, ``"current"`` (a newer or
+    equal entry was already there) or ``"removed"`` (the task is gone).
+    """
+    tid = _task_oid(task_id)
+    task = await store["tasks"].find_one({"_id": tid, "owner": owner}, _TASK_FIELDS)
+    if task is None:
+        await tombstone(store, [(tid, owner)])
+        return "removed"
+    return "indexed" if await _put(store, entry(task)) else "current"
+
+
+# -- reindex ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReindexResult:
+    """What a rebuild did."""
+
+    tasks: int
+    written: int
+    removed: int
+    seconds: float
+
+
+async def count_tasks(store: Store, owner: str | None = None) -> int:
+    """How many tasks a rebuild will visit."""
+    return await store["tasks"].count_documents({"owner": owner} if owner else {})
+
+
+async def _put_many(store: Store, entries: list[Doc]) -> int:
+    """Write a batch (each only over an older or equal version); returns how many were
+    written."""
+    col = store[COLLECTION]
+    ops = [ReplaceOne(_older(e, rewrite=True), e, upsert=True) for e in entries]
+    try:
+        result = await col.bulk_write(ops, ordered=False)
+        return result.modified_count + result.upserted_count
+    except BulkWriteError as exc:
+        clashed = _raise_unless_duplicates(exc)
+        written = int(exc.details.get("nModified", 0)) + int(exc.details.get("nUpserted", 0))
+    # Same reasoning as _put: retry the clashes as plain conditional replaces.
+    retry = [ReplaceOne(_older(entries[i], rewrite=True), entries[i]) for i in clashed]
+    if retry:
+        written += (await col.bulk_write(retry, ordered=False)).modified_count
+    return written
+
+
+async def reindex(
+    store: Store,
+    owner: str | None = None,
+    *,
+    batch_size: int = 500,
+    progress: Callable[[int], object] | None = None,
+) -> ReindexResult:
+    """Rebuild the index from ``tasks`` (all users, or one), safe while the platform serves.
+
+    Tasks are read in ``_id`` order, one batch per query (no long-lived cursor), and written
+    with the same version guard as the actors, so an edit racing the rebuild always wins.
+    Then entries whose task is gone become tombstones. ``progress(n)`` is called per batch.
+    """
+    started = time.monotonic()
+    scope: Doc = {"owner": owner} if owner else {}
+    tasks = written = 0
+    last: ObjectId | None = None
+    while True:
+        flt = {**scope, "_id": {"$gt": last}} if last is not None else scope
+        batch = (
+            await store["tasks"].find(flt, _TASK_FIELDS).sort("_id", 1).limit(batch_size).to_list()
+        )
+        if not batch:
+            break
+        last = batch[-1]["_id"]
+        written += await _put_many(store, [entry(t) for t in batch])
+        tasks += len(batch)
+        if progress is not None:
+            progress(len(batch))
+    removed = await _remove_orphans(store, scope, batch_size)
+    return ReindexResult(tasks, written, removed, time.monotonic() - started)
+
+
+async def _remove_orphans(store: Store, scope: Doc, batch_size: int) -> int:
+    """Tombstone the live entries (in ``scope``) whose task is gone; keyset pages on _id."""
+    removed = 0
+    last: ObjectId | None = None
+    hint = "owner_id" if scope else "_id_"
+    while True:
+        flt: Doc = {**scope, "version": {"$lt": TOMBSTONE}}
+        if last is not None:
+            flt["_id"] = {"$gt": last}
+        page = (
+            await store[COLLECTION]
+            .find(flt, {"_id": 1, "owner": 1})
+            .sort("_id", 1)
+            .limit(batch_size)
+            .hint(hint)
+            .to_list()
+        )
+        if not page:
+            return removed
+        last = page[-1]["_id"]
+        ids = [d["_id"] for d in page]
+        found = {d["_id"] async for d in store["tasks"].find({"_id": {"$in": ids}}, {"_id": 1})}
+        removed += await tombstone(
+            store, [(d["_id"], d["owner"]) for d in page if d["_id"] not in found]
+        )
+
+
+# -- the query --------------------------------------------------------------------------------
+
+
+def candidates_cursor(store: Store, owner: str, query: list[str]) -> AsyncCursor[Doc]:
+    """The index lookup of a search: the owner's newest entries holding every query word's
+    term, with the scores of those terms (``explain()`` it to see the plan)."""
+    # $all's first term gives the index bounds: put the most selective (longest) first.
+    keys = sorted({_key(w) for w in query}, key=len, reverse=True)
+    projection: Doc = {"updated_at": 1, **{f"w.{k}": 1 for k in keys}}
+    return (
+        store[COLLECTION]
+        .find({"owner": owner, "terms": {"$all": keys}}, projection)
+        .sort("updated_at", -1)
+        .limit(MAX_CANDIDATES)
+        .hint(INDEX_NAME)
+    )
+
+
+async def search(store: Store, owner: str, q: str, limit: int = 20) -> SearchResults:
+    """The owner's tasks matching every word of ``q`` (each as a prefix), best first."""
+    query = query_words(q)
+    if not query:
+        return SearchResults(items=[], words=[])
+    candidates = await candidates_cursor(store, owner, query).to_list()
+    epoch = datetime.min.replace(tzinfo=UTC)
+
+    def rank(c: Doc) -> tuple[int, float]:
+        w = c.get("w", {})
+        return sum(w.get(_key(word), 0) for word in query), c.get("updated_at", epoch).timestamp()
+
+    candidates.sort(key=rank, reverse=True)
+    hits: list[tuple[int, Doc]] = []
+    batch = limit + 10
+    for start in range(0, len(candidates), batch):
+        ids = [c["_id"] for c in candidates[start : start + batch]]
+        found = {
+            t["_id"]: t async for t in store["tasks"].find({"_id": {"$in": ids}, "owner": owner})
+        }
+        for tid in ids:
+            task = found.get(tid)
+            if task is None:
+                continue
+            points = score(query, task["title"], task.get("tags", []), task.get("description", ""))
+            if points is not None:
+                hits.append((points, task))
+        if len(hits) >= limit:
+            break
+    hits.sort(key=lambda h: (h[0], h[1]["updated_at"], str(h[1]["_id"])), reverse=True)
+    items = [SearchHit(task=public(t), score=s) for s, t in hits[:limit]]
+    return SearchResults(items=items, words=query)

@@ -1,0 +1,94 @@
+"""Every task list query shape is served by a declared index that starts with the owner.
+
+Runs ``explain()`` on the test server (SecantusDB reports IXSCAN/COLLSCAN like mongod). We do
+not assert the absence of a SORT stage: SecantusDB adds an in-memory sort even over an index
+whose order matches, while mongod walks the index in order.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+
+from config.connections import Connections
+from core import tasks
+from core.store import INDEXES, Store
+
+SORTS = [
+    "created_at",
+    "-created_at",
+    "due_at",
+    "-due_at",
+    "priority",
+    "-priority",
+    "updated_at",
+    "-updated_at",
+]
+FILTERS: list[dict[str, Any]] = [
+    {},
+    {"status": "todo"},
+    {"priority": "high"},
+    {"tag": "work"},
+    {"overdue": True},
+    {"overdue": False},
+    {"due_before": datetime(2030, 1, 1, tzinfo=UTC), "due_after": datetime(2020, 1, 1, tzinfo=UTC)},
+    {"status": "done", "tag": "home", "priority": "low"},
+]
+
+
+def _stages(plan: dict[str, Any]) -> list[dict[str, Any]]:
+    out = [plan]
+    for key in ("inputStage", "queryPlan"):
+        if key in plan:
+            out += _stages(plan[key])
+    for child in plan.get("inputStages", []):
+        out += _stages(child)
+    return out
+
+
+@pytest.fixture
+async def store(settings: Any) -> Any:
+    store = Store(Connections(settings).mongo(), settings.mongodb_db)
+    await store.ensure_indexes()
+    await store["tasks"].insert_many(
+        [
+            {
+                "owner": f"u{i % 3}",
+                "title": str(i),
+                "status": "todo",
+                "priority": "low",
+                "priority_rank": 0,
+                "tags": ["work"],
+                "created_at": datetime.now(UTC),
+                "updated_at": datetime.now(UTC),
+                "due_key": tasks.NO_DUE,
+                "due_at": None,
+                "version": 1,
+            }
+            for i in range(30)
+        ]
+    )
+    yield store
+    await store.client.close()
+
+
+@pytest.mark.parametrize("sort", SORTS)
+@pytest.mark.parametrize("filters", FILTERS, ids=lambda f: ",".join(f) or "none")
+async def test_list_query_uses_an_owner_index(
+    store: Store, sort: str, filters: dict[str, Any]
+) -> None:
+    q = tasks.TaskQuery(sort=sort, **filters)  # type: ignore[arg-type]
+    flt, order, index = tasks.list_query("u1", q, datetime.now(UTC))
+    cursor = store["tasks"].find(flt).sort(order).hint(index).limit(51)
+    plan = (await cursor.explain())["queryPlanner"]["winningPlan"]
+    stages = _stages(plan)
+    names = [s.get("stage") for s in stages]
+    assert "COLLSCAN" not in names, plan
+    scans = [s for s in stages if s.get("stage") == "IXSCAN"]
+    assert scans, plan
+    declared = {ix.document["name"]: list(ix.document["key"]) for ix in INDEXES["tasks"]}
+    index = scans[0]["indexName"]
+    assert index in declared, index
+    assert declared[index][0] == "owner"

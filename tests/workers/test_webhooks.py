@@ -1,0 +1,419 @@
+"""Webhook deliveries end to end: API → outbox → relay → Redis broker → worker → a real HTTP
+receiver on loopback. Nothing is ever sent anywhere but 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from aiohttp import web
+from dramatiq import Worker
+
+from config.connections import Connections
+from core import webhooks
+from core.events import public_event
+from core.store import Doc
+from core.webhooks import Target
+from tests.conftest import bearer, register
+from web.app import CONTEXT, PLATFORM, create_app
+from workers.broker import build_broker
+from workers.webhooks import DeliveryRefused, attempt_delivery, post
+
+W = "/api/v1/webhooks"
+FAST = {
+    "webhook_allow_hosts": ["127.0.0.1"],
+    "webhook_max_retries": 2,
+    "webhook_min_backoff_ms": 50,
+    "webhook_max_backoff_ms": 1000,
+    "rate_limit": "10000/minute",
+}
+
+
+@dataclass
+class Hit:
+    """One request the receiver got."""
+
+    path: str
+    headers: dict[str, str]
+    body: bytes
+    at: float
+
+
+@dataclass
+class Receiver:
+    """A real HTTP server on loopback that records what it receives."""
+
+    status: int = 200
+    delay: float = 0.0
+    reply: str = "ok"
+    hits: list[Hit] = field(default_factory=list)
+    strays: list[Hit] = field(default_factory=list)
+    port: int = 0
+
+    def url(self, name: str = "a") -> str:
+        return f"http://127.0.0.1:{self.port}/hook/{name}"
+
+    async def hook(self, request: web.Request) -> web.Response:
+        self.hits.append(
+            Hit(request.path, dict(request.headers), await request.read(), time.monotonic())
+        )
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        if 300 <= self.status < 400:
+            return web.Response(
+                status=self.status, headers={"Location": f"http://127.0.0.1:{self.port}/stray"}
+            )
+        return web.Response(status=self.status, text=self.reply)
+
+    async def stray(self, request: web.Request) -> web.Response:
+        self.strays.append(
+            Hit(request.path, dict(request.headers), await request.read(), time.monotonic())
+        )
+        return web.Response(text="followed")
+
+    async def wait_for(self, count: int, timeout: float = 20.0) -> list[Hit]:
+        deadline = time.monotonic() + timeout
+        while len(self.hits) < count:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"expected {count} requests, got {len(self.hits)}")
+            await asyncio.sleep(0.02)
+        return list(self.hits)
+
+
+@pytest.fixture
+async def receiver(aiohttp_server: Any) -> Receiver:
+    rec = Receiver()
+    app = web.Application()
+    app.router.add_post("/hook/{name}", rec.hook)
+    app.router.add_route("*", "/stray", rec.stray)
+    server = await aiohttp_server(app, host="127.0.0.1")
+    rec.port = server.port
+    return rec
+
+
+async def setup(
+    make_settings: Any, aiohttp_client: Any, worker_for: Any | None, **overrides: Any
+) -> tuple[Any, Any, dict[str, str]]:
+    app = create_app(make_settings(**{**FAST, **overrides}))
+    client = await aiohttp_client(app)
+    if worker_for is not None:
+        worker_for(app)
+    pair = await register(client)
+    return app, client, bearer(pair["access_token"])
+
+
+async def add_hook(client: Any, auth: dict[str, str], url: str, events: list[str]) -> Any:
+    resp = await client.post(W, json={"url": url, "events": events}, headers=auth)
+    assert resp.status == 201, await resp.text()
+    return await resp.json()
+
+
+async def add_task(client: Any, auth: dict[str, str], **fields: Any) -> Any:
+    resp = await client.post("/api/v1/tasks", json={"title": "t", **fields}, headers=auth)
+    assert resp.status == 201, await resp.text()
+    return await resp.json()
+
+
+async def wait_delivery(
+    app: Any, hook_id: str, done: Callable[[Doc], bool], timeout: float = 20.0
+) -> Doc:
+    """Poll the delivery log (MongoDB) until a delivery of the webhook satisfies ``done``."""
+    coll = app[CONTEXT].store["webhook_deliveries"]
+    deadline = time.monotonic() + timeout
+    while True:
+        docs = await coll.find({"webhook_id": hook_id}).to_list()
+        for doc in docs:
+            if done(doc):
+                return doc
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no delivery reached the state; have {docs}")
+        await asyncio.sleep(0.05)
+
+
+async def dead_lettered(app: Any) -> list[dict[str, Any]]:
+    ctx = app[CONTEXT]
+    raw = await ctx.redis.hgetall(ctx.key("dramatiq", "webhooks.XQ.msgs"))
+    return [json.loads(v) for v in raw.values()]
+
+
+async def wait_dead_lettered(app: Any, delivery_id: str, timeout: float = 10.0) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        for message in await dead_lettered(app):
+            if message["actor_name"] == "deliver_webhook" and message["args"][0] == delivery_id:
+                return message
+        if time.monotonic() > deadline:
+            raise AssertionError("the message never reached the dead-letter queue")
+        await asyncio.sleep(0.05)
+
+
+async def join(app: Any) -> None:
+    """Wait until the webhooks queue (ready, delayed and in flight) is empty."""
+    await asyncio.to_thread(app[PLATFORM].broker.join, "webhooks", timeout=20_000)
+
+
+async def test_task_event_is_delivered_signed(
+    make_settings: Any, aiohttp_client: Any, worker_for: Any, receiver: Receiver
+) -> None:
+    app, client, auth = await setup(make_settings, aiohttp_client, worker_for)
+    created = await add_hook(client, auth, receiver.url("all"), ["*"])
+    task = await add_task(client, auth, title="Ship it")
+
+    [hit] = await receiver.wait_for(1)
+    assert hit.path == "/hook/all"
+    assert hit.headers["Content-Type"] == "application/json"
+    assert hit.headers["X-Webhook-Event"] == "task.created"
+    timestamp = hit.headers["X-Webhook-Timestamp"]
+    assert abs(int(timestamp) - time.time()) < 60
+    assert webhooks.verify(
+        created["secret"], timestamp, hit.body, hit.headers["X-Webhook-Signature"]
+    )
+    assert not webhooks.verify("wrong", timestamp, hit.body, hit.headers["X-Webhook-Signature"])
+    body = json.loads(hit.body)
+    assert set(body) == {"id", "event", "created_at", "data"}
+    assert body["id"] == hit.headers["X-Webhook-Id"]
+    assert body["event"] == "task.created"
+    assert body["created_at"].endswith("Z")
+    assert body["data"]["task"]["id"] == task["id"]
+    assert body["data"]["task"]["title"] == "Ship it"
+    event = await app[CONTEXT].store["events"].find_one({"type": "task.created"})
+    assert body["id"] == str(event["_id"])
+
+    await wait_delivery(app, created["id"], lambda d: d["status"] == "succeeded")
+    resp = await client.get(f"{W}/{created['id']}/deliveries", headers=auth)
+    assert resp.status == 200
+    page = await resp.json()
+    [delivery] = page["items"]
+    assert page["next_cursor"] is None
+    assert delivery["id"] == hit.headers["X-Webhook-Delivery"]
+    assert (delivery["status"], delivery["attempts"], delivery["response_code"]) == (
+        "succeeded",
+        1,
+        200,
+    )
+    assert delivery["event"] == "task.created"
+    assert delivery["response_excerpt"] == "ok"
+    assert delivery["last_error"] is None
+    assert delivery["delivered_at"] is not None
+
+
+async def test_only_subscribed_events_are_delivered(
+    make_settings: Any, aiohttp_client: Any, worker_for: Any, receiver: Receiver
+) -> None:
+    app, client, auth = await setup(make_settings, aiohttp_client, worker_for)
+    every = await add_hook(client, auth, receiver.url("every"), ["*"])
+    done = await add_hook(client, auth, receiver.url("done"), ["task.completed"])
+    task = await add_task(client, auth)
+    resp = await client.patch(f"/api/v1/tasks/{task['id']}", json={"status": "done"}, headers=auth)
+    assert resp.status == 200
+    # every: created, updated, completed; done: completed.
+    await receiver.wait_for(4)
+    await join(app)
+    got = sorted((h.path, h.headers["X-Webhook-Event"]) for h in receiver.hits)
+    assert got == [
+        ("/hook/done", "task.completed"),
+        ("/hook/every", "task.completed"),
+        ("/hook/every", "task.created"),
+        ("/hook/every", "task.updated"),
+    ]
+    # Another user's task events never reach this user's webhooks.
+    other = await register(client)
+    await add_task(client, bearer(other["access_token"]))
+    await add_task(client, auth)
+    await receiver.wait_for(5)
+    await join(app)
+    assert len(receiver.hits) == 5
+    assert every["id"] != done["id"]
+
+
+async def test_failing_endpoint_retries_then_dead_letters_then_redelivers(
+    make_settings: Any, aiohttp_client: Any, worker_for: Any, receiver: Receiver
+) -> None:
+    app, client, auth = await setup(make_settings, aiohttp_client, worker_for)
+    receiver.status = 500
+    receiver.reply = "x" * 5000
+    hook = await add_hook(client, auth, receiver.url(), ["task.created"])
+    await add_task(client, auth)
+
+    dead = await wait_delivery(app, hook["id"], lambda d: d["status"] == "dead")
+    # One attempt plus WEBHOOK_MAX_RETRIES retries, each backing off longer.
+    assert dead["attempts"] == 3
+    hits = await receiver.wait_for(3)
+    assert len(hits) == 3
+    gaps = [b.at - a.at for a, b in itertools.pairwise(hits)]
+    assert gaps[0] >= 0.05
+    assert gaps[1] >= 0.1
+    assert len({h.headers["X-Webhook-Id"] for h in hits}) == 1
+    assert len({h.body for h in hits}) == 1
+    message = await wait_dead_lettered(app, dead["_id"])
+    assert message["args"] == [dead["_id"], 0]
+
+    resp = await client.get(f"{W}/{hook['id']}/deliveries", headers=auth)
+    [logged] = (await resp.json())["items"]
+    assert (logged["status"], logged["attempts"], logged["response_code"]) == ("dead", 3, 500)
+    assert logged["last_error"] == "HTTP 500"
+    assert len(logged["response_excerpt"]) == webhooks.EXCERPT_BYTES
+
+    # The endpoint is fixed; the user asks for the delivery again.
+    receiver.status = 200
+    receiver.reply = "thanks"
+    resp = await client.post(f"{W}/{hook['id']}/deliveries/{logged['id']}/redeliver", headers=auth)
+    assert resp.status == 202, await resp.text()
+    again = await resp.json()
+    assert (again["status"], again["attempts"], again["redeliveries"]) == ("pending", 0, 1)
+
+    await wait_delivery(app, hook["id"], lambda d: d["status"] == "succeeded")
+    hits = await receiver.wait_for(4)
+    last = hits[3]
+    assert last.body == hits[0].body
+    assert last.headers["X-Webhook-Id"] == hits[0].headers["X-Webhook-Id"]
+    assert webhooks.verify(
+        hook["secret"],
+        last.headers["X-Webhook-Timestamp"],
+        last.body,
+        last.headers["X-Webhook-Signature"],
+    )
+    resp = await client.get(f"{W}/{hook['id']}/deliveries", headers=auth)
+    [logged] = (await resp.json())["items"]
+    assert (logged["status"], logged["attempts"], logged["response_code"]) == ("succeeded", 1, 200)
+    assert logged["response_excerpt"] == "thanks"
+    await join(app)
+    assert len(receiver.hits) == 4
+
+
+async def test_redirects_are_not_followed(
+    make_settings: Any, aiohttp_client: Any, worker_for: Any, receiver: Receiver
+) -> None:
+    app, client, auth = await setup(
+        make_settings, aiohttp_client, worker_for, webhook_max_retries=0
+    )
+    receiver.status = 302
+    hook = await add_hook(client, auth, receiver.url(), ["task.created"])
+    await add_task(client, auth)
+    dead = await wait_delivery(app, hook["id"], lambda d: d["status"] == "dead")
+    assert dead["response_code"] == 302
+    assert "redirect" in dead["last_error"]
+    assert dead["attempts"] == 1
+    await join(app)
+    assert len(receiver.hits) == 1
+    assert receiver.strays == []
+
+
+async def test_slow_endpoint_times_out(
+    make_settings: Any, aiohttp_client: Any, worker_for: Any, receiver: Receiver
+) -> None:
+    app, client, auth = await setup(
+        make_settings, aiohttp_client, worker_for, webhook_max_retries=0, webhook_timeout=0.3
+    )
+    receiver.delay = 1.5
+    hook = await add_hook(client, auth, receiver.url(), ["task.created"])
+    await add_task(client, auth)
+    dead = await wait_delivery(app, hook["id"], lambda d: d["status"] == "dead")
+    assert dead["last_error"] == "timed out after 0.3 s"
+    assert dead["response_code"] is None
+
+
+async def test_target_is_checked_again_at_delivery(
+    make_settings: Any, aiohttp_client: Any, receiver: Receiver
+) -> None:
+    """Registered while 127.0.0.1 was allow-listed; the worker's settings no longer list it,
+    so the delivery is refused without a request, and dead-lettered at once."""
+    app, client, auth = await setup(make_settings, aiohttp_client, None)
+    hook = await add_hook(client, auth, receiver.url(), ["task.created"])
+    strict = build_broker(Connections(make_settings(**{**FAST, "webhook_allow_hosts": []})))
+    worker = Worker(strict.broker, worker_threads=2, worker_timeout=100)
+    worker.start()
+    try:
+        await add_task(client, auth)
+        dead = await wait_delivery(app, hook["id"], lambda d: d["status"] == "dead")
+        await wait_dead_lettered(app, dead["_id"])
+    finally:
+        await asyncio.to_thread(worker.stop)
+    assert "loopback address (127.0.0.1)" in dead["last_error"]
+    assert dead["attempts"] == 1
+    assert dead["response_code"] is None
+    assert receiver.hits == []
+
+
+async def test_duplicate_fan_out_and_delivery_messages_post_once(
+    make_settings: Any, aiohttp_client: Any, worker_for: Any, receiver: Receiver
+) -> None:
+    app, client, auth = await setup(make_settings, aiohttp_client, None, webhook_max_retries=5)
+    hook = await add_hook(client, auth, receiver.url(), ["task.created"])
+    await add_task(client, auth)
+    event = await app[CONTEXT].store["events"].find_one({"type": "task.created"})
+    fan_out = app[PLATFORM].actors["fan_out_webhooks"]
+    # The relay sends it once; an at-least-once broker may hand it over again.
+    for _ in range(2):
+        await asyncio.to_thread(fan_out.send, public_event(event))
+    worker_for(app)
+    await receiver.wait_for(1)
+    await join(app)
+    delivery_id = f"{event['_id']}:{hook['id']}"
+    deliver = app[PLATFORM].actors["deliver_webhook"]
+    await asyncio.to_thread(deliver.send, delivery_id, 0)
+    await join(app)
+    assert len(receiver.hits) == 1
+    docs = await app[CONTEXT].store["webhook_deliveries"].find({}).to_list()
+    assert [(d["_id"], d["status"], d["attempts"]) for d in docs] == [(delivery_id, "succeeded", 1)]
+
+
+async def test_deleted_webhook_gets_nothing(
+    make_settings: Any, aiohttp_client: Any, worker_for: Any, receiver: Receiver
+) -> None:
+    """Deleted after its delivery was created and enqueued, before any worker ran."""
+    app, client, auth = await setup(make_settings, aiohttp_client, None)
+    hook = await add_hook(client, auth, receiver.url(), ["*"])
+    await add_task(client, auth)
+    store = app[CONTEXT].store
+    event = await store["events"].find_one({"type": "task.created"})
+    hook_doc = await store["webhooks"].find_one({})
+    delivery, _ = await webhooks.ensure_delivery(app[CONTEXT], hook_doc, public_event(event))
+    deliver = app[PLATFORM].actors["deliver_webhook"]
+    await asyncio.to_thread(deliver.send, delivery["_id"], 0)
+    assert (await client.delete(f"{W}/{hook['id']}", headers=auth)).status == 204
+    worker_for(app)
+    await join(app)
+    assert receiver.hits == []
+    assert await store["webhook_deliveries"].count_documents({}) == 0
+
+
+async def test_pinned_resolver_connects_to_the_checked_address(receiver: Receiver) -> None:
+    """The host name does not exist in DNS: the connection can only have gone to the address
+    the check validated, while Host still names the URL's host."""
+    url = f"http://hooks.invalid:{receiver.port}/hook/pinned"
+    target = Target(
+        host="hooks.invalid",
+        port=receiver.port,
+        addresses=((int(socket.AF_INET), "127.0.0.1"),),
+        allow_listed=True,
+    )
+    attempt = await post(url, {"Content-Type": "application/json"}, b"{}", target, 5.0)
+    assert attempt.ok
+    assert attempt.response_code == 200
+    [hit] = receiver.hits
+    assert hit.headers["Host"] == f"hooks.invalid:{receiver.port}"
+    assert hit.path == "/hook/pinned"
+
+
+async def test_delivery_check_uses_the_name_not_the_address(
+    make_settings: Any, receiver: Receiver
+) -> None:
+    """``localhost`` resolves to the allow-listed 127.0.0.1, but only names on the list pass."""
+    settings = make_settings(webhook_allow_hosts=["127.0.0.1"])
+    hook = {
+        "_id": "65f0c0ffee00000000000001",
+        "url": f"http://localhost:{receiver.port}/hook/x",
+        "secret": webhooks.seal_secret(settings, "65f0c0ffee00000000000001", "s"),
+    }
+    delivery = {"_id": "e:w", "event_id": "e", "event": "task.created", "body": "{}"}
+    with pytest.raises(DeliveryRefused, match="loopback"):
+        await attempt_delivery(settings, hook, delivery)
+    assert receiver.hits == []

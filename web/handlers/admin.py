@@ -1,0 +1,279 @@
+"""Operator endpoints for queues, dead letters and workers, and the queue metrics.
+
+The inspector (workers/ops.py) talks to Redis or RabbitMQ synchronously: every call runs on a
+thread, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable, Iterator
+from datetime import datetime
+from typing import Annotated, Any, TypeVar
+
+from aiohttp import web
+from prometheus_client import REGISTRY
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+from config.logging import get_logger
+from core.errors import Unavailable
+from web.keys import CONNECTIONS, PLATFORM
+from web.routing import body, json_response, query
+from workers import ops
+
+log = get_logger(__name__)
+T = TypeVar("T")
+
+#: A queue-metrics reading is refreshed at most this often (s), and dropped when older than
+#: ``STALE_AFTER`` (a dead Redis must not keep reporting the last numbers it gave).
+REFRESH_EVERY = 1.0
+STALE_AFTER = 30.0
+#: How long a request waits for the broker before answering 503 (the thread finishes alone).
+BACKEND_TIMEOUT = 5.0
+
+
+class QueueOut(BaseModel):
+    """One queue: where its messages are, and how long the next one has waited."""
+
+    queue: str
+    ready: int
+    delayed: int
+    in_progress: int | None = Field(description="Fetched by a worker, not yet acked")
+    dead: int
+    oldest_age_seconds: float | None = Field(description="Latency: age of the next message")
+
+
+class QueueList(BaseModel):
+    """Every queue of the broker."""
+
+    broker: str
+    items: list[QueueOut]
+
+
+# The pydantic mypy plugin's synthesized __init__ takes **kwargs, which clashes with the field.
+class DeadOut(BaseModel):  # type: ignore[no-redef]
+    """One dead-lettered message."""
+
+    id: str
+    message_id: str
+    queue: str
+    actor: str
+    args: list[Any]
+    kwargs: dict[str, Any]
+    enqueued_at: datetime
+    failed_at: datetime | None
+    retries: int
+    error: str | None
+    traceback: str | None
+
+
+class DeadList(BaseModel):
+    """A page of a dead-letter queue, oldest first."""
+
+    items: list[DeadOut]
+    next_cursor: str | None
+
+
+class DeadQuery(BaseModel):
+    """``GET /admin/queues/{queue}/dead`` query."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    limit: int = Field(50, ge=1, le=200)
+    cursor: Annotated[str, StringConstraints(max_length=512)] | None = None
+
+
+class RetryIn(BaseModel):
+    """Which dead letters to replay: ``ids`` (from the list), or all when omitted."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ids: list[Annotated[str, StringConstraints(min_length=1, max_length=200)]] | None = Field(
+        None, max_length=1000
+    )
+
+
+class RetryOut(BaseModel):
+    """What a replay did."""
+
+    retried: int
+    not_found: list[str]
+
+
+class PurgeOut(BaseModel):
+    """How many dead letters were dropped."""
+
+    purged: int
+
+
+class WorkerOut(BaseModel):
+    """One live worker process."""
+
+    id: str
+    host: str
+    pid: int
+    queues: list[str]
+    threads: int
+    state: str = Field(description="starting, running or stopping (draining after SIGTERM)")
+    started_at: datetime
+    last_beat: datetime
+    heartbeat_age_seconds: float
+    in_flight: int
+
+
+class WorkerList(BaseModel):
+    """Workers whose registration is alive."""
+
+    items: list[WorkerOut]
+
+
+def _inspector(request: web.Request) -> ops.QueueInspector:
+    return request.app[PLATFORM].inspector
+
+
+async def _call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    try:
+        return await asyncio.wait_for(asyncio.to_thread(fn, *args, **kwargs), BACKEND_TIMEOUT)
+    except ops.BACKEND_ERRORS as exc:
+        raise Unavailable(f"The broker is unreachable: {type(exc).__name__}") from exc
+    except TimeoutError as exc:
+        raise Unavailable("The broker did not answer in time") from exc
+
+
+async def list_queues(request: web.Request) -> web.Response:
+    """Per queue: ready, delayed, in progress, dead-lettered, latency."""
+    inspector = _inspector(request)
+    stats = await _call(inspector.stats)
+    return json_response(
+        QueueList(
+            broker=inspector.kind,
+            items=[QueueOut.model_validate(s, from_attributes=True) for s in stats],
+        )
+    )
+
+
+async def list_dead(request: web.Request) -> web.Response:
+    """A page of a queue's dead letters, oldest first."""
+    q = query(request, DeadQuery)
+    page = await _call(
+        _inspector(request).dead, request.match_info["queue"], limit=q.limit, cursor=q.cursor
+    )
+    return json_response(
+        DeadList(
+            items=[DeadOut.model_validate(m, from_attributes=True) for m in page.items],
+            next_cursor=page.next_cursor,
+        )
+    )
+
+
+async def retry_dead(request: web.Request) -> web.Response:
+    """Replay dead letters (all, or ``ids``) as fresh messages; safe to repeat."""
+    ids = body(request, RetryIn).ids
+    result = await _call(_inspector(request).retry, request.match_info["queue"], ids)
+    log.info("admin.dead_retried", queue=request.match_info["queue"], retried=result.retried)
+    return json_response(RetryOut(retried=result.retried, not_found=result.not_found))
+
+
+async def purge_dead(request: web.Request) -> web.Response:
+    """Drop every dead letter of a queue."""
+    purged = await _call(_inspector(request).purge, request.match_info["queue"])
+    log.info("admin.dead_purged", queue=request.match_info["queue"], purged=purged)
+    return json_response(PurgeOut(purged=purged))
+
+
+async def list_workers(request: web.Request) -> web.Response:
+    """Live workers with heartbeat age and in-flight count."""
+    connections = request.app[CONNECTIONS]
+    prefix = connections.settings.redis_prefix
+
+    def read() -> list[ops.WorkerInfo]:
+        client = connections.redis_sync()
+        try:
+            return ops.list_workers(client, prefix)
+        finally:
+            client.close()
+
+    workers = await _call(read)
+    return json_response(
+        WorkerList(items=[WorkerOut.model_validate(w, from_attributes=True) for w in workers])
+    )
+
+
+# -- Prometheus -------------------------------------------------------------------------------
+
+
+class QueueMetrics(Collector):
+    """``taskmanager_queue_messages{queue,state}`` and ``taskmanager_queue_oldest_age_seconds``
+    from the last reading; :func:`refresh_queue_metrics` takes a new one off the loop."""
+
+    def __init__(self) -> None:
+        self.reading: tuple[float, list[ops.QueueStats]] | None = None
+        self._busy = threading.Lock()
+
+    def refresh(self, inspector: ops.QueueInspector) -> None:
+        """Read the queues (blocking: run it on a thread). At most one read at a time, so a
+        hung broker holds one thread, not one per scrape."""
+        if not self._busy.acquire(blocking=False):
+            return
+        try:
+            if self.reading is not None and time.monotonic() - self.reading[0] < REFRESH_EVERY:
+                return
+            self.reading = (time.monotonic(), inspector.stats())
+        except ops.BACKEND_ERRORS as exc:
+            log.warning("metrics.queues_unreadable", error=type(exc).__name__)
+        finally:
+            self._busy.release()
+
+    def collect(self) -> Iterator[Metric]:
+        """The metric families (fresh readings only)."""
+        reading = self.reading
+        fresh = reading is not None and time.monotonic() - reading[0] < STALE_AFTER
+        up = GaugeMetricFamily(
+            "taskmanager_queue_stats_up", "1 if the queues were read in the last 30 s"
+        )
+        up.add_metric([], 1.0 if fresh else 0.0)
+        yield up
+        if reading is None or not fresh:
+            return
+        messages = GaugeMetricFamily(
+            "taskmanager_queue_messages",
+            "Messages per queue and state (ready, delayed, in_progress, dead)",
+            labels=["queue", "state"],
+        )
+        age = GaugeMetricFamily(
+            "taskmanager_queue_oldest_age_seconds",
+            "How long the next message of the queue has waited",
+            labels=["queue"],
+        )
+        for s in reading[1]:
+            for state, value in (
+                ("ready", s.ready),
+                ("delayed", s.delayed),
+                ("in_progress", s.in_progress),
+                ("dead", s.dead),
+            ):
+                if value is not None:
+                    messages.add_metric([s.queue, state], float(value))
+            if s.oldest_age_seconds is not None:
+                age.add_metric([s.queue], s.oldest_age_seconds)
+        yield messages
+        yield age
+
+
+QUEUE_METRICS = QueueMetrics()
+REGISTRY.register(QUEUE_METRICS)
+
+
+async def refresh_queue_metrics(app: web.Application) -> None:
+    """Take a fresh queue reading for ``/metrics`` on a thread; a slow broker delays the scrape
+    by at most a second and then the last reading (or none) is served."""
+    try:
+        await asyncio.wait_for(
+            asyncio.to_thread(QUEUE_METRICS.refresh, app[PLATFORM].inspector), 1.0
+        )
+    except TimeoutError:
+        log.warning("metrics.queues_slow")

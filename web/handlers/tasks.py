@@ -1,0 +1,96 @@
+"""Task handlers."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from core import tasks
+from core.store import Doc
+from web.keys import CONTEXT
+from web.routing import body, claims, json_response, query
+
+BASE = "/api/v1/tasks"
+
+
+def _task_response(
+    doc: Doc, status: int = 200, headers: dict[str, str] | None = None
+) -> web.Response:
+    return json_response(
+        tasks.public(doc), status=status, headers={"ETag": tasks.etag(doc), **(headers or {})}
+    )
+
+
+async def create_task(request: web.Request) -> web.Response:
+    """Create a task; answers 201 with ``Location`` and ``ETag``."""
+    doc = await tasks.create(
+        request.app[CONTEXT], claims(request).subject, body(request, tasks.TaskCreate)
+    )
+    return _task_response(doc, 201, {"Location": f"{BASE}/{doc['_id']}"})
+
+
+async def list_tasks(request: web.Request) -> web.Response:
+    """List the caller's tasks with filters, a sort and cursor pagination."""
+    page = await tasks.list_page(
+        request.app[CONTEXT], claims(request).subject, query(request, tasks.TaskQuery)
+    )
+    return json_response(page)
+
+
+async def get_task(request: web.Request) -> web.Response:
+    """One task; ``If-None-Match`` with its current ETag answers 304."""
+    doc = await tasks.get(request.app[CONTEXT], claims(request).subject, request.match_info["id"])
+    tag = tasks.etag(doc)
+    inm = request.headers.get("If-None-Match")
+    if inm is not None and (
+        inm.strip() == "*" or tag in [t.strip().removeprefix("W/") for t in inm.split(",")]
+    ):
+        return web.Response(status=304, headers={"ETag": tag})
+    return _task_response(doc)
+
+
+async def patch_task(request: web.Request) -> web.Response:
+    """Change some fields; with ``If-Match``, only if the task is still at that version (412)."""
+    doc = await tasks.update(
+        request.app[CONTEXT],
+        claims(request).subject,
+        request.match_info["id"],
+        body(request, tasks.TaskUpdate).changes(),
+        request.headers.get("If-Match"),
+    )
+    return _task_response(doc)
+
+
+async def delete_task(request: web.Request) -> web.Response:
+    """Delete a task; with ``If-Match``, only if still at that version (412)."""
+    await tasks.delete(
+        request.app[CONTEXT],
+        claims(request).subject,
+        request.match_info["id"],
+        request.headers.get("If-Match"),
+    )
+    return web.Response(status=204)
+
+
+async def bulk_tasks(request: web.Request) -> web.Response:
+    """Set fields on, or delete, up to 500 tasks; one result per id."""
+    result = await tasks.bulk(
+        request.app[CONTEXT], claims(request).subject, body(request, tasks.BulkRequest)
+    )
+    return json_response(result)
+
+
+async def task_activity(request: web.Request) -> web.Response:
+    """A task's history, newest first."""
+    page = await tasks.activity(
+        request.app[CONTEXT],
+        claims(request).subject,
+        request.match_info["id"],
+        query(request, tasks.PageQuery),
+    )
+    return json_response(page)
+
+
+async def task_stats(request: web.Request) -> web.Response:
+    """Counts by status and priority, overdue and due today (UTC); cached, never stale."""
+    result, hit = await tasks.stats(request.app[CONTEXT], claims(request).subject)
+    return json_response(result, headers={"X-Cache": "hit" if hit else "miss"})

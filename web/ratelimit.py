@@ -1,0 +1,94 @@
+"""The API rate limit in the web layer: who the caller is, the headers, the 429.
+
+The route wrapper (:func:`web.routing.wrap`) keeps one :class:`Budget` per request of a
+rate-limited route: it spends one request right after authentication (per user id), or first
+thing on anonymous routes and when authentication fails (per client address), and puts the
+``RateLimit`` / ``RateLimit-Policy`` fields (draft-ietf-httpapi-ratelimit-headers) on the
+answer, whether a success, an error or the 429 itself.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+from aiohttp import web
+
+from core import ratelimit
+from core.errors import AppError, RateLimited
+from core.security import TokenClaims
+from web.keys import CONTEXT
+from web.metrics import RATELIMIT_FAILOPEN, RATELIMIT_REJECTED
+
+
+def caller_of(request: web.Request, claims: TokenClaims | None) -> tuple[str, str]:
+    """The bucket a request spends from and its kind: ``("user:<id>", "user")`` when
+    authenticated, else ``("addr:<address>", "address")``."""
+    if claims is not None:
+        return f"user:{claims.subject}", "user"
+    return f"addr:{client_address(request.remote)}", "address"
+
+
+def client_address(remote: str | None) -> str:
+    """The address a caller is limited by; IPv6 by /64, the block one subscriber gets, so
+    that walking through one's own prefix does not reset the budget."""
+    if not remote:
+        return "unknown"
+    try:
+        ip = ipaddress.ip_address(remote)
+    except ValueError:
+        return remote
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
+
+
+def headers_for(decision: ratelimit.Decision) -> dict[str, str]:
+    """The draft's fields for one decision. When Redis could not be asked only the (static)
+    policy is sent: the current service limit is unknown and is not made up."""
+    policy = decision.policy
+    headers = {"RateLimit-Policy": f'"{policy.name}";q={policy.limit};w={policy.window}'}
+    if not decision.degraded:
+        headers["RateLimit"] = f'"{policy.name}";r={decision.remaining};t={decision.reset}'
+    return headers
+
+
+class Budget:
+    """One request's rate-limit bookkeeping (see the module docstring)."""
+
+    def __init__(self, request: web.Request):
+        self.request = request
+        self.headers: dict[str, str] | None = None
+
+    async def spend(self, claims: TokenClaims | None) -> None:
+        """Count the request against its caller; raise :class:`RateLimited` when spent."""
+        caller, kind = caller_of(self.request, claims)
+        decision = await ratelimit.check(self.request.app[CONTEXT], caller)
+        self.headers = headers_for(decision)
+        if decision.degraded:
+            RATELIMIT_FAILOPEN.inc()
+            return
+        if not decision.allowed:
+            RATELIMIT_REJECTED.labels(kind).inc()
+            policy = decision.policy
+            exc = RateLimited(
+                f"Rate limit of {policy.limit} requests per {policy.window} s reached;"
+                f" retry in {decision.reset} s",
+                decision.reset,
+            )
+            exc.headers.update(self.headers)
+            raise exc
+
+    async def on_error(self, exc: AppError) -> None:
+        """Put the fields on an error answer. A request refused before it was counted (bad
+        credentials) is counted against its address first, so guessing tokens is limited
+        too; that may turn the error into a 429."""
+        if self.headers is None:
+            await self.spend(None)
+        exc.headers.update(self.headers or {})
+
+    def on_response(self, response: web.StreamResponse) -> None:
+        """Put the fields on a handler's answer."""
+        if self.headers and not response.prepared:
+            response.headers.update(self.headers)

@@ -1,0 +1,245 @@
+"""Webhook actors: fan an event out to the user's webhooks, and POST each delivery.
+
+``fan_out_webhooks`` (fed by the relay with task events) creates one delivery per matching
+webhook, idempotently, and enqueues ``deliver_webhook(delivery_id, generation)``. That actor
+POSTs the signed body; a non-2xx answer, a redirect (never followed), a timeout or a network
+error raises :class:`DeliveryFailed`, which Dramatiq retries with exponential backoff
+(``WEBHOOK_MAX_RETRIES``, ``WEBHOOK_MIN_BACKOFF_MS``, ``WEBHOOK_MAX_BACKOFF_MS``). When retries
+run out the message goes to the dead-letter queue and Dramatiq's ``on_retry_exhausted`` hook
+sends ``webhook_delivery_exhausted``, which marks the delivery ``dead``. A redelivery request
+(API) is an outbox event routed to ``redeliver_webhook``, which enqueues a new attempt.
+
+Connections. Each attempt re-checks the target (:func:`core.webhooks.check_target`: one DNS
+lookup, every address validated) and then connects only to those validated addresses: the
+session's resolver is a :class:`PinnedResolver` that answers aiohttp with them instead of
+looking the name up again, so a DNS answer that changes between check and connect (DNS
+rebinding) cannot redirect the request. The URL keeps its host name, so ``Host`` and TLS
+(SNI and certificate verification) are those of the name. No proxy from the environment is
+used, redirects are not followed, the whole request has ``WEBHOOK_TIMEOUT`` seconds (3 to
+connect), and at most :data:`core.webhooks.EXCERPT_BYTES` of the answer are read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from datetime import timedelta
+from typing import Any
+
+import aiohttp
+import dramatiq
+import structlog
+from aiohttp.abc import AbstractResolver, ResolveResult
+from bson import ObjectId
+
+from config.logging import get_logger
+from config.settings import Settings
+from core import webhooks
+from core.store import Doc
+from core.webhooks import Attempt, SecretUnreadable, Target, TargetRefused, TargetUnresolvable
+from workers.actors import PERMANENT, DeclareOne, Event, bind_event
+from workers.resources import WorkerResources
+
+QUEUE = "webhooks"
+log = get_logger(__name__)
+
+
+class DeliveryFailed(Exception):
+    """An attempt failed in a way a later attempt may not (retried with backoff)."""
+
+
+class DeliveryRefused(Exception):
+    """A delivery that must not be attempted (target refused, secret unreadable): no retry."""
+
+
+class PinnedResolver(AbstractResolver):
+    """Answers aiohttp's lookup of the target's host with the addresses the check validated."""
+
+    def __init__(self, target: Target):
+        self.target = target
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        """The validated addresses (of ``family``, unless it is ``AF_UNSPEC``)."""
+        if host.rstrip(".").lower() != self.target.host.rstrip(".").lower():
+            raise OSError(f"refusing to resolve {host!r}: not the checked target")
+        results = [
+            ResolveResult(
+                hostname=host,
+                host=address,
+                port=port,
+                family=addr_family,
+                proto=socket.IPPROTO_TCP,
+                flags=socket.AI_NUMERICHOST,
+            )
+            for addr_family, address in self.target.addresses
+            if family in (socket.AF_UNSPEC, addr_family)
+        ]
+        if not results:
+            raise OSError(f"no checked address of {host!r} in family {family!r}")
+        return results
+
+    async def close(self) -> None:
+        """Nothing to release."""
+
+
+async def _excerpt(response: aiohttp.ClientResponse) -> str:
+    buf = b""
+    while len(buf) < webhooks.EXCERPT_BYTES:
+        chunk = await response.content.read(webhooks.EXCERPT_BYTES - len(buf))
+        if not chunk:
+            break
+        buf += chunk
+    return buf.decode("utf-8", "replace")
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return f"{type(exc).__name__}: {text}"[:500]
+
+
+async def post(
+    url: str, headers: dict[str, str], body: bytes, target: Target, seconds: float
+) -> Attempt:
+    """POST ``body`` to ``url``, connecting only to ``target``'s checked addresses."""
+    connector = aiohttp.TCPConnector(
+        resolver=PinnedResolver(target), use_dns_cache=False, force_close=True
+    )
+    limits = aiohttp.ClientTimeout(total=seconds, connect=min(3.0, seconds))
+    try:
+        async with (
+            aiohttp.ClientSession(
+                connector=connector, timeout=limits, auto_decompress=False, trust_env=False
+            ) as session,
+            session.post(
+                url,
+                data=body,
+                headers={**headers, "Accept-Encoding": "identity"},
+                allow_redirects=True,
+            ) as response,
+        ):
+            code = response.status
+            location = response.headers.get("Location", "")
+            excerpt = await _excerpt(response)
+    except TimeoutError:
+        return Attempt(ok=False, error=f"timed out after {seconds:g} s")
+    except (aiohttp.ClientError, OSError) as exc:
+        return Attempt(ok=False, error=_describe(exc))
+    if 200 <= code < 300:
+        return Attempt(ok=True, response_code=code, excerpt=excerpt)
+    redirect = 300 <= code < 400
+    error = f"redirect to {location[:200]!r} not followed" if redirect else f"HTTP {code}"
+    return Attempt(ok=False, response_code=code, excerpt=excerpt, error=error)
+
+
+async def attempt_delivery(settings: Settings, hook: Doc, delivery: Doc) -> Attempt:
+    """Check the target again and POST the delivery once; :class:`DeliveryRefused` when it
+    must not be attempted at all."""
+    try:
+        secret = webhooks.open_secret(settings, str(hook["_id"]), hook["secret"])
+        target = await webhooks.check_target(hook["url"], settings.webhook_allow_hosts)
+    except (SecretUnreadable, TargetRefused) as exc:
+        raise DeliveryRefused(str(exc)) from exc
+    except TargetUnresolvable as exc:
+        return Attempt(ok=False, error=str(exc))
+    timestamp = int(time.time())
+    headers = webhooks.request_headers(delivery, secret, timestamp)
+    return await post(
+        hook["url"], headers, delivery["body"].encode(), target, settings.webhook_timeout
+    )
+
+
+def declare(declare_one: DeclareOne, res: WorkerResources) -> None:
+    """Declare this concern's actors."""
+    settings = res.settings
+    lease = timedelta(seconds=settings.webhook_timeout + 20)
+
+    async def enqueue(actor_name: str, *args: Any) -> None:
+        if res.broker is None:
+            raise RuntimeError("WorkerResources.broker is not set (build_broker sets it)")
+        actor = res.broker.get_actor(actor_name)
+        # Dramatiq's send is synchronous I/O: never on the event loop.
+        await asyncio.to_thread(actor.send, *args)
+
+    async def fan_out_webhooks(event: Event) -> None:
+        """Create one delivery per webhook subscribed to the event, and enqueue each."""
+        bind_event(event)
+        ctx = await res.context()
+        for hook in await webhooks.matching(ctx, event["user_id"], event["type"]):
+            delivery, needs_enqueue = await webhooks.ensure_delivery(ctx, hook, event)
+            if needs_enqueue:
+                await enqueue("deliver_webhook", delivery["_id"], delivery["generation"])
+                await webhooks.mark_enqueued(ctx, delivery["_id"])
+                log.info("webhook.enqueued", delivery_id=delivery["_id"])
+
+    async def deliver_webhook(delivery_id: str, generation: int = 0) -> None:
+        """POST one delivery; raises :class:`DeliveryFailed` (retried) when it fails."""
+        structlog.contextvars.clear_contextvars()
+        structlog.contextvars.bind_contextvars(delivery_id=delivery_id, generation=generation)
+        ctx = await res.context()
+        claimed = await webhooks.claim(ctx, delivery_id, generation, lease)
+        if claimed == "busy":
+            # Another message is attempting it right now; look again after a backoff, when
+            # it has finished (or its lease has run out because its worker died).
+            raise dramatiq.Retry("delivery is being attempted by another message")
+        if claimed is None:
+            log.info("webhook.skipped", reason="gone, stale or already succeeded")
+            return
+        delivery, token = claimed
+        try:
+            hook = await ctx.store["webhooks"].find_one(
+                {"_id": ObjectId(delivery["webhook_id"]), "owner": delivery["owner"]}
+            )
+            if hook is None:
+                await webhooks.forget(ctx, delivery_id)
+                log.info("webhook.gone")
+                return
+            attempt = await attempt_delivery(ctx.settings, hook, delivery)
+        except DeliveryRefused as exc:
+            await webhooks.record_attempt(
+                ctx, delivery_id, token, Attempt(ok=False, error=str(exc)), "dead"
+            )
+            log.warning("webhook.refused", error=str(exc))
+            raise
+        except BaseException:
+            await webhooks.release(ctx, delivery_id, token)
+            raise
+        status: webhooks.DeliveryStatus = "succeeded" if attempt.ok else "failed"
+        if not await webhooks.record_attempt(ctx, delivery_id, token, attempt, status):
+            log.info("webhook.superseded", status=status)
+            return
+        log.info("webhook.attempted", status=status, response_code=attempt.response_code)
+        if not attempt.ok:
+            raise DeliveryFailed(f"delivery {delivery_id}: {attempt.error}")
+
+    async def webhook_delivery_exhausted(message: dict[str, Any], retry_info: Any) -> None:
+        """Dramatiq gave up on a ``deliver_webhook`` message: its delivery is ``dead``."""
+        args = message.get("args") or []
+        if not args:
+            return
+        delivery_id = str(args[0])
+        generation = int(args[1]) if len(args) > 1 else 0
+        ctx = await res.context()
+        if await webhooks.mark_dead(ctx, delivery_id, generation):
+            log.warning("webhook.dead", delivery_id=delivery_id, retry_info=retry_info)
+
+    async def redeliver_webhook(event: Event) -> None:
+        """A user asked for a delivery again (API): enqueue an attempt of its new generation."""
+        bind_event(event)
+        data = event["data"]
+        await enqueue("deliver_webhook", str(data["delivery_id"]), int(data["generation"]))
+
+    declare_one(QUEUE, fan_out_webhooks)
+    declare_one(
+        QUEUE,
+        deliver_webhook,
+        max_retries=settings.webhook_max_retries,
+        min_backoff=settings.webhook_min_backoff_ms,
+        max_backoff=settings.webhook_max_backoff_ms,
+        throws=(*PERMANENT, DeliveryRefused),
+        on_retry_exhausted="webhook_delivery_exhausted",
+    )
+    declare_one(QUEUE, webhook_delivery_exhausted)
+    declare_one(QUEUE, redeliver_webhook)
