@@ -1,7 +1,11 @@
 """``python -m bench [NAME] [options]``: run one benchmark, or every one with no name.
 
 ``make bench`` runs them all with their defaults; each prints its report and writes it to
-``bench/results/<name>-latest.txt``.
+``bench/results/<name>-latest.txt``. Options given without a name go to every benchmark.
+
+- ``api``: throughput and latency of the task endpoints beside the bare-aiohttp ceiling and
+  the raw store cost, in one run (bench/api.py);
+- ``steps``: the CPU cost of single steps of a request (bench/steps.py).
 """
 
 from __future__ import annotations
@@ -9,10 +13,10 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
-from bench import api
+from bench import api, steps
 
 #: name -> main(argv) returning an exit status.
-BENCHMARKS: dict[str, Callable[[list[str]], int]] = {"api": api.main}
+BENCHMARKS: dict[str, Callable[[list[str]], int]] = {"api": api.main, "steps": steps.main}
 
 
 def main(argv: list[str]) -> int:

@@ -46,18 +46,19 @@ import aiohttp
 from bson import ObjectId
 from pymongo import DESCENDING
 
+from bench.patches import ENV_PATCHES, PATCHES
 from bench.procs import (
     Child,
     CpuSnapshot,
     Services,
     clean_env,
     cpu_model,
-    free_port,
     python,
     rss_mb,
     taskmanager_exe,
     wait_http,
 )
+from cli.embedded import free_port
 from config.connections import Connections
 from config.settings import Settings
 from core import ratelimit
@@ -65,7 +66,9 @@ from core.security import Tokens
 from core.store import Store
 
 API = "/api/v1"
+PATCH_NAMES = (*PATCHES, *ENV_PATCHES)
 SECRET = "bench-secret-" + "b" * 40
+PASSWORD = "bench password 1"
 RSS_LIMIT_MB = 80.0
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -160,6 +163,8 @@ class Options:
     clients: int = 1
     tasks: int = 500
     profile: str | None = None
+    trials: list[str] = field(default_factory=list)
+    trial_endpoints: list[str] = field(default_factory=lambda: ["list", "get", "stats"])
     out: Path | None = RESULTS / "api-latest.txt"
     json_out: Path | None = None
 
@@ -354,8 +359,9 @@ class RawStore:
 class ApiBench:
     """One run: start everything, seed, measure, report, stop everything."""
 
-    def __init__(self, opts: Options):
+    def __init__(self, opts: Options, argv: list[str] | None = None):
         self.opts = opts
+        self.argv = argv or []
         self.services: Services | None = None
         self.web: Child | None = None
         self.ceiling: Child | None = None
@@ -364,6 +370,8 @@ class ApiBench:
         self.settings: Settings | None = None
         self.results: dict[str, Any] = {}
         self.rss_trail: list[tuple[str, float]] = []
+        self.trial_rss: dict[str, tuple[float, float]] = {}
+        self.login_email = ""
 
     def rss(self, when: str) -> None:
         """Note the web process's RSS now."""
@@ -411,6 +419,9 @@ class ApiBench:
         self.ceiling = services.spawn(
             "ceiling", [python(), "-m", "bench.ceiling", str(self.ceiling_port)], clean_env()
         )
+        self.results["redis_url"] = services.redis_url
+        self.results["redis_prefix"] = services.prefix
+        self.results["redis_private"] = services.private_redis is not None
         self.results["services"] = (
             f"SecantusDB {version('SecantusDB')} in memory (embedded); Redis "
             f"{services.redis_version()} ({services.redis_source}), key prefix {services.prefix}"
@@ -450,11 +461,7 @@ class ApiBench:
         async with aiohttp.ClientSession() as http:
 
             async def register(who: str) -> tuple[str, str]:
-                body = {
-                    "email": f"{who}-{tag}@example.com",
-                    "password": "bench password 1",
-                    "name": who,
-                }
+                body = {"email": f"{who}-{tag}@example.com", "password": PASSWORD, "name": who}
                 async with http.post(f"{base}/auth/register", json=body) as resp:
                     data = await resp.json()
                     if resp.status != 201:
@@ -482,6 +489,7 @@ class ApiBench:
                 return ids
 
             token, user_id = await register("bench")
+            self.login_email = f"bench-{tag}@example.com"
             others = [await register(f"other{k}") for k in range(2)]
             task_ids = await create(token, self.opts.tasks)
             for other_token, _ in others:
@@ -590,8 +598,13 @@ class ApiBench:
             if on_mark is not None:
                 on_mark()
             await asyncio.sleep(self.opts.seconds)
-            after = self.services.snapshot(pids)
             await say("stop")
+            for proc in procs:
+                assert proc.stdout is not None
+                line = await asyncio.wait_for(proc.stdout.readline(), 60)
+                if line.strip() != b"closed":
+                    raise RuntimeError(f"load generator failed: {line!r}")
+            after = self.services.snapshot(pids)
             if on_stop is not None:
                 on_stop()
             outputs = []
@@ -653,6 +666,10 @@ class ApiBench:
             state["recording"] = True
             t0 = time.perf_counter()
             await asyncio.sleep(self.opts.seconds)
+            # As in bench.load: a window closes only once something was answered (bounded).
+            deadline = time.perf_counter() + 30
+            while not (latencies or errors) and time.perf_counter() < deadline:
+                await asyncio.sleep(0.005)
             state["recording"] = False
             window = time.perf_counter() - t0
             after = self.services.snapshot(pids)
@@ -756,13 +773,20 @@ class ApiBench:
             rss, hwm = rss_mb(self.web.pid)
             self.results["web_rss_mb"] = round(rss, 1)
             self.results["web_peak_rss_mb"] = round(hwm, 1)
-            profile = None
+            self.results["ratios"] = {k: self.ratio(measured, k)[0] for k in ENDPOINT_KEYS}
+            trials: dict[str, dict[str, Measurement]] = {}
+            if self.opts.trials:
+                keys = [k for k in ENDPOINT_KEYS if k in self.opts.trial_endpoints]
+                for patches in ["none", *self.opts.trials]:
+                    trials[patches] = await self.trial(patches, keys, raw, token, task_ids)
+            profiles = []
             if self.opts.profile:
-                profile = await self.profile(measured, token, task_ids, raw)
+                for key in self.profile_choice(measured):
+                    profiles.append(await self.profile(key, measured, token, task_ids, raw))
         finally:
             self.stop()
         self.results["total_seconds"] = round(time.monotonic() - started, 1)
-        return self.report(measured, profile)
+        return self.report(measured, profiles, trials)
 
     async def measure_all(
         self, raw: RawStore, token: str, task_ids: list[str]
@@ -795,8 +819,24 @@ class ApiBench:
 
     # ---- profile ---------------------------------------------------------------------------
 
+    def profile_choice(self, measured: dict[str, dict[str, Measurement]]) -> list[str]:
+        """The endpoints to profile: as asked, or (auto) the one furthest below its target
+        among those whose web process was the busiest process (its own CPU limits it)."""
+        asked = self.opts.profile or "auto"
+        if asked != "auto":
+            return asked.split(",")
+
+        def bound_by_web(key: str) -> bool:
+            cpu = measured[key]["http"].cpu
+            ours = {g: v for g, v in cpu.items() if g != "other"}
+            return max(ours, key=lambda g: ours[g]) == "web"
+
+        candidates = [k for k in ENDPOINT_KEYS if bound_by_web(k)] or list(ENDPOINT_KEYS)
+        return [min(candidates, key=lambda k: self.results["ratios"][k])]
+
     async def profile(
         self,
+        key: str,
         measured: dict[str, dict[str, Measurement]],
         token: str,
         task_ids: list[str],
@@ -806,18 +846,14 @@ class ApiBench:
         is stopped first, so the two never share the CPU)."""
         assert self.services is not None
         assert self.web is not None
-        key = self.opts.profile
-        if key in (None, "auto"):
-            key = max(ENDPOINT_KEYS, key=lambda k: web_ms_per_request(measured[k]["http"]))
-        endpoint = next(e for e in self.endpoints(raw, token, task_ids) if e.key == key)
         self.web.stop()
         port = free_port()
         fd, prof_path = tempfile.mkstemp(prefix="bench-web-", suffix=".prof")
         os.close(fd)
         os.unlink(prof_path)
         self.web = self.services.spawn(
-            "web-profiled",
-            [python(), "-m", "bench.profile_web", prof_path, "--port", str(port)],
+            f"web-profiled-{key}",
+            [python(), "-m", "bench.webproc", "--profile", prof_path, "--port", str(port)],
             self.web_env(self.services),
         )
         pid = self.web.pid
@@ -846,12 +882,74 @@ class ApiBench:
         analysis["endpoint"] = endpoint.label
         analysis["profiled"] = m.summary()
         analysis["unprofiled_rps"] = round(measured[key]["http"].rps, 1)
+        analysis["unprofiled_web_ms"] = round(web_ms_per_request(measured[key]["http"]), 3)
         return analysis
+
+    async def trial(
+        self, patches: str, keys: list[str], raw: RawStore, token: str, task_ids: list[str]
+    ) -> dict[str, Measurement]:
+        """Measure ``keys`` on a fresh web process with trial ``patches`` ("none": without)."""
+        assert self.services is not None
+        assert self.web is not None
+        self.web.stop()
+        port = free_port()
+        names = [] if patches == "none" else list(PATCH_NAMES if patches == "all" else [patches])
+        args = [python(), "-m", "bench.webproc", "--port", str(port)]
+        code = [n for n in names if n not in ENV_PATCHES]
+        if code:
+            args += ["--patches", ",".join(code)]
+        env = self.web_env(self.services)
+        for name in names:
+            env.update(ENV_PATCHES.get(name, {}))
+        self.web = self.services.spawn(f"web-{patches}", args, env)
+        await wait_http(self.web, f"http://127.0.0.1:{port}/readyz", timeout=60)
+        rss_idle = rss_mb(self.web.pid)[0]
+        # Three sign-ins, as the seeding did on the measured process: argon2 runs on threads.
+        async with aiohttp.ClientSession() as http:
+            for _ in range(3):
+                async with http.post(
+                    f"http://127.0.0.1:{port}{API}/auth/login",
+                    json={"email": self.login_email, "password": PASSWORD},
+                ) as resp:
+                    if resp.status != 200:
+                        raise RuntimeError(f"login answered {resp.status}: {await resp.text()}")
+        out: dict[str, Measurement] = {}
+        for endpoint in self.endpoints(raw, token, task_ids, port):
+            if endpoint.key not in keys:
+                continue
+            await self.check(endpoint, token, port)
+            self.note(f"trial {patches}: {endpoint.label}")
+            out[endpoint.key] = await self.http_load(
+                f"{endpoint.label} [{patches}]",
+                port,
+                endpoint.requests,
+                ok=endpoint.ok,
+                expect_header=endpoint.expect_header,
+            )
+        self.trial_rss[patches] = (rss_idle, rss_mb(self.web.pid)[0])
+        return out
 
     # ---- report ----------------------------------------------------------------------------
 
+    @staticmethod
+    def ratio(
+        measured: dict[str, dict[str, Measurement]], key: str
+    ) -> tuple[float, float, str, float]:
+        """``(ratio, basis req/s, basis name, needed ratio)`` of one endpoint's target."""
+        ceiling = measured["ceiling"]["http"].rps
+        http, rawm = measured[key]["http"], measured[key]["raw"]
+        if key == "stats":
+            basis, name, need = ceiling, "ceiling", 0.50
+        else:
+            basis, name = min((ceiling, "ceiling"), (rawm.rps, "raw store"), key=lambda t: t[0])
+            need = 0.70
+        return (http.rps / basis if basis else 0.0), basis, name, need
+
     def report(
-        self, measured: dict[str, dict[str, Measurement]], profile: dict[str, Any] | None
+        self,
+        measured: dict[str, dict[str, Measurement]],
+        profiles: list[dict[str, Any]],
+        trials: dict[str, dict[str, Measurement]],
     ) -> str:
         """The text report (also kept as JSON in ``self.results``)."""
         assert self.opts is not None
@@ -859,15 +957,7 @@ class ApiBench:
         rows: list[dict[str, Any]] = []
         for key in ENDPOINT_KEYS:
             http, rawm = measured[key]["http"], measured[key]["raw"]
-            if key == "stats":
-                basis, basis_name = ceiling.rps, "ceiling"
-                need = 0.50
-            else:
-                basis, basis_name = min(
-                    (ceiling.rps, "ceiling"), (rawm.rps, "raw store"), key=lambda t: t[0]
-                )
-                need = 0.70
-            ratio = http.rps / basis if basis else 0.0
+            ratio, basis, basis_name, need = self.ratio(measured, key)
             checks = [ratio >= need and http.error_count == 0]
             if key == "stats":
                 checks.append(http.pct(95) <= 10.0)
@@ -892,7 +982,8 @@ class ApiBench:
         lines: list[str] = []
         add = lines.append
         W = 23
-        add("API benchmark (python -m bench api): everything below was measured in this one run")
+        add("API benchmark: everything below was measured in this one run")
+        add(f"  command   python -m bench api {' '.join(self.argv)}".rstrip())
         add(
             f"  when      {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}, "
             f"{self.results['total_seconds']:.0f} s in all"
@@ -1002,7 +1093,17 @@ class ApiBench:
             "throughput: a p95 of 10 ms at saturation needs more than "
             f"{self.opts.connections / 0.010:,.0f} req/s."
         )
-        if profile is not None:
+        if trials:
+            add("")
+            lines += trial_lines(trials, self.trial_rss)
+            self.results["trials"] = {
+                name: {
+                    k: m.summary() | {"web_ms": round(web_ms_per_request(m), 3)}
+                    for k, m in ms.items()
+                }
+                for name, ms in trials.items()
+            }
+        for profile in profiles:
             add("")
             lines += profile_lines(profile)
         self.results["endpoints"] = {
@@ -1023,8 +1124,7 @@ class ApiBench:
         self.results["ceiling"] = ceiling.summary()
         self.results["rss_pass"] = rss <= RSS_LIMIT_MB
         self.results["rss_trail_mb"] = [[w, round(mb, 1)] for w, mb in self.rss_trail]
-        if profile is not None:
-            self.results["profile"] = profile
+        self.results["profiles"] = profiles
         return "\n".join(lines) + "\n"
 
     @property
@@ -1056,6 +1156,33 @@ async def cache_lookups(port: int, cache: str) -> dict[str, float]:
             labels, _, value = line.rpartition(" ")
             result = labels.split('result="', 1)[1].split('"', 1)[0]
             out[result] = out.get(result, 0.0) + float(value)
+    return out
+
+
+def trial_lines(
+    trials: dict[str, dict[str, Measurement]], rss: dict[str, tuple[float, float]]
+) -> list[str]:
+    """The trial-patch table: req/s and web CPU per answer, change against "none"; RSS."""
+    keys = list(next(iter(trials.values())))
+    out = [
+        "trial patches (bench/patches.py, not product code): each a fresh web process (3"
+        " sign-ins, then the loads), one after the other; req/s and web CPU ms per answer,"
+        " change against 'none'; RSS idle after start -> after its loads",
+        f"{'patches':<22}" + "".join(f"{ENDPOINT_LABELS[k]:>30}" for k in keys) + "   RSS MB",
+    ]
+    base = trials["none"]
+    for name, ms in trials.items():
+        cells = []
+        for k in keys:
+            m, b = ms[k], base[k]
+            cell = f"{m.rps:,.0f}/s {web_ms_per_request(m):.2f} ms"
+            if name != "none" and b.rps:
+                cell += f" ({m.rps / b.rps - 1:+.0%})"
+            if m.error_count:
+                cell += f" ERR {m.error_count}"
+            cells.append(f"{cell:>30}")
+        idle, end = rss.get(name, (math.nan, math.nan))
+        out.append(f"{name:<22}" + "".join(cells) + f"   {idle:.0f} -> {end:.0f}")
     return out
 
 
@@ -1123,13 +1250,16 @@ CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
 ]
 
 
+OTHER = "other (builtins, stdlib)"
+
+
 def categorize(filename: str, funcname: str) -> str:
     """The category of one profiled function."""
     text = filename if filename != "~" else funcname
     for label, needles in CATEGORIES:
         if any(n in text for n in needles):
             return label
-    return "other (builtins, stdlib)"
+    return OTHER
 
 
 #: Functions whose cumulative time per request is shown: (file suffix, function, label).
@@ -1163,8 +1293,17 @@ def analyze_profile(path: str, requests: int) -> dict[str, Any]:
     table: dict[tuple[str, int, str], tuple[int, int, float, float, Any]] = stats.stats  # type: ignore[attr-defined]
     total = sum(v[2] for v in table.values())
     by_cat: dict[str, float] = {}
-    for (filename, _, funcname), (_, _, tt, _, _) in table.items():
+    for (filename, _, funcname), (_, _, tt, _, callers) in table.items():
         label = categorize(filename, funcname)
+        if label == OTHER and filename == "~" and callers:
+            # A generic builtin (any, isinstance, len, ...) counts for whoever called it,
+            # in proportion to the time spent on behalf of each caller.
+            spent = sum(c[2] for c in callers.values()) or 1.0
+            for (cfile, _, cname), c in callers.items():
+                share = tt * c[2] / spent
+                clabel = categorize(cfile, cname)
+                by_cat[clabel] = by_cat.get(clabel, 0.0) + share
+            continue
         by_cat[label] = by_cat.get(label, 0.0) + tt
     per = max(1, requests)
     top = sorted(table.items(), key=lambda kv: kv[1][2], reverse=True)[:20]
@@ -1205,10 +1344,13 @@ def profile_lines(p: dict[str, Any]) -> list[str]:
     """The profile section of the report."""
     prof = p["profiled"]
     out = [
-        f"profile of {p['endpoint']} (cProfile in a fresh web process; it slows the process, "
-        f"so look at shares, not absolute times): {prof['rps']:,.0f} req/s profiled vs "
-        f"{p['unprofiled_rps']:,.0f} unprofiled, {p['ms_per_request']:.2f} profiled ms/request",
-        "own time by category (ms per request, share):",
+        f"profile of {p['endpoint']}: cProfile on the event-loop thread's CPU clock, in a fresh"
+        " web process. Profiling slows Python calls several-fold, so read the shares, not the"
+        f" times: {prof['rps']:,.0f} req/s and {p['ms_per_request']:.2f} CPU ms per answer"
+        f" profiled, vs {p['unprofiled_rps']:,.0f} req/s and {p['unprofiled_web_ms']:.2f} ms"
+        " unprofiled.",
+        "own time by category (ms per request, share; a generic builtin such as any() or"
+        " isinstance() counts for its callers):",
     ]
     for c in p["categories"]:
         out.append(f"  {c['label']:<34}{c['ms_per_request']:>8.3f}{c['share']:>8.1%}")
@@ -1240,14 +1382,35 @@ def parse(argv: list[str]) -> Options:
         "--profile",
         nargs="?",
         const="auto",
-        choices=["auto", *ENDPOINT_KEYS],
-        help="also profile one endpoint (auto: the most web CPU per request)",
+        help="also profile endpoints (comma-separated keys: "
+        + ",".join(ENDPOINT_KEYS)
+        + "; auto, the default: the one furthest below its target among those limited by"
+        " the web process's own CPU)",
+    )
+    ap.add_argument(
+        "--trials",
+        default="",
+        help="also measure trial patches (comma-separated: "
+        + ",".join(PATCH_NAMES)
+        + ",all), each on a fresh web process beside an unpatched one",
+    )
+    ap.add_argument(
+        "--trial-endpoints",
+        default="list,get,stats",
+        help="endpoints the trials measure (comma-separated keys)",
     )
     ap.add_argument(
         "--out", type=Path, default=RESULTS / "api-latest.txt", help="report file ('-': none)"
     )
     ap.add_argument("--json", type=Path, default=None, help="also write the results as JSON")
     ns = ap.parse_args(argv)
+    unknown_trials = {t for t in ns.trials.split(",") if t} - {*PATCH_NAMES, "all"}
+    if unknown_trials:
+        ap.error(f"--trials: unknown patch(es) {', '.join(sorted(unknown_trials))}")
+    if ns.profile and ns.profile != "auto":
+        unknown = set(ns.profile.split(",")) - set(ENDPOINT_KEYS)
+        if unknown:
+            ap.error(f"--profile: unknown endpoint(s) {', '.join(sorted(unknown))}")
     return Options(
         seconds=ns.seconds,
         warmup=ns.warmup,
@@ -1255,6 +1418,8 @@ def parse(argv: list[str]) -> Options:
         clients=ns.clients,
         tasks=ns.tasks,
         profile=ns.profile,
+        trials=[t for t in ns.trials.split(",") if t],
+        trial_endpoints=[t for t in ns.trial_endpoints.split(",") if t],
         out=None if str(ns.out) == "-" else ns.out,
         json_out=ns.json,
     )
@@ -1263,7 +1428,7 @@ def parse(argv: list[str]) -> Options:
 def main(argv: list[str]) -> int:
     """Run the API benchmark; print the report and write it to the results file."""
     opts = parse(argv)
-    bench = ApiBench(opts)
+    bench = ApiBench(opts, argv)
     report = asyncio.run(bench.run())
     sys.stdout.write(report)
     if opts.out is not None:

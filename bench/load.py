@@ -8,8 +8,8 @@ of them can be started and stepped together:
    the process connects every connection and prints ``ready``.
 2. ``go``: every connection starts sending (warm-up: nothing is recorded yet).
 3. ``mark``: the measurement window opens.
-4. ``stop``: the window closes; in-flight requests finish, and one JSON line with the
-   results of the window is printed.
+4. ``stop``: the window closes (once at least one answer arrived) and ``closed`` is printed;
+   in-flight requests finish, and one JSON line with the results of the window follows.
 
 It speaks raw HTTP/1.1 over asyncio protocols instead of using aiohttp's client: pre-built
 request bytes and a minimal response parser cost several times less CPU per request, so on a
@@ -182,7 +182,7 @@ def _cpu() -> float:
 async def main() -> None:
     """Read the config and commands from stdin, write ``ready`` and the result to stdout."""
     loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader()
+    reader = asyncio.StreamReader(limit=1 << 26)
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
 
     async def command() -> str:
@@ -199,8 +199,14 @@ async def main() -> None:
     run.recording = True
     t0, cpu0 = time.perf_counter(), _cpu()
     await command()  # stop
+    # A window with no answer at all says nothing: on a starved machine, keep it open until
+    # the first answer (bounded), so the rate is still answers / elapsed time.
+    deadline = time.perf_counter() + 30
+    while run.sent == 0 and time.perf_counter() < deadline:
+        await asyncio.sleep(0.005)
     window, cpu = time.perf_counter() - t0, _cpu() - cpu0
     run.recording = False  # answers arriving after the window closed are not counted
+    print("closed", flush=True)
     run.stopping = True
     _, pending = await asyncio.wait(tasks, timeout=30)
     for task in pending:

@@ -438,12 +438,12 @@ def healthcheck_worker(max_age: float) -> None:
 
     import redis
 
-    from workers.ops import host_has_live_worker
+    from workers.ops import host_has_live_worker, redis_client
 
     settings = load_settings(need_services=False)
     if settings.redis_url is None:
         raise click.ClickException("REDIS_URL must be set")
-    client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=5)
+    client = redis_client(Connections(settings))
     host = socket.gethostname()
     try:
         alive = host_has_live_worker(client, settings.redis_prefix, host=host, max_age=max_age)

@@ -48,7 +48,14 @@ def _structlog_fields(hint: Hint | BreadcrumbHint) -> dict[str, Any] | None:
 def _from_structlog(event: Event, hint: Hint) -> Event:
     """Events from structlog lines: the event name as message (the whole dict, timestamp
     included, would make every event unique and defeat grouping), fields as extra data and
-    the request id as a searchable tag."""
+    the request id as a searchable tag.
+
+    Also drops the message body Sentry's Dramatiq integration attaches (task titles and
+    descriptions of users): the actor, message id, request id and user id identify it.
+    """
+    dramatiq_context = event.get("contexts", {}).get("dramatiq")
+    if isinstance(dramatiq_context, dict):
+        dramatiq_context.pop("data", None)
     fields = _structlog_fields(hint)
     if fields is None:
         return event

@@ -14,8 +14,11 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 #: Secrets that only ever make sense on a developer's machine.
-PLACEHOLDER_SECRETS = frozenset({"", "change-me", "changeme", "secret", "dev-secret-change-me"})
-DEV_JWT_SECRET = "dev-secret-change-me"
+#: Only for ``APP_ENV=development``: long enough for HS256 (RFC 7518 asks for >= 256 bits).
+DEV_JWT_SECRET = "dev-only-secret-change-me-0123456789abcdef"
+PLACEHOLDER_SECRETS = frozenset(
+    {"", "change-me", "changeme", "secret", "dev-secret-change-me", DEV_JWT_SECRET}
+)
 
 _RATE_RE = re.compile(r"^\s*([1-9]\d*)\s*/\s*(second|minute|hour|day)\s*$")
 _PERIODS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
@@ -70,6 +73,9 @@ class Settings(BaseSettings):
     login_failure_window: int = Field(900, ge=1)
 
     backup_dir: str = "./backups"
+    #: Complete backups kept in ``backup_dir``; older ones are pruned after each successful
+    #: backup (28 = 7 days of the 6-hourly schedule).
+    backup_keep: int = Field(28, ge=1)
     admin_email: str | None = None
     admin_password: SecretStr | None = None
     webhook_allow_hosts: CommaList = []

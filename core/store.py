@@ -46,12 +46,32 @@ INDEXES: dict[str, list[IndexModel]] = {
                    name="owner_priority"),
         IndexModel([("owner", ASCENDING), ("updated_at", DESCENDING), ("_id", DESCENDING)],
                    name="owner_updated"),
+        # Due-soon reminders (core/notifications.py): every owner's open tasks due in the next
+        # week, one range scan; status in the key filters out done tasks without fetching them.
+        IndexModel([("due_key", ASCENDING), ("status", ASCENDING)], name="due_soon"),
+        # Analytics rollup (core/analytics.py): the tasks completed on a day, across owners.
+        # Partial: only done tasks carry a completed_at, so open ones take no space.
+        IndexModel(
+            [("completed_at", ASCENDING)],
+            name="completed",
+            partialFilterExpression={"status": "done"},
+        ),
     ],
     "job_runs": [
         IndexModel([("job", ASCENDING), ("enqueued_at", DESCENDING)], name="job_latest"),
         IndexModel([("enqueued_at", ASCENDING)], expireAfterSeconds=30 * 86400, name="ttl"),
     ],
     "email_log": [IndexModel([("user_id", ASCENDING)], name="user")],
+    # The in-app feed (core/notifications.py): one notification per (user, dedupe key); a
+    # user's feed newest first, and their unread ones.
+    "notifications": [
+        IndexModel([("user_id", ASCENDING), ("key", ASCENDING)], unique=True, name="user_key"),
+        IndexModel([("user_id", ASCENDING), ("_id", DESCENDING)], name="user_feed"),
+        IndexModel(
+            [("user_id", ASCENDING), ("read_at", ASCENDING), ("_id", DESCENDING)],
+            name="user_read",
+        ),
+    ],
     # Stored responses of Idempotency-Key requests (core/idempotency.py), reaped after 24 h.
     "idempotency": [IndexModel([("expires_at", ASCENDING)], expireAfterSeconds=0, name="ttl")],
     # Webhooks (core/webhooks.py): a user's list, newest first (also serves the fan-out); the
@@ -74,6 +94,14 @@ INDEXES: dict[str, list[IndexModel]] = {
             [("deleted_at", ASCENDING)], expireAfterSeconds=86_400, sparse=True, name="tombstones"
         ),
     ],
+    # Analytics (core/analytics.py): folded event ids (the at-least-once guard), reaped after
+    # a week; per-day counters read by the rollup, day by day; the rolled-up figures, read by
+    # _id range ("<user>:<day>") and rewritten day by day.
+    "analytics_seen": [
+        IndexModel([("at", ASCENDING)], expireAfterSeconds=7 * 86_400, name="ttl"),
+    ],
+    "analytics_counters": [IndexModel([("day", ASCENDING), ("user_id", ASCENDING)], name="day")],
+    "analytics_daily": [IndexModel([("day", ASCENDING), ("user_id", ASCENDING)], name="day")],
 }
 
 

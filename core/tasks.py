@@ -22,6 +22,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic.json_schema import SkipJsonSchema
 from pymongo import ASCENDING, DESCENDING, UpdateOne
 from pymongo.asynchronous.client_session import AsyncClientSession
 
@@ -76,10 +77,19 @@ def _unique_tags(tags: list[str] | None) -> list[str] | None:
     return list(dict.fromkeys(tags)) if tags is not None else None
 
 
-def _utc_ms(value: datetime | None) -> datetime | None:
+def _utc(value: datetime | None) -> datetime | None:
     if value is None:
         return None
-    value = value.astimezone(UTC)
+    try:
+        return value.astimezone(UTC)
+    except OverflowError as exc:  # e.g. 0001-01-01T00:00+01:00: a 422, not a 500
+        raise ValueError("Date is out of range once converted to UTC") from exc
+
+
+def _utc_ms(value: datetime | None) -> datetime | None:
+    value = _utc(value)
+    if value is None:
+        return None
     return value.replace(microsecond=value.microsecond // 1000 * 1000)
 
 
@@ -100,12 +110,13 @@ class TaskCreate(_Strict):
 class TaskUpdate(_Strict):
     """``PATCH /tasks/{id}`` body: any subset; ``null`` clears ``description`` and ``due_at``."""
 
-    title: Title | None = None
+    # SkipJsonSchema: the document must not offer null where the validator below refuses it.
+    title: Title | SkipJsonSchema[None] = None
     description: Description | None = None
-    status: Status | None = None
-    priority: Priority | None = None
+    status: Status | SkipJsonSchema[None] = None
+    priority: Priority | SkipJsonSchema[None] = None
     due_at: AwareDatetime | None = None
-    tags: Tags | None = None
+    tags: Tags | SkipJsonSchema[None] = None
 
     _tags = field_validator("tags")(_unique_tags)
     _due = field_validator("due_at")(_utc_ms)
@@ -126,17 +137,41 @@ class TaskUpdate(_Strict):
 
 
 class BulkSet(_Strict):
-    """Fields a bulk change may set."""
+    """Fields a bulk change may set (none may be null)."""
 
-    status: Status | None = None
-    priority: Priority | None = None
-    tags: Tags | None = None
+    model_config = ConfigDict(json_schema_extra={"minProperties": 1})
+
+    status: Status | SkipJsonSchema[None] = None
+    priority: Priority | SkipJsonSchema[None] = None
+    tags: Tags | SkipJsonSchema[None] = None
 
     _tags = field_validator("tags")(_unique_tags)
+
+    @model_validator(mode="after")
+    def _no_null(self) -> BulkSet:
+        for name in self.model_fields_set:
+            if getattr(self, name) is None:
+                raise ValueError(f"{name} cannot be null")
+        return self
 
 
 class BulkRequest(_Strict):
     """``POST /tasks/bulk`` body: ``set`` some fields, or ``delete``."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "oneOf": [
+                {
+                    "required": ["set"],
+                    "properties": {"set": {"type": "object"}, "delete": {"const": False}},
+                },
+                {
+                    "required": ["delete"],
+                    "properties": {"set": {"type": "null"}, "delete": {"const": True}},
+                },
+            ]
+        }
+    )
 
     ids: Annotated[
         list[Annotated[str, StringConstraints(max_length=64)]],
@@ -168,6 +203,8 @@ class TaskQuery(BaseModel):
     sort: Sort = "-created_at"
     limit: int = Field(50, ge=1, le=200)
     cursor: Annotated[str, StringConstraints(max_length=512)] | None = None
+
+    _due = field_validator("due_before", "due_after")(_utc)
 
 
 class PageQuery(BaseModel):
@@ -316,8 +353,10 @@ async def create(ctx: Context, owner: str, body: TaskCreate) -> Doc:
 
 async def get(ctx: Context, owner: str, task_id: str) -> Doc:
     """One of the owner's tasks, or :class:`NotFound`."""
-    doc = await ctx.store["tasks"].find_one({"_id": oid(task_id), "owner": owner})
-    if doc is None:
+    # Looked up by _id alone, the owner checked here: an extra field in the filter makes some
+    # planners (SecantusDB) leave the _id index for a collection scan.
+    doc = await ctx.store["tasks"].find_one({"_id": oid(task_id)})
+    if doc is None or doc.get("owner") != owner:
         raise NotFound("No such task")
     return doc
 
@@ -379,7 +418,7 @@ async def update(
             evs: list[Doc] = evs,
         ) -> bool:
             result = await ctx.store["tasks"].update_one(
-                {"_id": doc["_id"], "owner": owner, "version": doc["version"]},
+                {"_id": doc["_id"], "version": doc["version"]},
                 {"$set": new_fields, "$inc": {"version": 1}},
                 session=session,
             )
@@ -407,7 +446,7 @@ async def delete(ctx: Context, owner: str, task_id: str, if_match: str | None) -
 
     async def work(session: AsyncClientSession) -> bool:
         result = await ctx.store["tasks"].delete_one(
-            {"_id": doc["_id"], "owner": owner, "version": doc["version"]}, session=session
+            {"_id": doc["_id"], "version": doc["version"]}, session=session
         )
         if result.deleted_count != 1:
             return False
@@ -531,9 +570,23 @@ async def activity(ctx: Context, owner: str, task_id: str, q: PageQuery) -> Acti
     return ActivityPage(items=items, next_cursor=cursor)
 
 
+class _Stale(Exception):
+    """A task changed between the read and the write of a bulk change."""
+
+
 async def bulk(ctx: Context, owner: str, req: BulkRequest) -> BulkResponse:
     """Apply one change to many of the owner's tasks in one transaction; others' ids and
-    malformed ids are reported ``not_found`` and never touched."""
+    malformed ids are reported ``not_found`` and never touched. A task changed concurrently
+    makes the whole change re-read and re-apply (never a silent lost update)."""
+    for _ in range(5):
+        try:
+            return await _bulk_once(ctx, owner, req)
+        except _Stale:
+            continue
+    raise PreconditionFailed("These tasks are changing too fast; retry")
+
+
+async def _bulk_once(ctx: Context, owner: str, req: BulkRequest) -> BulkResponse:
     wanted: dict[str, ObjectId | None] = {}
     for raw in req.ids:
         try:
@@ -541,12 +594,14 @@ async def bulk(ctx: Context, owner: str, req: BulkRequest) -> BulkResponse:
         except (InvalidId, TypeError):
             wanted[raw] = None
     oids = [o for o in wanted.values() if o is not None]
+    # By _id alone, owner checked here (see get()): others' tasks are never touched.
     found = {
         str(d["_id"]): d
-        async for d in ctx.store["tasks"].find({"_id": {"$in": oids}, "owner": owner})
+        async for d in ctx.store["tasks"].find({"_id": {"$in": oids}})
+        if d.get("owner") == owner
     }
-    results: dict[str, str] = {}
-    writes: list[Any] = []
+    results: dict[str, Literal["updated", "unchanged", "deleted", "not_found"]] = {}
+    writes: list[UpdateOne] = []
     deletes: list[ObjectId] = []
     evs: list[Doc] = []
     now = utcnow()
@@ -571,7 +626,7 @@ async def bulk(ctx: Context, owner: str, req: BulkRequest) -> BulkResponse:
             new_fields = {**diff, **_derived(diff, doc["status"], now), "updated_at": now}
             writes.append(
                 UpdateOne(
-                    {"_id": doc["_id"], "owner": owner},
+                    {"_id": doc["_id"], "version": doc["version"]},
                     {"$set": new_fields, "$inc": {"version": 1}},
                 )
             )
@@ -584,11 +639,11 @@ async def bulk(ctx: Context, owner: str, req: BulkRequest) -> BulkResponse:
 
     async def work(session: AsyncClientSession) -> None:
         if writes:
-            await ctx.store["tasks"].bulk_write(writes, ordered=False, session=session)
+            result = await ctx.store["tasks"].bulk_write(writes, ordered=False, session=session)
+            if result.modified_count != len(writes):
+                raise _Stale  # aborts the transaction: nothing of this attempt is kept
         if deletes:
-            await ctx.store["tasks"].delete_many(
-                {"_id": {"$in": deletes}, "owner": owner}, session=session
-            )
+            await ctx.store["tasks"].delete_many({"_id": {"$in": deletes}}, session=session)
         await events.record(ctx.store, evs, session)
 
     if writes or deletes:

@@ -86,7 +86,7 @@ Resolver = Callable[[str, int], Awaitable[list[Address]]]
 
 _LABEL = re.compile(r"^(?!-)[A-Za-z0-9_-]{1,63}(?<!-)$")
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
-_FIELD = "body.url"
+_FIELD = "url"
 
 
 class TargetRefused(Invalid):
@@ -328,7 +328,7 @@ async def check_target(
     try:
         check_url(url)
     except ValueError as exc:
-        raise TargetRefused(f"The URL {exc}") from exc
+        raise TargetRefused(f"The URL is not allowed: it {exc}") from exc
     parts = urlsplit(url)
     host = parts.hostname or ""
     port = parts.port or (443 if parts.scheme.lower() == "https" else 80)

@@ -38,6 +38,15 @@ SCHEDULE: tuple[ScheduledJob, ...] = (
         "Fold yesterday's and today's events into per-day analytics",
         slot_seconds=3600,
     ),
+    ScheduledJob(
+        "backup",
+        # On the clock, not every 6 h from start-up: an interval restarts with every
+        # scheduler deploy, and deploys more often than every 6 h would starve it.
+        CronTrigger(hour="*/6", minute=15, timezone="UTC"),
+        "run_backup",
+        "Full logical backup of the database into BACKUP_DIR; prunes beyond BACKUP_KEEP",
+        slot_seconds=6 * 3600,
+    ),
 )
 
 

@@ -114,6 +114,48 @@ class PrivateRedis:
             self.proc = None
 
 
+@pytest.fixture(scope="session")
+def rabbitmq_url() -> Iterator[str]:
+    """A RabbitMQ virtual host of our own for the session (``RABBITMQ_URL`` to use another).
+
+    The machine's RabbitMQ on 5672 is shared, so the suite never touches its default vhost.
+    """
+    if os.environ.get("RABBITMQ_URL"):
+        yield os.environ["RABBITMQ_URL"]
+        return
+    ctl = shutil.which("rabbitmqctl")
+    if ctl is None:
+        pytest.fail("rabbitmqctl not found: install rabbitmq-server or set RABBITMQ_URL")
+    vhost = f"tm-test-{uuid.uuid4().hex[:8]}"
+    subprocess.run([ctl, "add_vhost", vhost], check=True, capture_output=True, timeout=60)
+    subprocess.run(
+        [ctl, "set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"],
+        check=True, capture_output=True, timeout=60,
+    )
+    try:
+        yield f"amqp://guest:guest@127.0.0.1:5672/{vhost}"
+    finally:
+        subprocess.run([ctl, "delete_vhost", vhost], capture_output=True, timeout=60)
+
+
+@pytest.fixture(params=["redis", "rabbitmq"])
+def broker_kind(request: pytest.FixtureRequest) -> str:
+    """Run a worker test once per real broker."""
+    return str(request.param)
+
+
+@pytest.fixture
+def broker_settings(make_settings: Any, broker_kind: str, request: pytest.FixtureRequest) -> Any:
+    """``make_settings`` with ``BROKER_URL`` set for :func:`broker_kind`."""
+
+    def make(**overrides: Any) -> Settings:
+        if broker_kind == "rabbitmq":
+            overrides.setdefault("broker_url", request.getfixturevalue("rabbitmq_url"))
+        return make_settings(**overrides)  # type: ignore[no-any-return]
+
+    return make
+
+
 @pytest.fixture
 def make_settings(mongo_url: str, redis_url: str) -> Iterator[Any]:
     """Build test settings; each test gets a fresh database and Redis prefix (cleaned after)."""
@@ -201,12 +243,17 @@ def smtp() -> Iterator[SmtpSink]:
 
 @pytest.fixture
 async def worker_for() -> AsyncIterator[Any]:
-    """Start an in-process Dramatiq worker over an app's (real, Redis) broker."""
+    """Start an in-process Dramatiq worker over an app's real broker (Redis or RabbitMQ)."""
     started: list[Worker] = []
 
     def start(app: Any) -> Worker:
+        from dramatiq.brokers.rabbitmq import RabbitmqBroker
+
         from web.app import PLATFORM
 
+        if isinstance(app[PLATFORM].broker, RabbitmqBroker):
+            # The session's vhost is shared by the RabbitMQ tests: drop what earlier ones left.
+            app[PLATFORM].broker.flush_all()
         worker = Worker(app[PLATFORM].broker, worker_threads=2, worker_timeout=100)
         worker.start()
         started.append(worker)

@@ -22,7 +22,14 @@ HEADER = "Idempotency-Key"
 REPLAYED = "Idempotent-Replayed"
 #: Headers that belong to the outcome (stored and replayed); per-request ones such as
 #: X-Request-ID or the rate-limit headers are left to the request that is answered.
-STORED_HEADERS = ("Content-Type", "Location", "ETag", "Last-Modified", "Content-Location")
+STORED_HEADERS = (
+    "Content-Type",
+    "Location",
+    "ETag",
+    "Last-Modified",
+    "Content-Location",
+    "Cache-Control",
+)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 

@@ -21,7 +21,7 @@ import re
 from typing import Any
 
 from pydantic import BaseModel
-from pydantic.json_schema import GenerateJsonSchema, models_json_schema
+from pydantic.json_schema import GenerateJsonSchema, JsonSchemaValue, models_json_schema
 from pydantic_core import core_schema
 
 from web.problem import PROBLEM_TYPE, Problem
@@ -44,7 +44,11 @@ _STATUS_TEXT = {
 _TAGS = {
     "auth": "Registration, sign-in and tokens",
     "account": "The caller's profile",
-    "tasks": "A user's to-do items",
+    "tasks": "A user's to-do items, their history and search",
+    "notifications": "The in-app feed",
+    "webhooks": "Signed HTTP callbacks on task events, and their delivery log",
+    "analytics": "Daily figures rolled up by the scheduler",
+    "admin": "Operators: queues, dead letters, workers, the schedule (admin role)",
     "operations": "Health, metrics and this document (no auth, no rate limit)",
 }
 _REQUEST_ID = {
@@ -83,10 +87,36 @@ _REPLAYED = {
 }
 
 
+#: At least one character that is not Unicode White_Space (what pydantic's strip removes).
+_NOT_BLANK = r"[^\t\n\v\f\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]"
+
+
 class _Generator(GenerateJsonSchema):
-    """Response schemas promise what is always sent: we never exclude defaults, so a field
-    with a default is serialised every time and is required. ``None`` defaults stay optional,
-    because problem details drop ``None`` fields."""
+    """Pydantic's JSON schemas, made exact for this API.
+
+    Response schemas promise what is always sent: we never exclude defaults, so a field with a
+    default is serialised every time and is required. ``None`` defaults stay optional, because
+    problem details drop ``None`` fields. A request string that is stripped before its minimum
+    length is checked must contain a non-blank character.
+    """
+
+    def default_schema(self, schema: core_schema.WithDefaultSchema) -> JsonSchemaValue:
+        out = super().default_schema(schema)
+        if "default" in out and out["default"] is None and not _allows_null(out):
+            # The field may be left out but not sent as null (SkipJsonSchema[None]).
+            del out["default"]
+        return out
+
+    def str_schema(self, schema: core_schema.StringSchema) -> JsonSchemaValue:
+        out = super().str_schema(schema)
+        if (
+            self.mode == "validation"
+            and schema.get("strip_whitespace")
+            and schema.get("min_length", 0) > 0
+            and "pattern" not in out
+        ):
+            out["pattern"] = _NOT_BLANK
+        return out
 
     def field_is_required(
         self,
@@ -102,6 +132,13 @@ class _Generator(GenerateJsonSchema):
         ):
             return "default_factory" in inner or inner.get("default") is not None
         return super().field_is_required(field, total)
+
+
+def _allows_null(schema: JsonSchemaValue) -> bool:
+    kind = schema.get("type")
+    if kind == "null" or (isinstance(kind, list) and "null" in kind):
+        return True
+    return any(_allows_null(variant) for variant in schema.get("anyOf", []))
 
 
 def build_openapi(routes: tuple[Route, ...], *, version: str) -> dict[str, Any]:
@@ -170,7 +207,7 @@ def _parameters(route: Route) -> list[dict[str, Any]]:
         for n in re.findall(r"{(\w+)}", route.path)
     ]
     if route.query is not None:
-        qschema = route.query.model_json_schema(ref_template=_REF)
+        qschema = route.query.model_json_schema(ref_template=_REF, schema_generator=_Generator)
         required = set(qschema.get("required", []))
         for name, prop in qschema.get("properties", {}).items():
             param: dict[str, Any] = {
@@ -285,7 +322,8 @@ def _responses(route: Route, refs: dict[Any, Any]) -> dict[str, Any]:
             headers["WWW-Authenticate"] = _WWW_AUTHENTICATE
         if code == 429:
             headers["Retry-After"] = _RETRY_AFTER
-        if code == 409 and route.idempotent:
+        if route.idempotent and (code == 409 or code in route.errors):
+            # What the handler refused is the stored outcome of the key, replayed as such.
             headers["Idempotent-Replayed"] = _REPLAYED
         responses[str(code)] = {
             "description": _STATUS_TEXT[code],

@@ -6,6 +6,7 @@ from typing import Any
 
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
+from pydantic.json_schema import SkipJsonSchema
 
 from core.errors import AppError, FieldError, Invalid
 
@@ -27,9 +28,10 @@ class Problem(BaseModel):
     title: str
     status: int
     detail: str
-    instance: str | None = None
-    request_id: str | None = None
-    errors: list[ProblemField] | None = None
+    # Never sent as null (rendered with exclude_none), so the document does not offer null.
+    instance: str | SkipJsonSchema[None] = None
+    request_id: str | SkipJsonSchema[None] = None
+    errors: list[ProblemField] | SkipJsonSchema[None] = None
 
 
 def problem_response(

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from core import accounts, search, tasks, webhooks
+from core import accounts, analytics, search, tasks, webhooks
+from core import notifications as notif
 from web.handlers import accounts as acc
 from web.handlers import admin as adm
+from web.handlers import analytics as an
+from web.handlers import notifications as nt
 from web.handlers import schedules as sch
 from web.handlers import ops
 from web.handlers import search as sr
@@ -104,10 +107,19 @@ ROUTES: tuple[Route, ...] = (
     # Search
     Route("GET", f"{API}/search", sr.search_tasks, "Search tasks", "tasks",
           query=search.SearchQuery, response=search.SearchResults, errors=(422,)),
+    # Notifications (the in-app feed)
+    Route("GET", f"{API}/notifications", nt.list_notifications, "The in-app feed, newest first",
+          "notifications", query=notif.NotificationQuery, response=notif.NotificationPage,
+          errors=(401, 422)),
+    Route("POST", f"{API}/notifications/{{id}}/read", nt.read_notification,
+          "Mark a notification read (idempotent)", "notifications",
+          response=notif.NotificationPublic, errors=(401, 404)),
     # Webhooks
     Route("POST", f"{API}/webhooks", wh.create_webhook, "Register a webhook", "webhooks",
           body=webhooks.WebhookCreate, response=webhooks.WebhookCreated, status=201,
-          errors=(409, 422), idempotent=True),
+          errors=(409, 422), idempotent=True,
+          headers={"Location": "The new webhook's URL",
+                   "Cache-Control": "no-store: the answer carries the signing secret"}),
     Route("GET", f"{API}/webhooks", wh.list_webhooks, "List webhooks", "webhooks",
           query=tasks.PageQuery, response=webhooks.WebhookPage),
     Route("GET", f"{API}/webhooks/{{id}}", wh.get_webhook, "Get a webhook", "webhooks",
@@ -120,6 +132,10 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", f"{API}/webhooks/{{id}}/deliveries/{{delivery_id}}/redeliver",
           wh.redeliver_webhook_delivery, "Send a delivery again", "webhooks",
           response=webhooks.DeliveryPublic, status=202, errors=(404,)),
+    # Analytics (from the hourly rollups)
+    Route("GET", f"{API}/analytics/summary", an.analytics_summary,
+          "Tasks created and completed per day, median time to complete", "analytics",
+          query=analytics.SummaryQuery, response=analytics.AnalyticsSummary, errors=(422,)),
     # Operators: queues, dead letters, workers
     Route("GET", f"{API}/admin/queues", adm.list_queues, "Queue depths and latency", "admin",
           auth="admin", response=adm.QueueList, errors=(401, 403, 503)),

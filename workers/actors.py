@@ -21,7 +21,9 @@ Event = dict[str, Any]
 ActorFn = Callable[..., Awaitable[None]]
 
 #: Failures that retrying cannot fix: the message goes to the dead-letter queue at once.
-PERMANENT = (NotFound, Invalid, KeyError, TypeError, ValueError)
+#: Programming errors (KeyError, TypeError, ...) are deliberately not listed: they retry with
+#: backoff, and Sentry's Dramatiq integration reports every such failure (it skips ``throws``).
+PERMANENT = (NotFound, Invalid)
 
 #: Default options: exponential backoff from 1 s to 5 min, 10 retries, 60 s time limit.
 DEFAULTS: dict[str, Any] = {
@@ -52,7 +54,7 @@ def declare_actors(
     broker: dramatiq.Broker, res: WorkerResources
 ) -> dict[str, dramatiq.Actor[Any, Any]]:
     """Declare every actor of every concern on ``broker``; returns them by name."""
-    from workers import cache, maintenance, notifications, search, webhooks
+    from workers import analytics, cache, maintenance, notifications, search, webhooks
 
     actors: dict[str, dramatiq.Actor[Any, Any]] = {}
 
@@ -64,6 +66,6 @@ def declare_actors(
             fn, actor_name=name, queue_name=queue, broker=broker, **{**DEFAULTS, **options}
         )
 
-    for concern in (notifications, cache, search, webhooks, maintenance):
+    for concern in (notifications, cache, search, webhooks, maintenance, analytics):
         concern.declare(declare_one, res)
     return actors

@@ -14,6 +14,7 @@ from dramatiq.middleware.asyncio import AsyncIO
 from config.connections import Connections
 from workers.actors import declare_actors
 from workers.heartbeat import WorkerHeartbeat
+from workers.middleware import MessageContext
 from workers.ops import DeadLetterNotes, QueueInspector, build_inspector
 from workers.resources import WorkerResources
 
@@ -49,11 +50,12 @@ def build_broker(connections: Connections) -> Platform:
     else:
         broker = RedisBroker(client=connections.redis_sync(), **_redis_options(connections))
     broker.add_middleware(AsyncIO())
+    broker.add_middleware(MessageContext())
     resources = WorkerResources(connections)
     resources.broker = broker
     broker.add_middleware(resources)
     broker.add_middleware(WorkerHeartbeat(connections))
-    broker.add_middleware(DeadLetterNotes())
+    broker.add_middleware(DeadLetterNotes(connections))
     actors = declare_actors(broker, resources)
     return Platform(broker, resources, actors)
 

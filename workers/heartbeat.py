@@ -36,7 +36,7 @@ from dramatiq.brokers.redis import RedisBroker
 
 from config.connections import Connections
 from config.logging import get_logger
-from workers.ops import WORKER_TTL_SECONDS, registry_index, registry_key
+from workers.ops import WORKER_TTL_SECONDS, redis_client, registry_index, registry_key
 
 log = get_logger(__name__)
 
@@ -99,13 +99,6 @@ class WorkerHeartbeat(dramatiq.Middleware):
         with self._lock:
             return len(self._in_flight)
 
-    def _redis(self) -> redis.Redis:
-        settings = self.connections.settings
-        if settings.redis_url is None:
-            return self.connections.redis_sync()
-        # Timeouts, so a hung Redis cannot wedge the beat thread.
-        return redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=5)
-
     # -- hooks --------------------------------------------------------------------------------
 
     def after_worker_boot(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
@@ -117,7 +110,7 @@ class WorkerHeartbeat(dramatiq.Middleware):
         self.queues = sorted(worker.consumer_whitelist or broker.get_declared_queues())
         self.threads = worker.worker_threads
         self.state = "running"
-        self._client = self._redis()
+        self._client = redis_client(self.connections)
         self._stop.clear()
         try:
             self.beat()

@@ -43,13 +43,16 @@ async def enqueue_run(
     *,
     fire_key: str | None = None,
     scheduled_for: datetime | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> str:
     """Record and enqueue one run of a scheduled job; returns its fire key. Manual runs
-    (``fire_key`` None) get a unique key."""
+    (``fire_key`` None) get a unique key. ``extra`` (plain JSON) is merged into the payload
+    the maintenance body receives as ``run`` (e.g. the id of a backup requested over HTTP)."""
     manual = fire_key is None
     key = fire_key or f"{job}:manual:{uuid.uuid4().hex[:12]}"
     await jobruns.record_enqueued(ctx, job, key, manual=manual)
     payload = {
+        **(extra or {}),
         "job": job,
         "fire_key": key,
         "scheduled_for": (scheduled_for or utcnow()).isoformat(),

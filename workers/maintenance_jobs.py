@@ -25,3 +25,19 @@ async def rollup_analytics(ctx: Context, res: WorkerResources, run: Run) -> dict
 
     days = await analytics.rollup_recent(ctx)
     return {"days": days}
+
+
+@maintenance
+async def run_backup(ctx: Context, res: WorkerResources, run: Run) -> dict[str, Any]:
+    """Take a full backup: the one requested over HTTP (``backup_id``) or a scheduled one."""
+    from core import backups
+
+    result = await backups.create(ctx, run.get("backup_id"), fire_key=run["fire_key"])
+    return {
+        "backup_id": result.id,
+        "collections": len(result.collections),
+        "documents": result.documents,
+        "bytes": result.size,
+        "read_mode": result.read_mode,
+        "pruned": result.pruned,
+    }

@@ -153,9 +153,11 @@ def error_summary(exc: BaseException | None, tb: str | None) -> str | None:
     return text[:500]
 
 
-def _dead_message(queue: str, rid: str, score: float | None, raw: bytes) -> DeadMessage:
+def _dead_message(
+    queue: str, rid: str, score: float | None, raw: bytes, note: dict[str, Any] | None = None
+) -> DeadMessage:
     message = Message.decode(raw)
-    options = message.options
+    options = {**message.options, **(note or {})}
     tb = options.get("traceback")
     return DeadMessage(
         id=rid,
@@ -448,9 +450,27 @@ class RabbitmqQueueInspector(QueueInspector):
 
     kind = "rabbitmq"
 
-    def __init__(self, parameters: pika.ConnectionParameters, queues: Iterable[str]):
+    def __init__(
+        self,
+        parameters: pika.ConnectionParameters,
+        queues: Iterable[str],
+        notes: redis.Redis | None = None,
+        prefix: str = "",
+    ):
         super().__init__(queues)
         self.parameters = parameters
+        # Why each message died lives in Redis (see DeadLetterNotes), keyed by message id.
+        self.notes: Any = notes
+        self.prefix = prefix
+
+    def _notes(self, message_ids: list[str]) -> list[dict[str, Any] | None]:
+        if self.notes is None or not message_ids:
+            return [None] * len(message_ids)
+        try:
+            raw = self.notes.mget([note_key(self.prefix, i) for i in message_ids])
+        except redis.RedisError:
+            return [None] * len(message_ids)
+        return [json.loads(r) if r else None for r in raw]
 
     @contextmanager
     def _channel(self) -> Iterator[Any]:
@@ -498,7 +518,7 @@ class RabbitmqQueueInspector(QueueInspector):
             raise Invalid(
                 "The cursor is not valid", [FieldError("query.cursor", "Invalid cursor")]
             ) from exc
-        items: list[DeadMessage] = []
+        rows: list[tuple[str, float | None, bytes]] = []
         fetched = 0
         with self._channel() as ch:
             # Nothing is acked: closing the channel returns every fetched message, in order.
@@ -506,9 +526,12 @@ class RabbitmqQueueInspector(QueueInspector):
                 fetched += 1
                 if offset < fetched <= offset + limit:
                     message = Message.decode(body)
-                    items.append(
-                        _dead_message(queue, message.message_id, _death_ms(properties), body)
-                    )
+                    rows.append((message.message_id, _death_ms(properties), body))
+        notes = self._notes([mid for mid, _, _ in rows])
+        items = [
+            _dead_message(queue, mid, when, body, note)
+            for (mid, when, body), note in zip(rows, notes, strict=True)
+        ]
         more = fetched > offset + limit
         return DeadPage(items=items, next_cursor=str(offset + limit) if more else None)
 
@@ -559,7 +582,8 @@ def build_inspector(broker: dramatiq.Broker, connections: Connections) -> QueueI
     """The inspector for ``broker`` (its own Redis client, with timeouts, for URL brokers)."""
     queues = broker.get_declared_queues()
     if isinstance(broker, RabbitmqBroker):
-        return RabbitmqQueueInspector(broker.parameters, queues)
+        prefix = connections.settings.redis_prefix
+        return RabbitmqQueueInspector(broker.parameters, queues, redis_client(connections), prefix)
     if isinstance(broker, RedisBroker):
         url = connections.settings.effective_broker_url
         client = (
@@ -574,42 +598,72 @@ def build_inspector(broker: dramatiq.Broker, connections: Connections) -> QueueI
 # -- Dead-letter notes ---------------------------------------------------------------------------
 
 
-class DeadLetterNotes(dramatiq.Middleware):
-    """Records why a message died on its dead letter (Redis broker).
+def note_key(prefix: str, message_id: str) -> str:
+    """Why a message died, for brokers whose dead letters cannot be rewritten (RabbitMQ)."""
+    return f"{prefix}deadnote:{message_id}"
 
-    Dramatiq moves the body as it was enqueued, which says nothing about the failure that
-    killed it; this rewrites the dead letter with ``dead_letter_error`` and ``traceback``.
+
+#: RabbitMQ keeps dead letters this long (Dramatiq's ``x-message-ttl`` on the ``.XQ`` queue).
+NOTE_TTL_SECONDS = 7 * 86400
+
+
+class DeadLetterNotes(dramatiq.Middleware):
+    """Records why a message died.
+
+    Dramatiq dead-letters the body as it was enqueued, which says nothing about the failure
+    that killed it. On Redis this rewrites the dead letter with ``dead_letter_error`` and
+    ``traceback``; on RabbitMQ (whose queues cannot be rewritten) it stores them beside, in
+    Redis under ``{prefix}deadnote:<message id>`` for as long as RabbitMQ keeps the letter.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, connections: Connections) -> None:
+        self.connections = connections
         self._scripts: dict[int, Any] = {}
+        self._notes: Any = None
 
     def after_nack(self, broker: dramatiq.Broker, message: dramatiq.broker.MessageProxy) -> None:
         """Annotate the dead letter just written by ``nack``."""
-        if not isinstance(broker, RedisBroker):
-            return
-        rid = message.options.get("redis_message_id")
-        if rid is None:
-            return
         exc: BaseException | None = getattr(message, "_exception", None)
         tb = message.options.get("traceback")
         if tb is None and exc is not None:
             tb = "".join(traceback.format_exception(exc, limit=30))
-        annotated = message.copy(
-            options={"dead_letter_error": error_summary(exc, tb), "traceback": tb}
-        )
-        script = self._scripts.get(id(broker))
-        if script is None:
-            script = self._scripts[id(broker)] = broker.client.register_script(_NOTE_LUA)
-        xq = f"{broker.namespace}:{xq_name(q_name(message.queue_name))}"
+        note = {"dead_letter_error": error_summary(exc, tb), "traceback": tb}
         try:
-            script(keys=[xq, f"{xq}.msgs"], args=[rid, annotated.encode()])
+            if isinstance(broker, RedisBroker):
+                self._rewrite(broker, message, note)
+            else:
+                if self._notes is None:
+                    self._notes = self.connections.redis_sync()
+                key = note_key(self.connections.settings.redis_prefix, message.message_id)
+                self._notes.set(key, json.dumps(note), ex=NOTE_TTL_SECONDS)
         except redis.RedisError:
             # The letter is dead either way; only its explanation is missing.
             return
 
+    def _rewrite(
+        self, broker: RedisBroker, message: dramatiq.broker.MessageProxy, note: dict[str, Any]
+    ) -> None:
+        rid = message.options.get("redis_message_id")
+        if rid is None:
+            return
+        annotated = message.copy(options=note)
+        script = self._scripts.get(id(broker))
+        if script is None:
+            script = self._scripts[id(broker)] = broker.client.register_script(_NOTE_LUA)
+        xq = f"{broker.namespace}:{xq_name(q_name(message.queue_name))}"
+        script(keys=[xq, f"{xq}.msgs"], args=[rid, annotated.encode()])
+
 
 # -- Worker registry -------------------------------------------------------------------------------
+
+
+def redis_client(connections: Connections) -> redis.Redis:
+    """A synchronous client of ``REDIS_URL`` with socket timeouts, so a hung Redis fails calls
+    instead of blocking them forever (the in-process stand-in when no URL is set)."""
+    url = connections.settings.redis_url
+    if url is None:
+        return connections.redis_sync()
+    return redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=5)
 
 
 def registry_index(prefix: str) -> str:

@@ -53,6 +53,9 @@ class Relay:
         """Drain forever: immediately when woken, else every ``poll_interval`` seconds."""
         failures = 0
         while True:
+            # Cleared before draining, so a write that lands during the drain wakes the next
+            # round at once instead of waiting for the poll.
+            self.wake.clear()
             try:
                 moved = await self.drain_once()
                 failures = 0
@@ -64,7 +67,6 @@ class Relay:
                 log.exception("relay.error", failures=failures)
             if moved >= self.batch_size:
                 continue
-            self.wake.clear()
             delay = self.poll_interval if not failures else min(self.max_backoff, 0.25 * 2**failures)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.wake.wait(), delay)

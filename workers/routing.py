@@ -5,10 +5,10 @@ from __future__ import annotations
 EVENT_ACTORS: dict[str, tuple[str, ...]] = {
     "user.registered": ("send_welcome_email",),
     "user.logged_in": ("refresh_user_cache",),
-    "task.created": ("refresh_user_cache", "index_task", "fan_out_webhooks"),
+    "task.created": ("refresh_user_cache", "index_task", "fan_out_webhooks", "fold_analytics"),
     "task.updated": ("refresh_user_cache", "index_task", "fan_out_webhooks"),
-    "task.completed": ("refresh_user_cache", "index_task", "fan_out_webhooks"),
-    "task.deleted": ("refresh_user_cache", "index_task", "fan_out_webhooks"),
+    "task.completed": ("refresh_user_cache", "index_task", "fan_out_webhooks", "fold_analytics"),
+    "task.deleted": ("refresh_user_cache", "index_task", "fan_out_webhooks", "fold_analytics"),
     "webhook.redelivery_requested": ("redeliver_webhook",),
 }
 

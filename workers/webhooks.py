@@ -117,7 +117,7 @@ async def post(
                 url,
                 data=body,
                 headers={**headers, "Accept-Encoding": "identity"},
-                allow_redirects=True,
+                allow_redirects=False,
             ) as response,
         ):
             code = response.status

@@ -67,7 +67,7 @@ def test_query_words_are_distinct_and_bounded() -> None:
     assert len(search.query_words(" ".join(f"w{i}" for i in range(10)))) == 10
     with pytest.raises(Invalid) as info:
         search.query_words(" ".join(f"w{i}" for i in range(11)))
-    assert info.value.errors[0].field == "query.q"
+    assert info.value.errors[0].field == "q"
 
 
 def test_term_weights_exact_beats_prefix_and_fields_are_weighted() -> None:

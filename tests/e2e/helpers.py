@@ -6,6 +6,7 @@ Every wait is bounded, and every failure message carries the process's output.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -48,6 +49,7 @@ class Proc:
             prefix="tm-e2e-", suffix=".log", delete=False
         )
         self.log_path = Path(self._out.name)
+        self._seen: dict[int, str] = {}
         self.popen = subprocess.Popen(
             args, env=dict(env), cwd=cwd, stdout=self._out, stderr=subprocess.STDOUT
         )
@@ -72,13 +74,18 @@ class Proc:
 
     def children(self) -> list[int]:
         """Pids of the process's direct children (Linux ``/proc``)."""
-        pids: list[int] = []
-        for path in Path(f"/proc/{self.pid}/task").glob("*/children"):
-            try:
-                pids += [int(p) for p in path.read_text().split()]
-            except OSError:
-                continue
-        return sorted(set(pids))
+        return children_of(self.pid)
+
+    def descendants(self) -> list[int]:
+        """Pids of the children, their children, and so on."""
+        found: list[int] = []
+        todo = children_of(self.pid)
+        while todo:
+            pid = todo.pop()
+            if pid not in found:
+                found.append(pid)
+                todo += children_of(pid)
+        return found
 
     def stop(self, sig: int = signal.SIGTERM, grace: float = 30.0) -> tuple[int, bool]:
         """Send ``sig`` and wait up to ``grace`` seconds, then KILL.
@@ -87,6 +94,8 @@ class Proc:
         """
         if self.popen.poll() is not None:
             return self.popen.returncode, True
+        # Remembered for close(): a dead parent's children are re-parented out of reach.
+        self._remember_descendants()
         self.popen.send_signal(sig)
         try:
             return self.popen.wait(grace), True
@@ -94,13 +103,43 @@ class Proc:
             self.popen.kill()
             return self.popen.wait(10), False
 
-    def close(self) -> None:
-        """Kill the process if still running and delete its output file."""
-        if self.popen.poll() is None:
-            self.popen.kill()
-            self.popen.wait(10)
+    def close(self, grace: float = 20.0) -> None:
+        """Clean-up after the test: stop the process (TERM, then KILL) and KILL anything it
+        started that is still running; delete its output file."""
+        self._remember_descendants()
+        self.stop(signal.SIGTERM, grace=grace)
+        for pid, started in self._seen.items():
+            if _start_time(pid) == started:  # the same process, not a reused pid
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
         self._out.close()
         self.log_path.unlink(missing_ok=True)
+
+    def _remember_descendants(self) -> None:
+        for pid in self.descendants():
+            started = _start_time(pid)
+            if started is not None:
+                self._seen.setdefault(pid, started)
+
+
+def children_of(pid: int) -> list[int]:
+    """Pids of the direct children of ``pid`` (Linux ``/proc``)."""
+    pids: set[int] = set()
+    for path in Path(f"/proc/{pid}/task").glob("*/children"):
+        try:
+            pids.update(int(p) for p in path.read_text().split())
+        except OSError:
+            continue
+    return sorted(pids)
+
+
+def _start_time(pid: int) -> str | None:
+    """The start time of ``pid`` (``/proc/<pid>/stat`` field 22), None when gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
 
 
 def start(args: list[str], env: Mapping[str, str], *, cwd: str | None = None) -> Proc:

@@ -99,7 +99,6 @@ async def test_separate_web_and_worker_processes_deliver_the_welcome_email(
         assert not [pid for pid in worker_children if pid_alive(pid)]
     finally:
         for proc in (web, worker):
-            proc.stop(signal.SIGKILL, grace=10)
             proc.close()
 
 

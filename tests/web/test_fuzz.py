@@ -4,37 +4,56 @@ The real app is served on loopback (over the real MongoDB test server and Redis)
 loop of its own, so schemathesis' synchronous client can call it. For every operation of the
 document the app serves, Hypothesis draws requests from that document, valid and invalid, and
 every answer must match it: no 5xx, a documented status, content type, headers and body, and
-``application/problem+json`` for every error. A registered user's token, and real tasks with
-their ETags, are mixed into the drawn requests, so operations are exercised beyond 401 and 404.
+``application/problem+json`` for every error.
+
+Real credentials and real resources (tasks with their ETags, webhooks and their deliveries,
+queue and schedule names, cursors) are mixed into the drawn requests, so each operation is
+exercised beyond 401 and 404; what a JSON schema cannot say (an email must be deliverable, a
+webhook target must resolve to an allowed address) is filled in for the valid cases only.
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
+import time
 import uuid
 import warnings
 from collections.abc import Coroutine, Iterator
-from dataclasses import dataclass
+from contextlib import contextmanager
+from datetime import date, timedelta
 from typing import Any, TypeVar
 
 import pytest
 import requests
 import schemathesis
 from aiohttp import web
+from dramatiq import Worker
 from hypothesis import HealthCheck, given, settings
-from hypothesis.errors import HypothesisWarning
 from hypothesis import strategies as st
+from hypothesis.errors import HypothesisWarning
 from schemathesis import Case, CheckContext, GenerationMode, Response
+from schemathesis.specs.openapi.checks import ignored_auth
 
 from config.settings import Settings
 from web.routes import ROUTES
 
 T = TypeVar("T")
-TASKS = "/api/v1/tasks"
+API = "/api/v1"
 PASSWORD = "correct horse 1"
+ADMIN_EMAIL = "fuzz-admin@example.com"
+#: Nobody listens there: deliveries fail and are retried, but they exist.
+HOOK_URL = "http://127.0.0.1:9/hook"
 MAX_EXAMPLES = 40
 OPERATIONS = [(route.method, route.path) for route in ROUTES]
+ROUTE_OF = {(route.method, route.path): route for route in ROUTES}
+#: A request the schema calls valid may still be refused for the state it meets (412).
+CONFIG = schemathesis.Config.from_str(
+    """
+[checks.positive_data_acceptance]
+expected-statuses = ["2xx", "3xx", "401", "403", "404", "409", "412", "429"]
+"""
+)
 
 
 class LiveServer:
@@ -45,22 +64,39 @@ class LiveServer:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="fuzz-app", daemon=True)
         self.runner: web.AppRunner | None = None
+        self.worker: Worker | None = None
+
+    @property
+    def app(self) -> web.Application:
+        assert self.runner is not None
+        return self.runner.app
 
     def start(self) -> str:
         """Start serving; returns the base URL."""
         self.thread.start()
-        return self._run(self._start())
+        return self.run(self._start())
+
+    def start_worker(self) -> None:
+        """Run the app's actors in this process (for what only workers create)."""
+        from web.app import PLATFORM
+
+        if self.worker is None:
+            self.worker = Worker(self.app[PLATFORM].broker, worker_threads=2, worker_timeout=100)
+            self.worker.start()
 
     def stop(self) -> None:
-        """Stop serving and close the loop (the app's cleanup runs first)."""
+        """Stop the worker, then serving; the app's cleanup runs before the loop closes."""
+        if self.worker is not None:
+            self.worker.stop()
         if self.runner is not None:
-            self._run(self.runner.cleanup())
-        self._run(self.loop.shutdown_asyncgens())
+            self.run(self.runner.cleanup())
+        self.run(self.loop.shutdown_asyncgens())
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
         self.loop.close()
 
-    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run a coroutine on the app's loop (where its clients live) and wait for it."""
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(60)
 
     async def _start(self) -> str:
@@ -74,56 +110,147 @@ class LiveServer:
         return f"http://{host}:{port}"
 
 
-@dataclass
 class Live:
-    """The served app, an HTTP session to it and one registered account."""
+    """The served app, an HTTP session to it, a user and an admin."""
 
-    base: str
-    http: requests.Session
-    email: str = ""
-
-    def register(self) -> dict[str, Any]:
-        """Register this run's account."""
+    def __init__(self, server: LiveServer, base: str, http: requests.Session):
+        self.server = server
+        self.base = base
+        self.http = http
         self.email = f"fuzz-{uuid.uuid4().hex[:8]}@example.com"
-        return self._post(
-            "/api/v1/auth/register",
-            {"email": self.email, "password": PASSWORD, "name": "Fuzz"},
-            201,
+        pair = self.call("POST", "/auth/register", None, self.credentials(), 201)
+        self.user_id = str(pair["user"]["id"])
+        self.user = self.bearer(pair)
+        admin = {"email": ADMIN_EMAIL, "password": PASSWORD}
+        self.admin = self.bearer(self.call("POST", "/auth/login", None, admin, 200))
+        self._names: dict[str, list[str]] = {}
+
+    def credentials(self) -> dict[str, str]:
+        """The user's sign-in body (register adds a name)."""
+        return {"email": self.email, "password": PASSWORD, "name": "Fuzz"}
+
+    @staticmethod
+    def bearer(pair: Any) -> dict[str, str]:
+        return {"Authorization": f"Bearer {pair['access_token']}"}
+
+    def call(
+        self,
+        method: str,
+        path: str,
+        auth: dict[str, str] | None,
+        body: Any = None,
+        status: int = 200,
+        params: dict[str, Any] | None = None,
+    ) -> Any:
+        """One API call that must answer ``status``; returns its JSON body (or None)."""
+        resp = self.http.request(
+            method, self.base + API + path, json=body, headers=auth, params=params, timeout=30
         )
+        assert resp.status_code == status, f"{method} {path}: {resp.status_code} {resp.text}"
+        return resp.json() if resp.content else None
 
     def login(self) -> dict[str, Any]:
-        """A new login of the account (its own access and refresh tokens)."""
-        return self._post("/api/v1/auth/login", {"email": self.email, "password": PASSWORD}, 200)
+        """A new login of the user (its own access and refresh tokens)."""
+        pair: dict[str, Any] = self.call(
+            "POST", "/auth/login", None, {"email": self.email, "password": PASSWORD}
+        )
+        return pair
 
-    def new_task(self, auth: dict[str, str]) -> tuple[str, str]:
-        """A fresh task of the account: ``(id, ETag)``."""
-        resp = self.http.post(self.base + TASKS, json={"title": "seed"}, headers=auth, timeout=30)
+    def new_task(self) -> tuple[str, str]:
+        """A fresh task of the user: ``(id, ETag)``."""
+        resp = self.http.post(
+            f"{self.base}{API}/tasks", json={"title": "seed"}, headers=self.user, timeout=30
+        )
         assert resp.status_code == 201, resp.text
         return resp.json()["id"], resp.headers["ETag"]
 
-    def _post(self, path: str, body: dict[str, Any], status: int) -> dict[str, Any]:
-        resp = self.http.post(self.base + path, json=body, timeout=30)
-        assert resp.status_code == status, resp.text
-        payload: dict[str, Any] = resp.json()
-        return payload
+    def new_webhook(self) -> str:
+        """A fresh webhook of the user (on every event)."""
+        hook = self.call("POST", "/webhooks", self.user, {"url": HOOK_URL, "events": ["*"]}, 201)
+        return str(hook["id"])
+
+    def new_delivery(self) -> tuple[str, str]:
+        """A webhook with one delivery (made by the workers from a task event)."""
+        self.server.start_worker()
+        hook_id = self.new_webhook()
+        self.new_task()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            page = self.call("GET", f"/webhooks/{hook_id}/deliveries", self.user)
+            if page["items"]:
+                return hook_id, str(page["items"][0]["id"])
+            time.sleep(0.1)
+        raise AssertionError("the workers made no webhook delivery")
+
+    def new_notification(self) -> str:
+        """A fresh in-app notification of the user (as the workers make them)."""
+        from core.notifications import NewNotification, create_notifications
+        from web.keys import CONTEXT
+
+        item = NewNotification(
+            user_id=self.user_id, key=uuid.uuid4().hex, kind="welcome", title="Hi", body="Hello"
+        )
+        assert self.server.run(create_notifications(self.server.app[CONTEXT], [item])) == 1
+        return str(self.call("GET", "/notifications", self.user)["items"][0]["id"])
+
+    def names(self, path: str, key: str) -> list[str]:
+        """Names listed by an admin collection (queues, schedules)."""
+        if path == "/admin/schedules" and path not in self._names:
+            self._publish_schedule()
+        if path not in self._names:
+            items = self.call("GET", path, self.admin)["items"]
+            self._names[path] = [str(item[key]) for item in items]
+            assert self._names[path], f"{path} lists nothing"
+        return self._names[path]
+
+    def _publish_schedule(self) -> None:
+        """Publish the schedule as a running scheduler does."""
+        from jobs.scheduler import Scheduler
+        from web.app import PLATFORM
+        from web.keys import CONTEXT
+
+        app = self.server.app
+        self.server.run(Scheduler(app[CONTEXT], app[PLATFORM]).publish())
+
+    def cursor(self, path: str, query: dict[str, Any], auth: dict[str, str]) -> str | None:
+        """A real cursor of the same list (and sort), if it has a second page."""
+        params = {"limit": 1, **({"sort": query["sort"]} if "sort" in query else {})}
+        resp = self.http.get(self.base + API + path, headers=auth, params=params, timeout=30)
+        cursor = resp.json().get("next_cursor") if resp.status_code == 200 else None
+        return str(cursor) if cursor else None
+
+
+#: Every served app has an admin and lets webhooks target loopback.
+COMMON = {
+    "admin_email": ADMIN_EMAIL,
+    "admin_password": PASSWORD,
+    "webhook_allow_hosts": ["127.0.0.1"],
+}
+
+
+@contextmanager
+def serving(settings: Settings) -> Iterator[Live]:
+    """Serve the app with ``settings`` for the duration of the block."""
+    server = LiveServer(settings)
+    base = server.start()
+    try:
+        with requests.Session() as http:
+            yield Live(server, base, http)
+    finally:
+        server.stop()
 
 
 @pytest.fixture
 def live(make_settings: Any) -> Iterator[Live]:
     """The app on loopback with limits high enough that fuzzing is not throttled into 429s."""
-    server = LiveServer(
-        make_settings(
-            rate_limit="1000000/minute",
-            login_max_failures=1_000_000,
-            login_max_failures_per_address=1_000_000,
-        )
+    settings = make_settings(
+        rate_limit="1000000/minute",
+        login_max_failures=1_000_000,
+        login_max_failures_per_address=1_000_000,
+        **COMMON,
     )
-    base = server.start()
-    try:
-        with requests.Session() as http:
-            yield Live(base, http)
-    finally:
-        server.stop()
+    with serving(settings) as live:
+        yield live
 
 
 def problem_details(ctx: CheckContext, response: Response, case: Case) -> bool | None:
@@ -145,23 +272,21 @@ def _has_input(operation: Any) -> bool:
     with constraints (bare operations have no negative cases)."""
     definition = operation.definition.raw
     return "requestBody" in definition or any(
-        p["in"] != "header" or set(p["schema"]) - {"type"}
-        for p in definition.get("parameters", [])
+        p["in"] != "header" or set(p["schema"]) - {"type"} for p in definition.get("parameters", [])
     )
 
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize(("method", "path"), OPERATIONS, ids=[f"{m} {p}" for m, p in OPERATIONS])
 def test_operation_matches_document(live: Live, method: str, path: str) -> None:
-    schema = schemathesis.openapi.from_url(f"{live.base}/api/v1/openapi.json", timeout=30)
+    schema = schemathesis.openapi.from_url(
+        f"{live.base}{API}/openapi.json", config=CONFIG, timeout=30
+    )
     operation = schema[path][method]
-    op_id = operation.definition.raw["operationId"]
-    token = live.register()["access_token"]
-    auth = {"Authorization": f"Bearer {token}"}
     strategy = operation.as_strategy(GenerationMode.POSITIVE)
     if _has_input(operation):
         strategy = strategy | operation.as_strategy(GenerationMode.NEGATIVE)
-    seen: set[int] = set()
+    fuzz = Fuzz(live, ROUTE_OF[(method, path)].auth, operation.definition.raw["operationId"])
 
     @settings(
         max_examples=MAX_EXAMPLES,
@@ -172,15 +297,7 @@ def test_operation_matches_document(live: Live, method: str, path: str) -> None:
     )
     @given(case=strategy, data=st.data())
     def run(case: Case, data: st.DataObject) -> None:
-        headers = _prepare(case, data, live, auth, op_id)
-        response = case.call(base_url=live.base, session=live.http, headers=headers, timeout=30)
-        seen.add(response.status_code)
-        case.validate_response(
-            response,
-            additional_checks=[problem_details],
-            headers=headers,
-            transport_kwargs={"base_url": live.base, "session": live.http, "headers": headers},
-        )
+        fuzz.example(case, data)
 
     with warnings.catch_warnings():
         # The app's thread (PyMongo, redis-py) uses the global `random` while Hypothesis draws,
@@ -190,45 +307,200 @@ def test_operation_matches_document(live: Live, method: str, path: str) -> None:
         )
         run()
     # The run must have reached the operation's success path, not only its refusals.
-    assert any(200 <= s < 400 for s in seen), f"{method} {path} never succeeded: {sorted(seen)}"
+    assert any(200 <= s < 400 for s in fuzz.seen), f"{method} {path} never succeeded: {fuzz.seen}"
 
 
-def _prepare(
-    case: Case, data: st.DataObject, live: Live, auth: dict[str, str], op_id: str
-) -> dict[str, str]:
-    """Mix real credentials and resources into a drawn case; returns headers to send."""
-    positive = case.meta is not None and case.meta.generation.mode.is_positive
-    headers: dict[str, str] = {}
-    if case.operation.definition.raw.get("security"):
-        who = data.draw(st.sampled_from(["token", "token", "token", "none", "garbage"]), "auth")
-        if who == "token":
+class Fuzz:
+    """One operation's examples: fill in real values, call, validate."""
+
+    def __init__(self, live: Live, auth: str, op_id: str):
+        self.live = live
+        self.auth = auth
+        self.op_id = op_id
+        self.seen: set[int] = set()
+
+    def example(self, case: Case, data: st.DataObject) -> None:
+        """Send one drawn case (twice when it repeats an Idempotency-Key) and validate."""
+        headers = self._credentials(case, data)
+        positive = case.meta is not None and case.meta.generation.mode.is_positive
+        if positive:
+            self._fill_in(case, data, headers)
+        headers.update(self._resources(case, data))
+        if positive:
+            self._cursor(case)
+        repeat = False
+        if positive and "Idempotency-Key" in (case.headers or {}):
+            case.headers["Idempotency-Key"] = uuid.uuid4().hex
+            repeat = data.draw(st.booleans(), "repeat with the same key")
+        first = self._send(case, headers)
+        if repeat:
+            again = self._send(case, headers)
+            if 200 <= first.status_code < 300:
+                assert (again.status_code, again.content) == (first.status_code, first.content)
+                assert again.headers.get("idempotent-replayed") == ["true"]
+
+    def _send(self, case: Case, headers: dict[str, str]) -> Response:
+        live = self.live
+        response = case.call(base_url=live.base, session=live.http, headers=headers, timeout=30)
+        self.seen.add(response.status_code)
+        case.validate_response(
+            response,
+            additional_checks=[problem_details],
+            headers=headers,
+            transport_kwargs={"base_url": live.base, "session": live.http, "headers": headers},
+        )
+        return response
+
+    def _credentials(self, case: Case, data: st.DataObject) -> dict[str, str]:
+        if self.auth == "none":
+            return {}
+        choices = ["token", "token", "token", "none", "garbage"]
+        if self.auth == "admin":
+            choices.append("user")
+        who = data.draw(st.sampled_from(choices), "credentials")
+        if who == "none":
+            if case.headers:
+                case.headers.pop("Authorization", None)
+            return {}
+        if who == "garbage":
+            return {"Authorization": "Bearer not-a-token"}
+        if who == "user" or self.auth == "user":
             # Logging out ends the login: give it a login of its own.
-            headers.update(
-                {"Authorization": f"Bearer {live.login()['access_token']}"}
-                if op_id == "logout"
-                else auth
+            login = self.live.bearer(self.live.login()) if self.op_id == "logout" else None
+            return login or dict(self.live.user)
+        return dict(self.live.admin)
+
+    def _fill_in(self, case: Case, data: st.DataObject, headers: dict[str, str]) -> None:
+        """What the schema cannot say, for valid cases: real credentials, a deliverable email,
+        an allowed webhook target, a cursor the server signed."""
+        live, body = self.live, case.body
+        if isinstance(body, dict):
+            if self.op_id == "register":
+                case.body = {**body, "email": f"{uuid.uuid4().hex[:10]}@example.com"}
+            elif self.op_id == "create_webhook":
+                case.body = {**body, "url": HOOK_URL}
+            elif self.op_id == "login" and data.draw(st.booleans(), "real login"):
+                case.body = {"email": live.email, "password": PASSWORD}
+            elif self.op_id == "refresh" and data.draw(st.booleans(), "real refresh token"):
+                case.body = {"refresh_token": live.login()["refresh_token"]}
+            elif self.op_id == "bulk_tasks" and data.draw(st.booleans(), "real ids"):
+                real = [live.new_task()[0] for _ in range(2)]
+                case.body = {**body, "ids": real + list(body.get("ids", []))[:3]}
+        query = case.query or {}
+        if self.op_id == "analytics_summary" and "from" in query and "to" in query:
+            # At most 366 days, 'from' first: a rule across two parameters.
+            start = date.fromisoformat(query["from"])
+            days = data.draw(st.integers(0, min(365, (date.max - start).days)), "days")
+            case.query = {**query, "to": (start + timedelta(days=days)).isoformat()}
+        elif self.op_id == "analytics_summary" and "from" in query:
+            days = data.draw(st.integers(0, 365), "days back")
+            case.query = {**query, "from": (date.today() - timedelta(days=days)).isoformat()}
+
+    def _cursor(self, case: Case) -> None:
+        """A cursor is opaque and signed: a valid case gets a real one, or none."""
+        query = case.query or {}
+        if "cursor" not in query:
+            return
+        auth = self.live.admin if self.auth == "admin" else self.live.user
+        path = case.formatted_path.removeprefix(API)
+        cursor = self.live.cursor(path, query, auth)
+        if cursor is None:
+            case.query = {k: v for k, v in query.items() if k != "cursor"}
+        else:
+            case.query = {**query, "cursor": cursor}
+
+    def _resources(self, case: Case, data: st.DataObject) -> dict[str, str]:
+        """Sometimes point the path at real resources; returns conditional headers to send."""
+        params = case.path_parameters or {}
+        if not params or not data.draw(st.booleans(), "real resources"):
+            return {}
+        path, live = case.path, self.live
+        headers: dict[str, str] = {}
+        real: dict[str, str] = {}
+        if path.startswith(f"{API}/tasks/"):
+            task_id, etag = live.new_task()
+            real["id"] = task_id
+            for name in ("If-Match", "If-None-Match"):
+                if any(p.name == name for p in case.operation.iter_parameters()):
+                    choice = data.draw(st.sampled_from(["drawn", "current", "*", "stale"]), name)
+                    value = {"current": etag, "*": "*", "stale": f'"{task_id}.0"'}.get(choice)
+                    if value is not None:
+                        headers[name] = value
+        elif path.startswith(f"{API}/notifications/"):
+            real["id"] = live.new_notification()
+        elif "delivery_id" in params:
+            real["id"], real["delivery_id"] = live.new_delivery()
+        elif path.startswith(f"{API}/webhooks/"):
+            real["id"] = live.new_webhook()
+        elif path.startswith(f"{API}/admin/queues/"):
+            real["queue"] = data.draw(st.sampled_from(live.names("/admin/queues", "queue")))
+        elif path.startswith(f"{API}/admin/schedules/"):
+            real["name"] = data.draw(st.sampled_from(live.names("/admin/schedules", "name")))
+        case.path_parameters = {**params, **real}
+        return headers
+
+
+@pytest.mark.timeout(120)
+def test_refusals_the_fuzzer_cannot_reach_match_document(make_settings: Any) -> None:
+    """Too large a body (413), the rate limit and the sign-in throttle (429), a duplicate
+    account (409): answered as documented, headers included."""
+    settings = make_settings(
+        rate_limit="10/minute", max_body_size=1024, login_max_failures=2, **COMMON
+    )
+    with serving(settings) as live:
+        schema = schemathesis.openapi.from_url(
+            f"{live.base}{API}/openapi.json", config=CONFIG, timeout=30
+        )
+
+        def answer(method: str, path: str, **parts: Any) -> int:
+            case = schema[API + path][method].Case(**parts)
+            response = case.call(base_url=live.base, session=live.http, timeout=30)
+            # ignored_auth probes without credentials: here that spends the address's budget.
+            case.validate_response(
+                response, additional_checks=[problem_details], excluded_checks=[ignored_auth]
             )
-        elif who == "garbage":
-            headers["Authorization"] = "Bearer not-a-token"
-        elif case.headers:
-            case.headers.pop("Authorization", None)
-    if "id" in (case.path_parameters or {}) and data.draw(st.booleans(), "real task"):
-        task_id, etag = live.new_task(auth)
-        case.path_parameters = {**(case.path_parameters or {}), "id": task_id}
-        for name in ("If-Match", "If-None-Match"):
-            if any(p.name == name for p in case.operation.iter_parameters()):
-                choice = data.draw(st.sampled_from(["drawn", "current", "*", "stale"]), name)
-                value = {"current": etag, "*": "*", "stale": f'"{task_id}.0"'}.get(choice)
-                if value is not None:
-                    headers[name] = value
-    if positive and isinstance(case.body, dict):
-        if op_id == "login" and data.draw(st.booleans(), "real login"):
-            case.body = {"email": live.email, "password": PASSWORD}
-        elif op_id == "refresh" and data.draw(st.booleans(), "real refresh token"):
-            case.body = {"refresh_token": live.login()["refresh_token"]}
-        elif op_id == "register" and data.draw(st.booleans(), "fresh email"):
-            case.body = {**case.body, "email": f"{uuid.uuid4().hex[:10]}@example.com"}
-        elif op_id == "bulk_tasks" and data.draw(st.booleans(), "real ids"):
-            real = [live.new_task(auth)[0] for _ in range(2)]
-            case.body = {**case.body, "ids": real + list(case.body.get("ids", []))[:3]}
-    return headers
+            return response.status_code
+
+        big = {"title": "big", "description": "x" * 2048}
+        assert answer("POST", "/tasks", headers=live.user, body=big) == 413
+        taken = {**live.credentials(), "email": live.email}
+        assert answer("POST", "/auth/register", body=taken) == 409
+        wrong = {"email": live.email, "password": "not the password"}
+        assert [answer("POST", "/auth/login", body=wrong) for _ in range(3)] == [401, 401, 429]
+        statuses = [answer("GET", "/me", headers=live.user) for _ in range(12)]
+        assert statuses[0] == 200 and statuses[-1] == 429, statuses
+
+
+def test_edge_values_are_refused_as_documented(live: Live) -> None:
+    """Values a fuzzer seldom draws: dates that leave years 1-9999 once in UTC, and null
+    where a bulk change needs a value. Each is a documented 422, not a 500."""
+    schema = schemathesis.openapi.from_url(
+        f"{live.base}{API}/openapi.json", config=CONFIG, timeout=30
+    )
+    task_id, _ = live.new_task()
+
+    def answer(method: str, path: str, **parts: Any) -> int:
+        case = schema[API + path][method].Case(**parts)
+        response = case.call(base_url=live.base, session=live.http, timeout=30)
+        case.validate_response(response, additional_checks=[problem_details])
+        return response.status_code
+
+    for when in ("0001-01-01T00:30:00+01:00", "9999-12-31T23:30:00-01:00"):
+        body = {"title": "edge", "due_at": when}
+        assert answer("POST", "/tasks", headers=live.user, body=body) == 422
+        patch = {"due_at": when}
+        assert (
+            answer(
+                "PATCH",
+                "/tasks/{id}",
+                headers=live.user,
+                body=patch,
+                path_parameters={"id": task_id},
+            )
+            == 422
+        )
+        assert answer("GET", "/tasks", headers=live.user, query={"due_before": when}) == 422
+    for field in ("status", "priority", "tags"):
+        body = {"ids": [task_id], "set": {field: None}}
+        assert answer("POST", "/tasks/bulk", headers=live.user, body=body) == 422
+    assert live.call("GET", f"/tasks/{task_id}", live.user)["status"] == "todo"

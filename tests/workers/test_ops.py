@@ -22,7 +22,7 @@ from config.connections import Connections
 from config.settings import Settings
 from workers.broker import Platform, build_broker
 from workers.heartbeat import WorkerHeartbeat, sweep
-from workers.ops import RedisQueueInspector, host_has_live_worker, list_workers
+from workers.ops import host_has_live_worker, list_workers
 
 QUEUE = "ops_test"
 
@@ -248,7 +248,9 @@ def test_sweep_requeues_only_the_messages_of_dead_workers(settings: Settings) ->
     consumer = survivor.broker.consume(queue, prefetch=1, timeout=100)
     again = wait_for(lambda: next(consumer), what="the requeued message")
     assert again.args[0]["user_id"] in {"a", "b"}
-    assert r.scard(f"{settings.redis_prefix}dramatiq:__acks__.{crashed.broker.broker_id}.{queue}") == 0
+    assert (
+        r.scard(f"{settings.redis_prefix}dramatiq:__acks__.{crashed.broker.broker_id}.{queue}") == 0
+    )
     for p in (crashed, alive, survivor):
         p.broker.close()
 
@@ -385,3 +387,71 @@ def test_cli_healthcheck_worker(
     assert "healthy" in out.output
     worker.stop(timeout=10_000)
     assert invoke("healthcheck", "worker").exit_code == 1
+
+
+# -- RabbitMQ --------------------------------------------------------------------------------
+
+
+def test_rabbitmq_counts_and_dead_letters(make_settings: Any, rabbitmq_url: str) -> None:
+    import pika
+
+    from workers.ops import RabbitmqQueueInspector
+
+    platform = build_broker(Connections(make_settings(broker_url=rabbitmq_url)))
+    # RabbitMQ queue names are global: a unique one keeps this test to itself.
+    queue = f"ops_test_{time.time_ns()}"
+    body = Flaky()
+
+    def flaky_actor(*args: Any) -> None:
+        body(*args)
+
+    actor = dramatiq.actor(
+        flaky_actor, broker=platform.broker, queue_name=queue, actor_name="flaky", max_retries=0
+    )
+    inspector = platform.inspector
+    assert isinstance(inspector, RabbitmqQueueInspector)
+    worker: Worker | None = None
+    try:
+        for i in range(3):
+            actor.send(i)
+        actor.send_with_options(args=(9,), delay=60_000)
+        s = stats_of(platform, queue)
+        assert (s.ready, s.delayed, s.dead, s.in_progress, s.oldest_age_seconds) == (
+            3,
+            1,
+            0,
+            None,
+            None,
+        )
+        worker = Worker(platform.broker, queues={queue}, worker_threads=1, worker_timeout=100)
+        worker.start()
+        wait_for(lambda: stats_of(platform, queue).dead == 3, what="three dead letters")
+
+        page = inspector.dead(queue, limit=2)
+        rest = inspector.dead(queue, limit=2, cursor=page.next_cursor)
+        assert (len(page.items), len(rest.items), rest.next_cursor) == (2, 1, None)
+        items = page.items + rest.items
+        assert sorted(m.args[0] for m in items) == [0, 1, 2]
+        assert all(m.failed_at is not None and m.actor == "flaky" for m in items)
+        assert "RuntimeError: boom" in (items[0].error or "")
+        # Listing returned every letter to the queue.
+        assert stats_of(platform, queue).dead == 3
+
+        body.failing.clear()
+        result = inspector.retry(queue, [items[0].id])
+        assert (result.retried, result.not_found) == (1, [])
+        wait_for(lambda: body.done, what="the replayed message")
+        assert body.done == [(items[0].args[0],)]
+        assert inspector.retry(queue, [items[0].id]).not_found == [items[0].id]
+        assert stats_of(platform, queue).dead == 2
+        assert inspector.purge(queue) == 2
+        assert stats_of(platform, queue).dead == 0
+    finally:
+        if worker is not None:
+            worker.stop(timeout=10_000)
+        platform.broker.close()
+        connection = pika.BlockingConnection(pika.URLParameters(rabbitmq_url))
+        channel = connection.channel()
+        for name in (queue, f"{queue}.DQ", f"{queue}.XQ"):
+            channel.queue_delete(name)
+        connection.close()

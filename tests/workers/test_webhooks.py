@@ -8,13 +8,14 @@ import itertools
 import json
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 from aiohttp import web
 from dramatiq import Worker
+from dramatiq.brokers.redis import RedisBroker
 
 from config.connections import Connections
 from core import webhooks
@@ -98,13 +99,44 @@ async def receiver(aiohttp_server: Any) -> Receiver:
     return rec
 
 
+@pytest.fixture
+def brokers() -> Iterator[list[Any]]:
+    """Brokers to close at the very end (list this fixture first, so it is torn down after the
+    apps and workers): a Dramatiq broker never closes its Redis connections, and sockets left
+    to the garbage collector warn in whichever test happens to collect them."""
+    made: list[Any] = []
+    yield made
+    for broker in made:
+        if isinstance(broker, RedisBroker):
+            broker.client.connection_pool.disconnect()
+
+
+@pytest.fixture
+async def run_worker(brokers: list[Any], worker_for: Any) -> AsyncIterator[Any]:
+    """``worker_for``, and before it stops the workers, wait for every queue to drain."""
+    started: list[Any] = []
+
+    def start(app: Any) -> Any:
+        started.append(app[PLATFORM].broker)
+        return worker_for(app)
+
+    yield start
+    for broker in started:
+        await settle(broker)
+
+
 async def setup(
-    make_settings: Any, aiohttp_client: Any, worker_for: Any | None, **overrides: Any
+    brokers: list[Any],
+    make_settings: Any,
+    aiohttp_client: Any,
+    start_worker: Any | None,
+    **overrides: Any,
 ) -> tuple[Any, Any, dict[str, str]]:
     app = create_app(make_settings(**{**FAST, **overrides}))
+    brokers.append(app[PLATFORM].broker)
     client = await aiohttp_client(app)
-    if worker_for is not None:
-        worker_for(app)
+    if start_worker is not None:
+        start_worker(app)
     pair = await register(client)
     return app, client, bearer(pair["access_token"])
 
@@ -159,10 +191,17 @@ async def join(app: Any) -> None:
     await asyncio.to_thread(app[PLATFORM].broker.join, "webhooks", timeout=20_000)
 
 
+async def settle(broker: Any) -> None:
+    """Wait until every queue is empty, so no actor (of any concern: task events also feed
+    the cache, search and analytics) is still running when the worker is stopped."""
+    for queue in sorted(broker.get_declared_queues()):
+        await asyncio.to_thread(broker.join, queue, timeout=20_000)
+
+
 async def test_task_event_is_delivered_signed(
-    make_settings: Any, aiohttp_client: Any, worker_for: Any, receiver: Receiver
+    brokers: list[Any], make_settings: Any, aiohttp_client: Any, run_worker: Any, receiver: Receiver
 ) -> None:
-    app, client, auth = await setup(make_settings, aiohttp_client, worker_for)
+    app, client, auth = await setup(brokers, make_settings, aiohttp_client, run_worker)
     created = await add_hook(client, auth, receiver.url("all"), ["*"])
     task = await add_task(client, auth, title="Ship it")
 
@@ -205,9 +244,9 @@ async def test_task_event_is_delivered_signed(
 
 
 async def test_only_subscribed_events_are_delivered(
-    make_settings: Any, aiohttp_client: Any, worker_for: Any, receiver: Receiver
+    brokers: list[Any], make_settings: Any, aiohttp_client: Any, run_worker: Any, receiver: Receiver
 ) -> None:
-    app, client, auth = await setup(make_settings, aiohttp_client, worker_for)
+    app, client, auth = await setup(brokers, make_settings, aiohttp_client, run_worker)
     every = await add_hook(client, auth, receiver.url("every"), ["*"])
     done = await add_hook(client, auth, receiver.url("done"), ["task.completed"])
     task = await add_task(client, auth)
@@ -234,9 +273,9 @@ async def test_only_subscribed_events_are_delivered(
 
 
 async def test_failing_endpoint_retries_then_dead_letters_then_redelivers(
-    make_settings: Any, aiohttp_client: Any, worker_for: Any, receiver: Receiver
+    brokers: list[Any], make_settings: Any, aiohttp_client: Any, run_worker: Any, receiver: Receiver
 ) -> None:
-    app, client, auth = await setup(make_settings, aiohttp_client, worker_for)
+    app, client, auth = await setup(brokers, make_settings, aiohttp_client, run_worker)
     receiver.status = 500
     receiver.reply = "x" * 5000
     hook = await add_hook(client, auth, receiver.url(), ["task.created"])
@@ -289,10 +328,10 @@ async def test_failing_endpoint_retries_then_dead_letters_then_redelivers(
 
 
 async def test_redirects_are_not_followed(
-    make_settings: Any, aiohttp_client: Any, worker_for: Any, receiver: Receiver
+    brokers: list[Any], make_settings: Any, aiohttp_client: Any, run_worker: Any, receiver: Receiver
 ) -> None:
     app, client, auth = await setup(
-        make_settings, aiohttp_client, worker_for, webhook_max_retries=0
+        brokers, make_settings, aiohttp_client, run_worker, webhook_max_retries=0
     )
     receiver.status = 302
     hook = await add_hook(client, auth, receiver.url(), ["task.created"])
@@ -307,10 +346,15 @@ async def test_redirects_are_not_followed(
 
 
 async def test_slow_endpoint_times_out(
-    make_settings: Any, aiohttp_client: Any, worker_for: Any, receiver: Receiver
+    brokers: list[Any], make_settings: Any, aiohttp_client: Any, run_worker: Any, receiver: Receiver
 ) -> None:
     app, client, auth = await setup(
-        make_settings, aiohttp_client, worker_for, webhook_max_retries=0, webhook_timeout=0.3
+        brokers,
+        make_settings,
+        aiohttp_client,
+        run_worker,
+        webhook_max_retries=0,
+        webhook_timeout=0.3,
     )
     receiver.delay = 1.5
     hook = await add_hook(client, auth, receiver.url(), ["task.created"])
@@ -321,13 +365,14 @@ async def test_slow_endpoint_times_out(
 
 
 async def test_target_is_checked_again_at_delivery(
-    make_settings: Any, aiohttp_client: Any, receiver: Receiver
+    brokers: list[Any], make_settings: Any, aiohttp_client: Any, receiver: Receiver
 ) -> None:
     """Registered while 127.0.0.1 was allow-listed; the worker's settings no longer list it,
     so the delivery is refused without a request, and dead-lettered at once."""
-    app, client, auth = await setup(make_settings, aiohttp_client, None)
+    app, client, auth = await setup(brokers, make_settings, aiohttp_client, None)
     hook = await add_hook(client, auth, receiver.url(), ["task.created"])
     strict = build_broker(Connections(make_settings(**{**FAST, "webhook_allow_hosts": []})))
+    brokers.append(strict.broker)
     worker = Worker(strict.broker, worker_threads=2, worker_timeout=100)
     worker.start()
     try:
@@ -335,6 +380,7 @@ async def test_target_is_checked_again_at_delivery(
         dead = await wait_delivery(app, hook["id"], lambda d: d["status"] == "dead")
         await wait_dead_lettered(app, dead["_id"])
     finally:
+        await settle(strict.broker)
         await asyncio.to_thread(worker.stop)
     assert "loopback address (127.0.0.1)" in dead["last_error"]
     assert dead["attempts"] == 1
@@ -343,9 +389,11 @@ async def test_target_is_checked_again_at_delivery(
 
 
 async def test_duplicate_fan_out_and_delivery_messages_post_once(
-    make_settings: Any, aiohttp_client: Any, worker_for: Any, receiver: Receiver
+    brokers: list[Any], make_settings: Any, aiohttp_client: Any, run_worker: Any, receiver: Receiver
 ) -> None:
-    app, client, auth = await setup(make_settings, aiohttp_client, None, webhook_max_retries=5)
+    app, client, auth = await setup(
+        brokers, make_settings, aiohttp_client, None, webhook_max_retries=5
+    )
     hook = await add_hook(client, auth, receiver.url(), ["task.created"])
     await add_task(client, auth)
     event = await app[CONTEXT].store["events"].find_one({"type": "task.created"})
@@ -353,7 +401,7 @@ async def test_duplicate_fan_out_and_delivery_messages_post_once(
     # The relay sends it once; an at-least-once broker may hand it over again.
     for _ in range(2):
         await asyncio.to_thread(fan_out.send, public_event(event))
-    worker_for(app)
+    run_worker(app)
     await receiver.wait_for(1)
     await join(app)
     delivery_id = f"{event['_id']}:{hook['id']}"
@@ -366,10 +414,10 @@ async def test_duplicate_fan_out_and_delivery_messages_post_once(
 
 
 async def test_deleted_webhook_gets_nothing(
-    make_settings: Any, aiohttp_client: Any, worker_for: Any, receiver: Receiver
+    brokers: list[Any], make_settings: Any, aiohttp_client: Any, run_worker: Any, receiver: Receiver
 ) -> None:
     """Deleted after its delivery was created and enqueued, before any worker ran."""
-    app, client, auth = await setup(make_settings, aiohttp_client, None)
+    app, client, auth = await setup(brokers, make_settings, aiohttp_client, None)
     hook = await add_hook(client, auth, receiver.url(), ["*"])
     await add_task(client, auth)
     store = app[CONTEXT].store
@@ -379,7 +427,7 @@ async def test_deleted_webhook_gets_nothing(
     deliver = app[PLATFORM].actors["deliver_webhook"]
     await asyncio.to_thread(deliver.send, delivery["_id"], 0)
     assert (await client.delete(f"{W}/{hook['id']}", headers=auth)).status == 204
-    worker_for(app)
+    run_worker(app)
     await join(app)
     assert receiver.hits == []
     assert await store["webhook_deliveries"].count_documents({}) == 0

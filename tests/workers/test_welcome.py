@@ -1,4 +1,4 @@
-"""API → outbox → relay → Redis broker → worker → real SMTP server."""
+"""API → outbox → relay → broker (Redis and RabbitMQ, both real) → worker → real SMTP."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from web.app import CONTEXT, PLATFORM, create_app
 
 
 async def test_register_sends_one_welcome_email(
-    make_settings: Any, aiohttp_client: Any, smtp: SmtpSink, worker_for: Any
+    broker_settings: Any, aiohttp_client: Any, smtp: SmtpSink, worker_for: Any
 ) -> None:
-    app = create_app(make_settings(smtp_url=smtp.url))
+    app = create_app(broker_settings(smtp_url=smtp.url))
     client = await aiohttp_client(app)
     worker_for(app)
     pair = await register(client, "welcome@example.com", name="Wendy")
@@ -28,9 +28,9 @@ async def test_register_sends_one_welcome_email(
 
 
 async def test_welcome_actor_is_idempotent(
-    make_settings: Any, aiohttp_client: Any, smtp: SmtpSink, worker_for: Any
+    broker_settings: Any, aiohttp_client: Any, smtp: SmtpSink, worker_for: Any
 ) -> None:
-    app = create_app(make_settings(smtp_url=smtp.url))
+    app = create_app(broker_settings(smtp_url=smtp.url))
     client = await aiohttp_client(app)
     worker_for(app)
     pair = await register(client)
@@ -46,10 +46,10 @@ async def test_welcome_actor_is_idempotent(
 
 
 async def test_welcome_respects_preferences(
-    make_settings: Any, aiohttp_client: Any, smtp: SmtpSink, worker_for: Any
+    broker_settings: Any, aiohttp_client: Any, smtp: SmtpSink, worker_for: Any
 ) -> None:
     """A user who opted out before the worker ran gets nothing."""
-    app = create_app(make_settings(smtp_url=smtp.url))
+    app = create_app(broker_settings(smtp_url=smtp.url))
     client = await aiohttp_client(app)
     pair = await register(client)
     await (

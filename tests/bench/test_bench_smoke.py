@@ -1,0 +1,88 @@
+"""Smoke test of ``python -m bench api``: a tiny run (with a profile and the trial patches)
+must produce a complete report with no errors. It asserts nothing about speed: the benchmark
+reports its targets and never fails on them.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import redis
+
+ROOT = Path(__file__).resolve().parents[2]
+LABELS = [
+    "GET /tasks",
+    "GET /tasks?status=todo",
+    "GET /tasks/{id}",
+    "GET /tasks/stats",
+    "POST /tasks",
+]
+
+
+@pytest.mark.timeout(120)
+def test_api_benchmark_runs_end_to_end(tmp_path: Path) -> None:
+    report_path, json_path = tmp_path / "api.txt", tmp_path / "api.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "api",
+            "--seconds",
+            "0.4",
+            "--warmup",
+            "0.2",
+            "--tasks",
+            "30",
+            "--out",
+            str(report_path),
+            "--json",
+            str(json_path),
+            "--profile",
+            "stats",
+            "--trials",
+            "all",
+            "--trial-endpoints",
+            "stats",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=110,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = report_path.read_text()
+    assert report == proc.stdout
+    results = json.loads(json_path.read_text())
+
+    assert [e["label"] for e in results["endpoints"].values()] == LABELS
+    for key, endpoint in results["endpoints"].items():
+        for kind in ("http", "raw", "raw_queries"):
+            measured = endpoint[kind]
+            assert measured["errors"] == {}, (key, kind, measured["error_sample"])
+            assert measured["ok"] > 0, (key, kind)
+        assert f"\n{endpoint['label']} " in report
+    # The cached endpoints were measured on their cache-hit path, as the raw store mirrors.
+    assert results["endpoints"]["list"]["cache_hit_ratio"] == 1.0
+    assert results["endpoints"]["stats"]["cache_hit_ratio"] == 1.0
+    assert results["ceiling"]["ok"] > 0
+    assert results["web_rss_mb"] > 0
+    assert "web process RSS after the run" in report
+    # The profile and the trial patches ran too (they are opt-in in `make bench`).
+    [profile] = results["profiles"]
+    assert profile["endpoint"] == "GET /tasks/stats"
+    assert profile["requests"] > 0
+    assert profile["categories"]
+    assert "profile of GET /tasks/stats" in report
+    for name in ("none", "all"):
+        trial = results["trials"][name]["stats"]
+        assert trial["errors"] == {}, (name, trial["error_sample"])
+        assert trial["ok"] > 0
+    # Every Redis key the run wrote (cache, limits, broker queues) was deleted.
+    if not results["redis_private"]:
+        client = redis.Redis.from_url(results["redis_url"])
+        assert list(client.scan_iter(match=results["redis_prefix"] + "*")) == []
