@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test lint typecheck pytest bench clean
+.PHONY: install run test lint typecheck pytest bench clean browser
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,7 +24,21 @@ lint: install
 typecheck: install
 	$(BIN)/mypy
 
-pytest: install
+# The dashboard test (tests/web/test_dashboard.py) drives Debian's Chromium, never a browser
+# build downloaded by Playwright: install the package when it is missing and we are root.
+CHROMIUM := /usr/bin/chromium
+
+browser:
+	@if [ -x $(CHROMIUM) ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "make: installing Debian's chromium for the dashboard test"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	else \
+	  echo "make: $(CHROMIUM) is missing and this is not root: run 'sudo apt-get install chromium'" \
+	    "(tests/web/test_dashboard.py fails without it)"; \
+	fi
+
+pytest: install browser
 	$(BIN)/pytest
 
 test: lint typecheck pytest

@@ -1,6 +1,10 @@
 """The API benchmark: throughput and latency of the task endpoints beside the bare-aiohttp
 ceiling and the raw store cost of the same queries, all measured in one run.
 
+Measured: ``GET /tasks`` (the default first page, which the product serves from its cache),
+``GET /tasks?status=todo`` (a page that goes to MongoDB), ``GET /tasks/{id}`` (random ids),
+``GET /tasks/stats`` (a cache hit) and ``POST /tasks``, for a user with 500 tasks.
+
 What runs (all on loopback, all started and stopped here):
 
 * SecantusDB in memory, and Redis (the machine's on 6379 under a unique key prefix, else a
@@ -16,9 +20,16 @@ What runs (all on loopback, all started and stopped here):
   then the endpoint's queries. Writes go to a twin database with the same indexes, so the web
   process's outbox relay never sees them.
 
+CPU is read per process (``/proc``, Redis ``INFO``) during every window, so the report says
+which process was the bottleneck and how much other work on the machine disturbed the run.
+
 Targets (reported, never asserted): ``GET /tasks/stats`` ≥ 50 % of the ceiling with p95 ≤
 10 ms; every other endpoint ≥ 70 % of the lower of (ceiling, raw store); the web process ≤ 80 MB
 RSS after the run.
+
+Opt-in extras: ``--profile [KEYS]`` profiles endpoints in a fresh web process (cProfile on the
+event-loop thread's CPU clock, see bench/webproc.py); ``--trials PATCHES`` measures trial
+optimisations (bench/patches.py) end to end, each in its own web process, round-robin.
 """
 
 from __future__ import annotations
@@ -32,6 +43,7 @@ import platform
 import pstats
 import random
 import signal
+import statistics
 import sys
 import tempfile
 import time
@@ -165,6 +177,8 @@ class Options:
     profile: str | None = None
     trials: list[str] = field(default_factory=list)
     trial_endpoints: list[str] = field(default_factory=lambda: ["list", "get", "stats"])
+    trial_rounds: int = 3
+    trial_seconds: float = 2.0
     out: Path | None = RESULTS / "api-latest.txt"
     json_out: Path | None = None
 
@@ -278,11 +292,10 @@ class RawStore:
         )
 
     async def get_q(self, i: int) -> None:
-        """``GET /tasks/{id}``: one task by id and owner."""
-        doc = await self.db["tasks"].find_one(
-            {"_id": self.rng.choice(self.oids), "owner": self.user_id}
-        )
-        if doc is None:
+        """``GET /tasks/{id}``: one task by ``_id`` alone, the owner compared after (as
+        core.tasks.get does: SecantusDB leaves the ``_id`` index when the filter has more)."""
+        doc = await self.db["tasks"].find_one({"_id": self.rng.choice(self.oids)})
+        if doc is None or doc.get("owner") != self.user_id:
             raise RuntimeError("seeded task not found")
 
     async def create_q(self, i: int) -> None:
@@ -543,6 +556,7 @@ class ApiBench:
         on_mark: Callable[[], None] | None = None,
         on_stop: Callable[[], None] | None = None,
         cache: str | None = None,
+        seconds: float | None = None,
     ) -> Measurement:
         """Drive ``requests`` at ``port`` from the load-generator processes; with ``cache``,
         count that cache's hits and misses (from /metrics) over the load."""
@@ -597,7 +611,7 @@ class ApiBench:
             await say("mark")
             if on_mark is not None:
                 on_mark()
-            await asyncio.sleep(self.opts.seconds)
+            await asyncio.sleep(seconds or self.opts.seconds)
             await say("stop")
             for proc in procs:
                 assert proc.stdout is not None
@@ -730,7 +744,7 @@ class ApiBench:
                 (200,),
                 raw.full(raw.get_q),
                 raw.get_q,
-                "find_one by _id + owner",
+                "find_one by _id (owner compared in Python)",
             ),
             Endpoint(
                 "stats",
@@ -774,11 +788,9 @@ class ApiBench:
             self.results["web_rss_mb"] = round(rss, 1)
             self.results["web_peak_rss_mb"] = round(hwm, 1)
             self.results["ratios"] = {k: self.ratio(measured, k)[0] for k in ENDPOINT_KEYS}
-            trials: dict[str, dict[str, Measurement]] = {}
+            trials: dict[str, dict[str, list[Measurement]]] = {}
             if self.opts.trials:
-                keys = [k for k in ENDPOINT_KEYS if k in self.opts.trial_endpoints]
-                for patches in ["none", *self.opts.trials]:
-                    trials[patches] = await self.trial(patches, keys, raw, token, task_ids)
+                trials = await self.run_trials(raw, token, task_ids)
             profiles = []
             if self.opts.profile:
                 for key in self.profile_choice(measured):
@@ -885,13 +897,10 @@ class ApiBench:
         analysis["unprofiled_web_ms"] = round(web_ms_per_request(measured[key]["http"]), 3)
         return analysis
 
-    async def trial(
-        self, patches: str, keys: list[str], raw: RawStore, token: str, task_ids: list[str]
-    ) -> dict[str, Measurement]:
-        """Measure ``keys`` on a fresh web process with trial ``patches`` ("none": without)."""
+    async def start_trial(self, patches: str) -> tuple[Child, int]:
+        """A fresh web process with trial ``patches`` ("none": without), after three sign-ins
+        (argon2 runs on threads, as during the seeding of the measured process)."""
         assert self.services is not None
-        assert self.web is not None
-        self.web.stop()
         port = free_port()
         names = [] if patches == "none" else list(PATCH_NAMES if patches == "all" else [patches])
         args = [python(), "-m", "bench.webproc", "--port", str(port)]
@@ -901,10 +910,9 @@ class ApiBench:
         env = self.web_env(self.services)
         for name in names:
             env.update(ENV_PATCHES.get(name, {}))
-        self.web = self.services.spawn(f"web-{patches}", args, env)
-        await wait_http(self.web, f"http://127.0.0.1:{port}/readyz", timeout=60)
-        rss_idle = rss_mb(self.web.pid)[0]
-        # Three sign-ins, as the seeding did on the measured process: argon2 runs on threads.
+        child = self.services.spawn(f"web-{patches}", args, env)
+        await wait_http(child, f"http://127.0.0.1:{port}/readyz", timeout=60)
+        rss_idle = rss_mb(child.pid)[0]
         async with aiohttp.ClientSession() as http:
             for _ in range(3):
                 async with http.post(
@@ -913,21 +921,45 @@ class ApiBench:
                 ) as resp:
                     if resp.status != 200:
                         raise RuntimeError(f"login answered {resp.status}: {await resp.text()}")
-        out: dict[str, Measurement] = {}
-        for endpoint in self.endpoints(raw, token, task_ids, port):
-            if endpoint.key not in keys:
-                continue
-            await self.check(endpoint, token, port)
-            self.note(f"trial {patches}: {endpoint.label}")
-            out[endpoint.key] = await self.http_load(
-                f"{endpoint.label} [{patches}]",
-                port,
-                endpoint.requests,
-                ok=endpoint.ok,
-                expect_header=endpoint.expect_header,
-            )
-        self.trial_rss[patches] = (rss_idle, rss_mb(self.web.pid)[0])
-        return out
+        self.trial_rss[patches] = (rss_idle, math.nan)
+        return child, port
+
+    async def run_trials(
+        self, raw: RawStore, token: str, task_ids: list[str]
+    ) -> dict[str, dict[str, list[Measurement]]]:
+        """Measure the trial endpoints on every trial process, round-robin for several rounds
+        (alternating the order), so that a slow spell of the machine hits all of them."""
+        assert self.web is not None
+        self.web.stop()
+        variants = ["none", *self.opts.trials]
+        keys = [k for k in ENDPOINT_KEYS if k in self.opts.trial_endpoints]
+        procs = {v: await self.start_trial(v) for v in variants}
+        samples: dict[str, dict[str, list[Measurement]]] = {
+            v: {k: [] for k in keys} for v in variants
+        }
+        for r in range(self.opts.trial_rounds):
+            for v in variants if r % 2 == 0 else variants[::-1]:
+                child, port = procs[v]
+                self.web = child
+                for endpoint in self.endpoints(raw, token, task_ids, port):
+                    if endpoint.key not in keys:
+                        continue
+                    await self.check(endpoint, token, port)
+                    self.note(f"trial round {r + 1}: {v}: {endpoint.label}")
+                    samples[v][endpoint.key].append(
+                        await self.http_load(
+                            f"{endpoint.label} [{v}]",
+                            port,
+                            endpoint.requests,
+                            ok=endpoint.ok,
+                            expect_header=endpoint.expect_header,
+                            seconds=self.opts.trial_seconds,
+                        )
+                    )
+        for v, (child, _) in procs.items():
+            self.trial_rss[v] = (self.trial_rss[v][0], rss_mb(child.pid)[0])
+            child.stop()
+        return samples
 
     # ---- report ----------------------------------------------------------------------------
 
@@ -949,7 +981,7 @@ class ApiBench:
         self,
         measured: dict[str, dict[str, Measurement]],
         profiles: list[dict[str, Any]],
-        trials: dict[str, dict[str, Measurement]],
+        trials: dict[str, dict[str, list[Measurement]]],
     ) -> str:
         """The text report (also kept as JSON in ``self.results``)."""
         assert self.opts is not None
@@ -1098,8 +1130,11 @@ class ApiBench:
             lines += trial_lines(trials, self.trial_rss)
             self.results["trials"] = {
                 name: {
-                    k: m.summary() | {"web_ms": round(web_ms_per_request(m), 3)}
-                    for k, m in ms.items()
+                    "rss_mb": self.trial_rss.get(name),
+                    **{
+                        k: [m.summary() | {"web_ms": round(web_ms_per_request(m), 3)} for m in ml]
+                        for k, ml in ms.items()
+                    },
                 }
                 for name, ms in trials.items()
             }
@@ -1160,29 +1195,43 @@ async def cache_lookups(port: int, cache: str) -> dict[str, float]:
 
 
 def trial_lines(
-    trials: dict[str, dict[str, Measurement]], rss: dict[str, tuple[float, float]]
+    trials: dict[str, dict[str, list[Measurement]]], rss: dict[str, tuple[float, float]]
 ) -> list[str]:
-    """The trial-patch table: req/s and web CPU per answer, change against "none"; RSS."""
-    keys = list(next(iter(trials.values())))
+    """The trial-patch table: median req/s and web CPU per answer over the rounds, change
+    against "none"; RSS."""
+    keys = list(trials["none"])
+    rounds = len(trials["none"][keys[0]])
     out = [
-        "trial patches (bench/patches.py, not product code): each a fresh web process (3"
-        " sign-ins, then the loads), one after the other; req/s and web CPU ms per answer,"
-        " change against 'none'; RSS idle after start -> after its loads",
+        "trial patches (bench/patches.py, not product code): one fresh web process per line"
+        f" (3 sign-ins first), all measured round-robin, {rounds} round(s); median req/s and"
+        " web CPU ms per answer, change against 'none'; RSS idle after start -> after the rounds",
         f"{'patches':<22}" + "".join(f"{ENDPOINT_LABELS[k]:>30}" for k in keys) + "   RSS MB",
     ]
-    base = trials["none"]
-    for name, ms in trials.items():
+
+    def medians(ms: list[Measurement]) -> tuple[float, float, int]:
+        return (
+            statistics.median(m.rps for m in ms),
+            statistics.median(web_ms_per_request(m) for m in ms),
+            sum(m.error_count for m in ms),
+        )
+
+    base = {k: medians(trials["none"][k]) for k in keys}
+    for name, per_key in trials.items():
         cells = []
         for k in keys:
-            m, b = ms[k], base[k]
-            cell = f"{m.rps:,.0f}/s {web_ms_per_request(m):.2f} ms"
-            if name != "none" and b.rps:
-                cell += f" ({m.rps / b.rps - 1:+.0%})"
-            if m.error_count:
-                cell += f" ERR {m.error_count}"
+            rps, ms, errors = medians(per_key[k])
+            cell = f"{rps:,.0f}/s {ms:.2f} ms"
+            if name != "none" and base[k][1]:
+                cell += f" ({ms / base[k][1] - 1:+.0%})"
+            if errors:
+                cell += f" ERR {errors}"
             cells.append(f"{cell:>30}")
         idle, end = rss.get(name, (math.nan, math.nan))
         out.append(f"{name:<22}" + "".join(cells) + f"   {idle:.0f} -> {end:.0f}")
+    out.append(
+        "(the change is of web CPU per answer, the steadier number on a shared machine; req/s"
+        " follows the CPU the web process was given)"
+    )
     return out
 
 
@@ -1394,6 +1443,8 @@ def parse(argv: list[str]) -> Options:
         + ",".join(PATCH_NAMES)
         + ",all), each on a fresh web process beside an unpatched one",
     )
+    ap.add_argument("--trial-rounds", type=int, default=3, help="round-robin rounds of trials")
+    ap.add_argument("--trial-seconds", type=float, default=2.0, help="window per trial load")
     ap.add_argument(
         "--trial-endpoints",
         default="list,get,stats",
@@ -1420,6 +1471,8 @@ def parse(argv: list[str]) -> Options:
         profile=ns.profile,
         trials=[t for t in ns.trials.split(",") if t],
         trial_endpoints=[t for t in ns.trial_endpoints.split(",") if t],
+        trial_rounds=max(1, ns.trial_rounds),
+        trial_seconds=ns.trial_seconds,
         out=None if str(ns.out) == "-" else ns.out,
         json_out=ns.json,
     )

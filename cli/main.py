@@ -268,9 +268,9 @@ def reindex(user_id: str | None, batch_size: int) -> None:
 
 
 def _register_commands() -> None:
-    from cli import jobs
+    from cli import backup, jobs
 
-    for command in (jobs.scheduler, jobs.schedules, jobs.run_job):
+    for command in (jobs.scheduler, jobs.schedules, jobs.run_job, backup.backup):
         main.add_command(command)
 
 

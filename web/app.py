@@ -18,6 +18,7 @@ from config.settings import Settings
 from core import accounts
 from core.context import Context
 from core.store import Store
+from web.handlers import dashboard
 from web.keys import CONNECTIONS, CONTEXT, OPENAPI, PLATFORM, RELAY, RELAY_WAKE, SETTINGS
 from web.middlewares import problems, real_client, request_context
 from web.openapi import build_openapi
@@ -48,6 +49,8 @@ def create_app(
     app[SETTINGS] = settings
     app[CONNECTIONS] = connections or Connections(settings)
     app[PLATFORM] = platform or build_broker(app[CONNECTIONS])
+    if platform is None:
+        app.on_cleanup.append(_close_platform)
     app[OPENAPI] = build_openapi(ROUTES, version=version("taskmanager"))
     app[RELAY_WAKE] = asyncio.Event()
 
@@ -56,6 +59,7 @@ def create_app(
     app.router.add_static(
         "/docs/static", os.path.join(os.path.dirname(swagger_ui.__file__), "static")
     )
+    app.router.add_static(dashboard.STATIC_PREFIX, dashboard.STATIC_DIR)
     if settings.cors_origins:
         _setup_cors(app, settings.cors_origins)
 
@@ -63,6 +67,10 @@ def create_app(
     if relay:
         app.cleanup_ctx.append(_relay)
     return app
+
+
+async def _close_platform(app: web.Application) -> None:
+    await asyncio.to_thread(app[PLATFORM].close)
 
 
 async def _context(app: web.Application) -> AsyncIterator[None]:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from core import accounts, analytics, search, tasks, webhooks
+from core import accounts, analytics, backups, search, tasks, webhooks
 from core import notifications as notif
 from web.handlers import accounts as acc
 from web.handlers import admin as adm
 from web.handlers import analytics as an
+from web.handlers import backups as bk
+from web.handlers import dashboard as dash
 from web.handlers import notifications as nt
 from web.handlers import schedules as sch
 from web.handlers import ops
@@ -155,6 +157,15 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", f"{API}/admin/schedules/{{name}}/run", sch.run_schedule,
           "Fire a scheduled job now", "admin", auth="admin", response=sch.RunStarted,
           status=202, errors=(404,)),
+    # Operators: backups (taken by a worker; followed at the Location)
+    Route("GET", f"{API}/admin/backups", bk.list_backups, "Backups, newest first", "admin",
+          auth="admin", query=tasks.PageQuery, response=backups.BackupPage),
+    Route("POST", f"{API}/admin/backups", bk.start_backup, "Start a full backup", "admin",
+          auth="admin", response=backups.BackupPublic, status=202, errors=(409, 503),
+          headers={"Location": "The backup's URL: poll it until succeeded or failed"},
+          idempotent=True),
+    Route("GET", f"{API}/admin/backups/{{id}}", bk.get_backup, "One backup", "admin",
+          auth="admin", response=backups.BackupPublic, errors=(404,)),
     # Operations
     Route(
         "GET",
@@ -206,4 +217,7 @@ ROUTES: tuple[Route, ...] = (
         content_type="text/html",
         rate_limited=False,
     ),
+    # The page is public; every call its script makes needs an admin token.
+    Route("GET", "/admin", dash.dashboard, "The operator dashboard page", "admin",
+          auth="none", content_type="text/html", rate_limited=False),
 )

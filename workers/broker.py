@@ -32,6 +32,13 @@ class Platform:
         self.resources = resources
         self.actors = actors
 
+    def close(self) -> None:
+        """Close the broker's connections (Dramatiq's Redis broker leaves its pool open)."""
+        self.broker.close()
+        client = getattr(self.broker, "client", None)
+        if client is not None:
+            client.connection_pool.disconnect()
+
     @cached_property
     def inspector(self) -> QueueInspector:
         """Reads and manages this broker's queues (counts, dead letters; workers/ops.py)."""

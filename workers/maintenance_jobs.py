@@ -30,9 +30,14 @@ async def rollup_analytics(ctx: Context, res: WorkerResources, run: Run) -> dict
 @maintenance
 async def run_backup(ctx: Context, res: WorkerResources, run: Run) -> dict[str, Any]:
     """Take a full backup: the one requested over HTTP (``backup_id``) or a scheduled one."""
+    from datetime import datetime
+
     from core import backups
 
-    result = await backups.create(ctx, run.get("backup_id"), fire_key=run["fire_key"])
+    backup_id = run.get("backup_id") or backups.id_for_fire(
+        run["fire_key"], datetime.fromisoformat(run["scheduled_for"])
+    )
+    result = await backups.create(ctx, backup_id, fire_key=run["fire_key"])
     return {
         "backup_id": result.id,
         "collections": len(result.collections),

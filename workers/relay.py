@@ -15,6 +15,7 @@ from datetime import timedelta
 from typing import Any
 
 import dramatiq
+from pymongo.errors import PyMongoError
 
 from config.logging import get_logger
 from core.context import Context
@@ -67,7 +68,8 @@ class Relay:
                 log.exception("relay.error", failures=failures)
             if moved >= self.batch_size:
                 continue
-            delay = self.poll_interval if not failures else min(self.max_backoff, 0.25 * 2**failures)
+            backoff = min(self.max_backoff, 0.25 * 2**failures)
+            delay = backoff if failures else self.poll_interval
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.wake.wait(), delay)
 
@@ -91,7 +93,18 @@ class Relay:
         )
         if not claimed:
             return 0
-        await asyncio.to_thread(self._enqueue, claimed)
+        try:
+            await asyncio.to_thread(self._enqueue, claimed)
+        except Exception:
+            # The broker is down: give the batch back now, so the next round (within
+            # max_backoff of the broker's return) retries it instead of waiting out the lease.
+            # Messages sent before the failure go again then; actors dedupe.
+            with contextlib.suppress(PyMongoError):
+                await events.update_many(
+                    {"lease_owner": token, "pending": True},
+                    {"$unset": {"lease_until": "", "lease_owner": ""}},
+                )
+            raise
         await events.update_many(
             {"_id": {"$in": [e["_id"] for e in claimed]}, "lease_owner": token},
             {

@@ -45,8 +45,9 @@ class WorkerResources(dramatiq.Middleware):
             await ctx.store.client.close()
             await ctx.redis.aclose()
 
-    def before_worker_shutdown(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
-        """Close clients while the event loop thread still runs."""
+    def after_worker_shutdown(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
+        """Close clients once in-flight actors are done. ``after_*`` hooks run in reverse
+        order of the middleware, so this runs before AsyncIO's stops the event loop."""
         thread = get_event_loop_thread()
         if thread is not None and self._ctx is not None:
             thread.run_coroutine(self.aclose())

@@ -10,6 +10,11 @@ Real credentials and real resources (tasks with their ETags, webhooks and their 
 queue and schedule names, cursors) are mixed into the drawn requests, so each operation is
 exercised beyond 401 and 404; what a JSON schema cannot say (an email must be deliverable, a
 webhook target must resolve to an allowed address) is filled in for the valid cases only.
+
+A new route is fuzzed as soon as it is in the table. If its success needs a resource that
+cannot be drawn, give it one in ``Fuzz._resources``; if its input obeys a rule a JSON schema
+cannot state, fill that in (valid cases only) in ``Fuzz._fill_in``; otherwise the test says the
+operation "never succeeded".
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import uuid
 import warnings
 from collections.abc import Coroutine, Iterator
 from contextlib import contextmanager
-from datetime import date, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any, TypeVar
 
 import pytest
@@ -193,6 +198,13 @@ class Live:
         assert self.server.run(create_notifications(self.server.app[CONTEXT], [item])) == 1
         return str(self.call("GET", "/notifications", self.user)["items"][0]["id"])
 
+    def backup(self) -> str:
+        """A backup's id (one is started once; another is refused while it runs)."""
+        if "backup" not in self._names:
+            started = self.call("POST", "/admin/backups", self.admin, status=202)
+            self._names["backup"] = [str(started["id"])]
+        return self._names["backup"][0]
+
     def names(self, path: str, key: str) -> list[str]:
         """Names listed by an admin collection (queues, schedules)."""
         if path == "/admin/schedules" and path not in self._names:
@@ -324,7 +336,7 @@ class Fuzz:
         headers = self._credentials(case, data)
         positive = case.meta is not None and case.meta.generation.mode.is_positive
         if positive:
-            self._fill_in(case, data, headers)
+            self._fill_in(case, data)
         headers.update(self._resources(case, data))
         if positive:
             self._cursor(case)
@@ -370,9 +382,9 @@ class Fuzz:
             return login or dict(self.live.user)
         return dict(self.live.admin)
 
-    def _fill_in(self, case: Case, data: st.DataObject, headers: dict[str, str]) -> None:
+    def _fill_in(self, case: Case, data: st.DataObject) -> None:
         """What the schema cannot say, for valid cases: real credentials, a deliverable email,
-        an allowed webhook target, a cursor the server signed."""
+        an allowed webhook target, a range of at most 366 days."""
         live, body = self.live, case.body
         if isinstance(body, dict):
             if self.op_id == "register":
@@ -394,7 +406,8 @@ class Fuzz:
             case.query = {**query, "to": (start + timedelta(days=days)).isoformat()}
         elif self.op_id == "analytics_summary" and "from" in query:
             days = data.draw(st.integers(0, 365), "days back")
-            case.query = {**query, "from": (date.today() - timedelta(days=days)).isoformat()}
+            start = datetime.now(UTC).date() - timedelta(days=days)
+            case.query = {**query, "from": start.isoformat()}
 
     def _cursor(self, case: Case) -> None:
         """A cursor is opaque and signed: a valid case gets a real one, or none."""
@@ -434,6 +447,8 @@ class Fuzz:
             real["id"] = live.new_webhook()
         elif path.startswith(f"{API}/admin/queues/"):
             real["queue"] = data.draw(st.sampled_from(live.names("/admin/queues", "queue")))
+        elif path.startswith(f"{API}/admin/backups/"):
+            real["id"] = live.backup()
         elif path.startswith(f"{API}/admin/schedules/"):
             real["name"] = data.draw(st.sampled_from(live.names("/admin/schedules", "name")))
         case.path_parameters = {**params, **real}

@@ -6,12 +6,11 @@ from aiohttp import web
 
 from core import accounts
 from web.keys import CONTEXT
+from web.ratelimit import client_address
 from web.routing import body, claims, json_response
 
-
-def client_address(request: web.Request) -> str:
-    """The caller's address (the socket peer; a trusted proxy sets ``X-Forwarded-For``)."""
-    return request.remote or "unknown"
+#: Token responses must not be cached (RFC 6749 section 5.1).
+NO_STORE = {"Cache-Control": "no-store"}
 
 
 async def register(request: web.Request) -> web.Response:
@@ -20,7 +19,7 @@ async def register(request: web.Request) -> web.Response:
     pair = await accounts.register(
         ctx, body(request, accounts.RegisterIn), client=request.headers.get("User-Agent", "")
     )
-    return json_response(pair, status=201, headers={"Location": "/api/v1/me"})
+    return json_response(pair, status=201, headers={"Location": "/api/v1/me", **NO_STORE})
 
 
 async def login(request: web.Request) -> web.Response:
@@ -28,16 +27,16 @@ async def login(request: web.Request) -> web.Response:
     pair = await accounts.login(
         request.app[CONTEXT],
         body(request, accounts.LoginIn),
-        address=client_address(request),
+        address=client_address(request.remote),
         client=request.headers.get("User-Agent", ""),
     )
-    return json_response(pair)
+    return json_response(pair, headers=NO_STORE)
 
 
 async def refresh(request: web.Request) -> web.Response:
     """Exchange a refresh token for a new pair (rotation)."""
     pair = await accounts.refresh(request.app[CONTEXT], body(request, accounts.RefreshIn))
-    return json_response(pair)
+    return json_response(pair, headers=NO_STORE)
 
 
 async def logout(request: web.Request) -> web.Response:

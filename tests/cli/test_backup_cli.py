@@ -1,0 +1,122 @@
+"""``taskmanager backup``: the console commands, configured from the environment like in
+production, against the test database and a temporary BACKUP_DIR."""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import structlog
+from bson import ObjectId
+from click.testing import CliRunner, Result
+from pymongo import MongoClient
+
+from cli.main import main
+from config.settings import Settings
+
+
+@pytest.fixture
+def env(settings: Settings, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Path]:
+    """The settings as environment variables, BACKUP_DIR in a temporary directory; logging
+    set-up undone afterwards (the commands configure process-wide logging)."""
+    assert settings.mongodb_url and settings.redis_url
+    backup_dir = tmp_path / "backups"
+    values = {
+        "MONGODB_URL": settings.mongodb_url,
+        "MONGODB_DB": settings.mongodb_db,
+        "REDIS_URL": settings.redis_url,
+        "REDIS_PREFIX": settings.redis_prefix,
+        "APP_ENV": "test",
+        "JWT_SECRET": settings.jwt_secret.get_secret_value(),
+        "LOG_FORMAT": "console",
+        "LOG_LEVEL": "WARNING",
+        "BACKUP_DIR": str(backup_dir),
+    }
+    for name, value in values.items():
+        monkeypatch.setenv(name, value)
+    root = logging.getLogger()
+    handlers, level, config = root.handlers[:], root.level, structlog.get_config()
+    yield backup_dir
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    structlog.configure(**config)
+    logging.captureWarnings(False)
+
+
+@pytest.fixture
+def db(settings: Settings) -> Iterator[Any]:
+    """The test database, through a synchronous client."""
+    with MongoClient(settings.mongodb_url, tz_aware=True) as client:
+        yield client[settings.mongodb_db]
+
+
+def invoke(*args: str, stdin: str | None = None) -> Result:
+    """Run ``taskmanager backup ...`` as the console script would."""
+    return CliRunner().invoke(main, ["backup", *args], input=stdin)
+
+
+def test_create_list_verify_restore(env: Path, db: Any) -> None:
+    tasks = [{"_id": ObjectId(), "title": f"t{i}", "n": i} for i in range(1500)]
+    db["tasks"].insert_many(tasks)
+    db["users"].insert_one({"_id": ObjectId(), "email": "a@example.com"})
+
+    created = invoke("create")
+    assert created.exit_code == 0, created.output
+    match = re.search(r"^backup (\S+): 1501 documents in 2 collections", created.stdout, re.M)
+    assert match, created.stdout
+    backup_id = match.group(1)
+    assert f"path {env / backup_id}" in created.stdout
+    assert "1500/1500" in created.stderr  # the progress bar, on stderr
+
+    listed = invoke("list")
+    assert listed.exit_code == 0, listed.output
+    [row] = [line for line in listed.stdout.splitlines() if line.startswith(backup_id)]
+    assert row.split()[1] == "succeeded" and "complete" in row.split()
+
+    verified = invoke("verify", backup_id)
+    assert verified.exit_code == 0, verified.output
+    assert f"backup {backup_id}: ok (1501 documents in 2 collections)" in verified.stdout
+
+    db["tasks"].delete_many({"n": {"$lt": 1000}})
+    db["tasks"].insert_one({"title": "after the backup"})
+    refused = invoke("restore", backup_id, "--yes")
+    assert refused.exit_code == 1
+    assert "holds data" in refused.output and "--drop" in refused.output
+    assert db["tasks"].count_documents({}) == 501  # untouched
+
+    declined = invoke("restore", backup_id, "--drop", stdin="n\n")
+    assert declined.exit_code == 1
+    assert "DELETES 502 documents in 2 collections" in declined.stderr
+    assert db["tasks"].count_documents({}) == 501
+
+    restored = invoke("restore", backup_id, "--drop", "--yes")
+    assert restored.exit_code == 0, restored.output
+    assert "restored 1501 documents into 2 collections" in restored.stdout
+    assert "docs/s" in restored.stdout
+    assert list(db["tasks"].find().sort("_id", 1)) == tasks
+    assert "email_unique" in db["users"].index_information()
+
+
+def test_verify_fails_on_a_damaged_backup(env: Path, db: Any) -> None:
+    db["tasks"].insert_many([{"title": f"t{i}"} for i in range(50)])
+    created = invoke("create")
+    assert created.exit_code == 0, created.output
+    backup_id = created.stdout.split()[1].rstrip(":")
+    tasks_file = env / backup_id / "tasks.bson.gz"
+    data = bytearray(tasks_file.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    tasks_file.write_bytes(bytes(data))
+
+    verified = invoke("verify", backup_id)
+    assert verified.exit_code == 1
+    assert "problem: tasks: sha256 differs from the manifest" in verified.stderr
+    restored = invoke("restore", backup_id, "--drop", "--yes")
+    assert restored.exit_code == 1 and "failed verification" in restored.output
+    assert db["tasks"].count_documents({}) == 50
+
+    unknown = invoke("verify", "nope")
+    assert unknown.exit_code == 1 and "No backup 'nope'" in unknown.output

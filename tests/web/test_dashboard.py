@@ -1,0 +1,445 @@
+"""The operator dashboard (``GET /admin``) in headless Chromium, against the real app.
+
+The app is served on a loopback port with the real MongoDB (SecantusDB) and Redis, an
+in-process worker takes its messages, and the browser is Debian's Chromium driven by
+Playwright (never a browser build downloaded by Playwright). The tests click what an operator
+clicks and check what the API then holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import os
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from playwright.async_api import Browser, ConsoleMessage, Page, Request, async_playwright, expect
+
+from jobs.schedule import SCHEDULE
+from jobs.scheduler import Scheduler
+from tests.conftest import bearer
+from web.app import create_app
+from web.handlers.dashboard import CONTENT_SECURITY_POLICY
+from web.keys import CONTEXT, PLATFORM
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--disable-sync",
+    "--disable-quic",
+]
+ADMIN = {"email": "ops@example.com", "password": "admin password 1"}
+SCREENSHOT = "/tmp/dashboard.png"
+#: Long enough for a few of the page's 5 s polls.
+UI_TIMEOUT_MS = 20_000
+
+
+async def until(check: Callable[[], Any], timeout: float = 15.0) -> Any:
+    """Poll ``check()`` (a value or an awaitable) until truthy, without blocking the loop."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out")
+        await asyncio.sleep(0.05)
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Browser]:
+    """Debian's Chromium, headless; a missing one is a failure, never a skip."""
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.fail(
+            f"{CHROMIUM} is missing: `make browser` installs Debian's chromium package (as root), "
+            "or run `apt-get install chromium`; this test never downloads a browser"
+        )
+    async with async_playwright() as pw:
+        chromium = await pw.chromium.launch(
+            executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS
+        )
+        try:
+            yield chromium
+        finally:
+            await chromium.close()
+
+
+@dataclass
+class Served:
+    """The real app on a loopback port."""
+
+    app: web.Application
+    base: str
+
+    async def call(
+        self, method: str, path: str, token: str | None = None, **kwargs: Any
+    ) -> tuple[int, Any]:
+        """One API call (status, JSON body or None)."""
+        headers = bearer(token) if token else {}
+        async with (
+            aiohttp.ClientSession() as http,
+            http.request(method, self.base + path, headers=headers, **kwargs) as resp,
+        ):
+            body = await resp.json() if "json" in resp.content_type else None
+            return resp.status, body
+
+    async def login(self, email: str, password: str) -> dict[str, Any]:
+        """Sign in over the API; the token pair."""
+        status, body = await self.call(
+            "POST", "/api/v1/auth/login", json={"email": email, "password": password}
+        )
+        assert status == 200, body
+        return body  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+async def served(make_settings: Any, tmp_path: Path) -> AsyncIterator[Served]:
+    """The app as ``taskmanager web`` builds it, on 127.0.0.1 with a free port."""
+    settings = make_settings(
+        admin_email=ADMIN["email"],
+        admin_password=ADMIN["password"],
+        backup_dir=str(tmp_path / "backups"),
+    )
+    app = create_app(settings)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    try:
+        yield Served(app, f"http://{host}:{port}")
+    finally:
+        await runner.cleanup()
+
+
+@dataclass
+class Watched:
+    """A page plus everything it asked for and complained about."""
+
+    page: Page
+    base: str
+    requests: list[str] = field(default_factory=list)
+    console_errors: list[str] = field(default_factory=list)
+    page_errors: list[str] = field(default_factory=list)
+
+    def assert_stayed_local(self) -> None:
+        """Every request went to the app itself (nothing from a CDN or elsewhere)."""
+        assert self.requests, "the page made no request at all"
+        strays = [u for u in self.requests if not u.startswith(self.base + "/")]
+        assert not strays, f"requests left the app: {strays}"
+
+    def assert_clean(self, *expected_statuses: int) -> None:
+        """No script error, no CSP violation; console errors only for failed requests with
+        one of ``expected_statuses`` (Chromium logs every 4xx answer a fetch gets)."""
+        assert not self.page_errors, self.page_errors
+        allowed = re.compile(
+            r"Failed to load resource: the server responded with a status of (\d+)"
+        )
+        unexpected = [
+            m
+            for m in self.console_errors
+            if not ((hit := allowed.search(m)) and int(hit.group(1)) in expected_statuses)
+        ]
+        assert not unexpected, unexpected
+
+
+@pytest.fixture
+async def watched(browser: Browser, served: Served) -> AsyncIterator[Watched]:
+    """A fresh browser context and page on the served app, watched."""
+    context = await browser.new_context(viewport={"width": 1360, "height": 900})
+    page = await context.new_page()
+    page.set_default_timeout(UI_TIMEOUT_MS)
+    w = Watched(page, served.base)
+
+    def on_request(request: Request) -> None:
+        w.requests.append(request.url)
+
+    def on_console(message: ConsoleMessage) -> None:
+        if message.type == "error":
+            w.console_errors.append(message.text)
+
+    page.on("request", on_request)
+    page.on("console", on_console)
+    page.on("pageerror", lambda exc: w.page_errors.append(str(exc)))
+    try:
+        yield w
+    finally:
+        await context.close()
+
+
+async def sign_in(page: Page, base: str, email: str, password: str) -> None:
+    """Open the dashboard and sign in through its form."""
+    await page.goto(f"{base}/admin")
+    await page.get_by_label("Email").fill(email)
+    await page.get_by_label("Password").fill(password)
+    await page.get_by_role("button", name="Sign in").click()
+
+
+def dead_rows(page: Page, queue: str) -> Any:
+    return page.locator(f'#dead-body section[data-queue="{queue}"] tbody tr')
+
+
+async def row_ids(page: Page, queue: str) -> set[str]:
+    ids = await dead_rows(page, queue).evaluate_all("rows => rows.map(r => r.dataset.id)")
+    return set(ids)
+
+
+async def test_admin_operates_queues_dead_letters_schedules_and_backups(
+    served: Served, watched: Watched, worker_for: Any
+) -> None:
+    app, page = served.app, watched.page
+    platform = app[PLATFORM]
+    actor = platform.actors["send_welcome_email"]
+    queue = actor.queue_name
+
+    # Two messages that die at once (no user_id), so the dead-letter panel has work.
+    worker_for(app)
+    await asyncio.to_thread(actor.send, {"id": "e1"})
+    await asyncio.to_thread(actor.send, {"id": "e2"})
+
+    async def dead_ids() -> set[str]:
+        page_ = await asyncio.to_thread(platform.inspector.dead, queue)
+        return {m.id for m in page_.items}
+
+    await until(lambda: _has(dead_ids, 2))
+    first_ids = await dead_ids()
+    scheduler = Scheduler(app[CONTEXT], platform)
+    await scheduler.lock.tick()
+    await scheduler.publish()
+
+    await sign_in(page, served.base, ADMIN["email"], ADMIN["password"])
+    await expect(page.get_by_text(f"Signed in as {ADMIN['email']}")).to_be_visible()
+
+    # Queues: every queue of the broker, with this one's two dead letters.
+    queues = [s.queue for s in await asyncio.to_thread(platform.inspector.stats)]
+    assert {"notifications", "search", "maintenance"} <= set(queues)
+    for name in queues:
+        await expect(page.locator(f'#queues-body tr[data-queue="{name}"] th')).to_have_text(name)
+    await expect(page.locator(f'#queues-body tr[data-queue="{queue}"] td.dead')).to_have_text("2")
+
+    # Workers: the in-process worker, heartbeating.
+    await expect(page.locator("#workers-body tbody tr")).to_have_count(1)
+    await expect(page.locator("#workers-body td.heartbeat")).to_have_text(re.compile(r"\d"))
+
+    # Dead letters: both listed with why they died; retry one of them.
+    await expect(dead_rows(page, queue)).to_have_count(2)
+    assert await row_ids(page, queue) == first_ids
+    await expect(page.locator("#dead-body td.error-text").first).to_contain_text(
+        "KeyError: 'user_id'"
+    )
+    chosen, other = sorted(first_ids)
+    retry_selected = page.get_by_role("button", name=f"Retry selected dead letters of {queue}")
+    await expect(retry_selected).to_be_disabled()
+    await page.get_by_label(f"Select dead letter {chosen}", exact=False).check()
+    await retry_selected.click()
+    # The replayed copy ran again on the worker and, still broken, died under a new id.
+    await expect(page.locator(f'#dead-body tr[data-id="{chosen}"]')).to_have_count(0)
+    await expect(page.locator(f'#dead-body tr[data-id="{other}"]')).to_have_count(1)
+    await expect(dead_rows(page, queue)).to_have_count(2)
+    second_ids = await row_ids(page, queue)
+    assert chosen not in second_ids and other in second_ids
+    assert await dead_ids() == second_ids
+
+    await page.get_by_role("button", name=f"Retry all dead letters of {queue}").click()
+    await until(lambda: _disjoint(row_ids, page, queue, second_ids), timeout=UI_TIMEOUT_MS / 1000)
+    await expect(dead_rows(page, queue)).to_have_count(2)
+
+    # Purge asks first: dismissed, nothing happens; accepted, the queue is empty.
+    dialogs: list[str] = []
+
+    async def dismiss(dialog: Any) -> None:
+        dialogs.append(dialog.message)
+        await dialog.dismiss()
+
+    page.once("dialog", dismiss)
+    await page.get_by_role("button", name=f"Purge dead letters of {queue}").click()
+    await until(lambda: dialogs)
+    assert "cannot be recovered" in dialogs[0] and queue in dialogs[0]
+    assert len(await dead_ids()) == 2
+
+    async def accept(dialog: Any) -> None:
+        await dialog.accept()
+
+    page.once("dialog", accept)
+    await page.get_by_role("button", name=f"Purge dead letters of {queue}").click()
+    await expect(page.get_by_text("No dead letters in any queue.")).to_be_visible()
+    assert await dead_ids() == set()
+    await expect(page.locator(f'#queues-body tr[data-queue="{queue}"] td.dead')).to_have_text("0")
+
+    # Schedules: every job, the leader; "Run now" is followed to success by the page's polling.
+    for job in SCHEDULE:
+        await expect(page.locator(f'#schedules-body tr[data-job="{job.name}"]')).to_have_count(1)
+    await expect(page.locator("#schedules-meta")).to_contain_text(scheduler.lock.instance)
+    status = page.locator('#schedules-body tr[data-job="analytics-rollup"] .last-status')
+    await expect(status).to_have_text("never")
+    await page.get_by_role("button", name="Run analytics-rollup now").click()
+    await expect(status).to_have_text("succeeded")
+    await expect(
+        page.locator('#schedules-body tr[data-job="analytics-rollup"] td.duration')
+    ).to_have_text(re.compile(r"\d+(\.\d)? m?s"))
+
+    # Backups: start one; the worker takes it and the panel follows it to success.
+    await expect(page.get_by_text("No backups yet.")).to_be_visible()
+    await page.get_by_role("button", name="Start backup").click()
+    backup_status = page.locator("#backups-body .backup-status")
+    await expect(backup_status).to_have_count(1)
+    await expect(backup_status).to_have_text("succeeded")
+    admin = await served.login(ADMIN["email"], ADMIN["password"])
+    _, listed = await served.call("GET", "/api/v1/admin/backups", admin["access_token"])
+    [backup] = listed["items"]
+    assert backup["status"] == "succeeded" and backup["manual"] is True
+    await expect(page.locator(f'#backups-body tr[data-backup="{backup["id"]}"]')).to_have_count(1)
+
+    await page.screenshot(path=SCREENSHOT, full_page=True)
+    watched.assert_stayed_local()
+    watched.assert_clean()
+
+    # Signing out ends the login on the server too.
+    token = await page.evaluate(
+        "JSON.parse(sessionStorage.getItem('taskmanager.admin.session')).access"
+    )
+    await page.get_by_role("button", name="Sign out").click()
+    await expect(page.get_by_role("button", name="Sign in")).to_be_visible()
+    assert await page.evaluate("sessionStorage.length") == 0
+
+    async def revoked() -> bool:
+        status, _ = await served.call("GET", "/api/v1/admin/queues", token)
+        return status == 401
+
+    await until(revoked)
+
+
+async def test_a_non_admin_is_told_the_admin_role_is_needed(
+    served: Served, watched: Watched
+) -> None:
+    page = watched.page
+    email = f"{uuid.uuid4().hex[:8]}@example.com"
+    status, _ = await served.call(
+        "POST",
+        "/api/v1/auth/register",
+        json={"email": email, "password": "user password 1", "name": "U"},
+    )
+    assert status == 201
+
+    # A wrong password shows the API's problem detail, in the form.
+    await sign_in(page, served.base, email, "not the password")
+    error = page.locator("#signin-error")
+    await expect(error).to_be_visible()
+    await expect(error).to_contain_text("401")
+    await expect(page.locator("#dashboard-view")).to_be_hidden()
+
+    await page.get_by_label("Password").fill("user password 1")
+    await page.get_by_role("button", name="Sign in").click()
+    forbidden = page.get_by_role("alert").filter(has_text="needs the admin role")
+    await expect(forbidden).to_be_visible()
+    await expect(forbidden).to_contain_text(email)
+    await expect(forbidden).to_contain_text("403")
+    await expect(page.locator("#dashboard-view")).to_be_hidden()
+    await expect(page.get_by_role("button", name="Sign out")).to_be_visible()
+    watched.assert_stayed_local()
+    watched.assert_clean(401, 403)
+    # One probe, not one 403 per panel, and no polling after it.
+    await page.wait_for_timeout(6000)
+    admin_calls = [u for u in watched.requests if "/api/v1/admin/" in u]
+    assert admin_calls == [f"{served.base}/api/v1/admin/queues"], admin_calls
+
+
+async def test_an_expired_access_token_is_refreshed_once_then_the_session_ends(
+    served: Served, watched: Watched
+) -> None:
+    page = watched.page
+    await sign_in(page, served.base, ADMIN["email"], ADMIN["password"])
+    await expect(page.locator('#queues-body tr[data-queue="notifications"]')).to_have_count(1)
+    key = "taskmanager.admin.session"
+    before = await page.evaluate(f"JSON.parse(sessionStorage.getItem('{key}'))")
+
+    # A reload keeps the session (sessionStorage); a dead access token is refreshed once.
+    await page.evaluate(
+        f"""() => {{
+        const s = JSON.parse(sessionStorage.getItem('{key}'));
+        s.access = 'not-a-token';
+        sessionStorage.setItem('{key}', JSON.stringify(s));
+    }}"""
+    )
+    await page.reload()
+    await expect(page.locator('#queues-body tr[data-queue="notifications"]')).to_have_count(1)
+    after = await page.evaluate(f"JSON.parse(sessionStorage.getItem('{key}'))")
+    assert after["access"] not in ("not-a-token", before["access"])
+    assert after["refresh"] != before["refresh"]
+    refreshes = [u for u in watched.requests if u.endswith("/api/v1/auth/refresh")]
+    assert len(refreshes) == 1, refreshes
+    status, _ = await served.call("GET", "/api/v1/admin/queues", after["access"])
+    assert status == 200
+
+    # With a spent refresh token too, the session ends and the form says so.
+    await page.evaluate(
+        f"""(spent) => {{
+        const s = JSON.parse(sessionStorage.getItem('{key}'));
+        s.access = 'not-a-token';
+        s.refresh = spent;
+        sessionStorage.setItem('{key}', JSON.stringify(s));
+    }}""",
+        before["refresh"],
+    )
+    await page.reload()
+    await expect(page.get_by_text("Your session has ended: sign in again.")).to_be_visible()
+    await expect(page.get_by_role("button", name="Sign in")).to_be_visible()
+    assert await page.evaluate("sessionStorage.length") == 0
+    watched.assert_stayed_local()
+    watched.assert_clean(401)
+
+
+async def test_the_page_is_public_static_and_locked_down(served: Served) -> None:
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{served.base}/admin") as resp:
+            assert resp.status == 200
+            assert resp.content_type == "text/html"
+            assert resp.headers["Content-Security-Policy"] == CONTENT_SECURITY_POLICY
+            assert "default-src 'self'" in CONTENT_SECURITY_POLICY
+            assert "unsafe-inline" not in CONTENT_SECURITY_POLICY
+            assert resp.headers["X-Content-Type-Options"] == "nosniff"
+            assert "RateLimit-Policy" not in resp.headers  # not rate limited
+            page = await resp.text()
+        # No inline script: every script is a file of this server.
+        scripts = re.findall(r"<script\b([^>]*)>(.*?)</script>", page, re.S)
+        assert scripts
+        for attrs, inline in scripts:
+            assert inline.strip() == ""
+            assert re.search(r'src="/admin/static/[\w.]+\.js"', attrs), attrs
+        assert "style=" not in page
+        for asset, kind in (
+            ("admin.js", "javascript"),
+            ("admin.css", "text/css"),
+            ("admin.svg", "image/svg+xml"),
+        ):
+            async with http.get(f"{served.base}/admin/static/{asset}") as resp:
+                assert resp.status == 200, asset
+                assert kind in resp.content_type, (asset, resp.content_type)
+        js = (Path(__file__).parents[2] / "web" / "static" / "admin.js").read_text()
+        assert "innerHTML" not in js and "insertAdjacentHTML" not in js
+        assert "eval(" not in js
+
+
+async def _has(read: Callable[[], Awaitable[set[str]]], count: int) -> bool:
+    return len(await read()) == count
+
+
+async def _disjoint(
+    read: Callable[[Page, str], Awaitable[set[str]]], page: Page, queue: str, old: set[str]
+) -> bool:
+    return not (await read(page, queue)) & old

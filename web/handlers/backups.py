@@ -1,0 +1,56 @@
+"""Operator endpoints for backups: the catalogue, and starting a full backup on a worker."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from core import backups
+from core.errors import Unavailable
+from core.tasks import PageQuery
+from web.keys import CONTEXT, PLATFORM
+from web.routing import json_response, query
+from workers.maintenance import enqueue_run
+from workers.ops import BACKEND_ERRORS
+
+#: The scheduled job (jobs/schedule.py) whose maintenance body takes backups.
+JOB = "backup"
+ACTOR = "run_backup"
+
+
+def location(backup_id: str) -> str:
+    """The URL of one backup."""
+    return f"/api/v1/admin/backups/{backup_id}"
+
+
+async def list_backups(request: web.Request) -> web.Response:
+    """Backups, newest first: queued, running, succeeded, failed and pruned ones."""
+    q = query(request, PageQuery)
+    return json_response(await backups.page(request.app[CONTEXT], q.limit, q.cursor))
+
+
+async def get_backup(request: web.Request) -> web.Response:
+    """One backup: follow a requested one until it succeeds or fails."""
+    doc = await backups.get(request.app[CONTEXT], request.match_info["id"])
+    return json_response(backups.public(doc))
+
+
+async def start_backup(request: web.Request) -> web.Response:
+    """Record a backup as queued and enqueue its run; a worker takes it (202, ``Location``)."""
+    ctx = request.app[CONTEXT]
+    doc = await backups.request(ctx)
+    try:
+        fire_key = await enqueue_run(
+            ctx, request.app[PLATFORM].broker, JOB, ACTOR, extra={"backup_id": doc["_id"]}
+        )
+    except BACKEND_ERRORS as exc:
+        await ctx.store[backups.COLLECTION].update_one(
+            {"_id": doc["_id"]},
+            {"$set": {"status": "failed", "error": "The broker was unreachable: not enqueued"}},
+        )
+        raise Unavailable("The broker is unreachable: the backup was not started") from exc
+    await ctx.store[backups.COLLECTION].update_one(
+        {"_id": doc["_id"]}, {"$set": {"fire_key": fire_key}}
+    )
+    return json_response(
+        backups.public(doc), status=202, headers={"Location": location(doc["_id"])}
+    )
