@@ -1,11 +1,13 @@
 """``python -m bench [NAME] [options]``: run one benchmark, or every one with no name.
 
 ``make bench`` runs them all with their defaults; each prints its report and writes it to
-``bench/results/<name>-latest.txt``. Options given without a name go to every benchmark.
+``bench/results/<name>-latest.txt``. Options follow a name (``python -m bench api --help``).
 
 - ``api``: throughput and latency of the task endpoints beside the bare-aiohttp ceiling and
   the raw store cost, in one run (bench/api.py);
-- ``steps``: the CPU cost of single steps of a request (bench/steps.py).
+- ``steps``: the CPU cost of single steps of a request (bench/steps.py);
+- ``workers``: no-op throughput of our broker set-up beside bare Dramatiq, and events through
+  the real actors at a steady write rate with write-to-effect latencies (bench/workers.py).
 """
 
 from __future__ import annotations
@@ -13,10 +15,14 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
-from bench import api, steps
+from bench import api, steps, workers
 
 #: name -> main(argv) returning an exit status.
-BENCHMARKS: dict[str, Callable[[list[str]], int]] = {"api": api.main, "steps": steps.main}
+BENCHMARKS: dict[str, Callable[[list[str]], int]] = {
+    "api": api.main,
+    "steps": steps.main,
+    "workers": workers.main,
+}
 
 
 def main(argv: list[str]) -> int:
@@ -31,9 +37,12 @@ def main(argv: list[str]) -> int:
             print(f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}", file=sys.stderr)
             return 2
         return BENCHMARKS[name](rest)
+    if argv:
+        print("options follow a benchmark's name: python -m bench NAME [options]", file=sys.stderr)
+        return 2
     status = 0
     for run in BENCHMARKS.values():
-        status = max(status, run(argv))
+        status = max(status, run([]))
     return status
 
 

@@ -19,6 +19,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -35,16 +36,39 @@ from core.security import Tokens
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def cost_us(fn: Callable[[], object], calls: int, rounds: int = 5) -> float:
-    """Median CPU microseconds per call of ``fn`` over ``rounds`` rounds of ``calls`` calls."""
-    fn()  # warm caches (pydantic validators, imports)
-    samples = []
-    for _ in range(rounds):
+@dataclass
+class Timed:
+    """One step: ``calls`` calls of ``fn`` per round, the CPU time of each round kept."""
+
+    fn: Callable[[], object]
+    calls: int
+    samples: list[float] = field(default_factory=list)
+
+    def run_round(self) -> None:
+        """Time one round (the thread's CPU time)."""
         start = time.thread_time()
-        for _ in range(calls):
-            fn()
-        samples.append((time.thread_time() - start) / calls * 1e6)
-    return statistics.median(samples)
+        for _ in range(self.calls):
+            self.fn()
+        self.samples.append((time.thread_time() - start) / self.calls * 1e6)
+
+    @property
+    def us(self) -> float:
+        """Median microseconds per call."""
+        return statistics.median(self.samples)
+
+
+def cost_us(fn: Callable[[], object], calls: int) -> Timed:
+    """A step to time (see :func:`run_rounds`)."""
+    fn()  # warm caches (pydantic validators, imports)
+    return Timed(fn, calls)
+
+
+def run_rounds(steps: list[Timed], rounds: int) -> None:
+    """Time every step once per round, round-robin, so that a busy spell of the machine
+    slows all of them alike and the medians stay comparable."""
+    for _ in range(rounds):
+        for step in steps:
+            step.run_round()
 
 
 def first_page(n: int = 50) -> list[dict[str, Any]]:
@@ -71,7 +95,7 @@ def first_page(n: int = 50) -> list[dict[str, Any]]:
     ]
 
 
-def measure(calls: int) -> list[tuple[str, float, str]]:
+def measure(calls: int, rounds: int = 7) -> list[tuple[str, float, str]]:
     """``(step, µs per call, what it is)`` for each step."""
     settings = Settings(app_env="production", jwt_secret="s" * 48, log_level="WARNING")
     setup_logging(settings, process="web")
@@ -119,7 +143,7 @@ def measure(calls: int) -> list[tuple[str, float, str]]:
 
     small = calls
     big = max(1, calls // 10)
-    return [
+    steps: list[tuple[str, Timed, str]] = [
         (
             "Tokens.decode",
             cost_us(lambda: tokens.decode(token, "access"), small),
@@ -186,13 +210,15 @@ def measure(calls: int) -> list[tuple[str, float, str]]:
         ("request id + contextvars", cost_us(request_id, small), "uuid4 + structlog bind"),
         ("metrics", cost_us(metrics, small), "counter + histogram per request"),
     ]
+    run_rounds([t for _, t, _ in steps], rounds)
+    return [(name, t.us, what) for name, t, what in steps]
 
 
 def report(rows: list[tuple[str, float, str]]) -> str:
     """The text report."""
     lines = [
         "Per-request steps of the web process (python -m bench steps): CPU microseconds per call,"
-        " median of 5 rounds, in one process",
+        " median of 7 rounds taken round-robin, in one process",
         f"  machine   Python {sys.version.split()[0]}; compare with the API benchmark's web"
         " CPU per answer",
         "",

@@ -36,8 +36,8 @@ async def noop_async() -> None:
 
 def bare_broker(url: str, namespace: str) -> tuple[dramatiq.Broker, Actors]:
     """A plain Redis broker, as Dramatiq's documentation sets one up, with the sync no-op."""
-    broker = RedisBroker(url=url, namespace=namespace)
-    actor = dramatiq.actor(noop_sync, broker=broker, queue_name=QUEUE)
+    broker = RedisBroker(url=url, namespace=namespace)  # type: ignore[no-untyped-call]
+    actor = dramatiq.actor(noop_sync, broker=broker, queue_name=QUEUE)  # type: ignore[call-overload]
     return broker, {"noop_sync": actor}
 
 

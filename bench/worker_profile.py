@@ -46,7 +46,7 @@ _lock = threading.Lock()
 
 
 def _role(thread: threading.Thread) -> str:
-    """What a thread does: Dramatiq's threads by class (``_WorkerThread``, ``_ConsumerThread``,
+    """What a thread does: Dramatiq's threads by class (``WorkerThread``, ``ConsumerThread``,
     ``EventLoopThread``), others by name without their sequence number."""
     kind = type(thread).__name__
     if kind not in ("Thread", "_DummyThread"):
@@ -109,8 +109,8 @@ class _Snapshot:
     """
 
     def __init__(self, profile: cProfile.Profile):
-        profile.snapshot_stats()  # type: ignore[attr-defined]
-        self.stats: dict[Any, Any] = profile.stats  # type: ignore[attr-defined]
+        profile.snapshot_stats()
+        self.stats: dict[Any, Any] = profile.stats
 
     def create_stats(self) -> None:
         """Already taken."""
@@ -172,7 +172,7 @@ class Recorder(dramatiq.Middleware):
         """Merge the CPU profiles (their threads have all stopped) and write the records."""
         import pstats
 
-        threading.setprofile(None)  # type: ignore[arg-type]
+        threading.setprofile(None)
         with _lock:
             profiles = list(_profiles)
         stats: pstats.Stats | None = None
@@ -183,7 +183,7 @@ class Recorder(dramatiq.Middleware):
             if stats is None:
                 stats = pstats.Stats(taken)  # type: ignore[arg-type]
             else:
-                stats.add(taken)
+                stats.add(taken)  # type: ignore[arg-type]
         if stats is not None:
             stats.dump_stats(self.out)
         record = {

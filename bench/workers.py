@@ -136,7 +136,7 @@ class Options:
     drain_timeout: float = 30.0
     pollers: int = 2
     profile: str = "auto"  # auto | always | never
-    profile_seconds: float = 8.0
+    profile_seconds: float = 4.0
     sections: tuple[str, ...] = ("noop", "events")
     out: Path | None = RESULTS / "workers-latest.txt"
     json_out: Path | None = None
@@ -373,10 +373,12 @@ class WorkerBench:
         self.services: Services | None = None
         self.runs: list[DrainRun] = []
         self.notes: list[str] = []
+        self.t0 = time.monotonic()
 
     def note(self, text: str) -> None:
         """Progress, on stderr (the report goes to stdout and the results file)."""
-        print(f"[bench workers] {text}", file=sys.stderr, flush=True)
+        elapsed = time.monotonic() - self.t0
+        print(f"[bench workers {elapsed:5.1f}s] {text}", file=sys.stderr, flush=True)
 
     # ---- set-up ---------------------------------------------------------------------------
 
@@ -437,8 +439,10 @@ class WorkerBench:
             if "noop" in self.opts.sections:
                 self.noop_section()
                 self.profile_noop()
+            imports = self.start_import_rss()
             if "events" in self.opts.sections:
                 asyncio.run(self.events_section())
+            self.results["imports"] = self.finish_import_rss(imports)
         finally:
             self.note("stopping everything and deleting our keys")
             svc.stop()
@@ -468,27 +472,37 @@ class WorkerBench:
             ],
             "median_rate": {k: self.median_rate(k) for k in opts.variants},
         }
-        self.results["noop"]["imports"] = self.import_rss()
         base = self.median_rate("bare")
         if "bare" in opts.variants and base > 0:
             self.results["noop"]["ratio"] = {
                 k: self.median_rate(k) / base for k in opts.variants if k != "bare"
             }
 
-    def import_rss(self) -> dict[str, Any]:
-        """RSS added by each import step of a worker (``bench/worker_imports.py``)."""
-        env = self.product_env(f"{self.svc.prefix}imp:")
-        proc = subprocess.run(
+    def start_import_rss(self) -> subprocess.Popen[str]:
+        """Start measuring the RSS each import step of a worker adds
+        (``bench/worker_imports.py``; memory, unlike time, is not disturbed by what runs
+        beside it)."""
+        return subprocess.Popen(
             [python(), "-m", "bench.worker_imports"],
-            env=env,
+            env=self.product_env(f"{self.svc.prefix}imp:"),
             cwd=Path(__file__).resolve().parent.parent,
-            capture_output=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             text=True,
-            timeout=120,
         )
+
+    @staticmethod
+    def finish_import_rss(proc: subprocess.Popen[str]) -> dict[str, Any]:
+        """Its result (bounded wait)."""
+        try:
+            out, err = proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            return {"error": "timed out"}
         if proc.returncode != 0:
-            return {"error": proc.stderr[-1000:]}
-        result: dict[str, Any] = json.loads(proc.stdout)
+            return {"error": err[-1000:]}
+        result: dict[str, Any] = json.loads(out)
         return result
 
     def median_rate(self, key: str) -> float:
@@ -635,10 +649,13 @@ class WorkerBench:
                 rate=opts.rate, count=round(opts.rate * opts.seconds), settle=opts.drain_timeout
             )
             after, ops1 = svc.snapshot(pids), await self.mongo_ops()
+            ev["left_in_queues"] = self.queue_backlog()
+            ev["outbox_pending"] = await self.outbox_pending()
+            ev["server"] = await self.server_breakdown(load)
             ev.update(self.summarise(load))
             ev["cpu_cores"] = self.cores(before, after)
             ev["mongo_ops"] = {k: ops1[k] - ops0.get(k, 0) for k in ops1}
-            ev["server"] = await self.server_breakdown(load)
+            ev["mongo_ops_rate"] = round(sum(ev["mongo_ops"].values()) / (after.at - before.at), 1)
             ev["spot_check"] = await self.spot_check(load)
             ev["worker_rss_mb"], ev["worker_hwm_mb"] = rss_mb(pids["worker"])
             ev["web_rss_mb"], ev["web_hwm_mb"] = rss_mb(pids["web"])
@@ -648,13 +665,20 @@ class WorkerBench:
                 "bad_bodies": self.receiver.bad_bodies,
             }
             ev["log_errors"] = {"web": log_errors(self.web), "worker": log_errors(self.worker)}
-            ev["left_in_queues"] = self.queue_backlog()
-            ev["outbox_pending"] = await self.outbox_pending()
+            srv = ev["server"]
+            # One message per (event, actor) from the relay, plus one per delivery created.
+            sent = 4 * srv["relay_enqueued_ms"]["n"] + srv["deliveries"]
+            ev["worker_messages"] = sent - sum(ev["left_in_queues"].values())
+            ev["worker_msg_rate"] = round(ev["worker_messages"] / ev["observed_s"], 1)
             if self.wants_profile("events"):
                 with tempfile.TemporaryDirectory(prefix="bench-workers-prof-") as tmp:
                     profiles = await self.profile_events(tmp)
                 self.results.setdefault("profiles", {}).update(profiles)
         finally:
+            # Stopped together: each waits for its graceful shutdown.
+            await asyncio.gather(
+                asyncio.to_thread(self.worker.stop), asyncio.to_thread(self.web.stop)
+            )
             await self.receiver.stop()
             await self.mongo.close()
 
@@ -669,7 +693,7 @@ class WorkerBench:
         db = self.mongo[self.svc.db]
         return int(await db["events"].count_documents({"pending": True}))
 
-    async def reset_backlog(self, timeout: float = 60.0) -> None:
+    async def reset_backlog(self, timeout: float = 120.0) -> None:
         """Between runs, with no worker running: let the relay empty the outbox, then drop
         the messages the previous run left (they were measured already), so the next run
         starts from empty queues."""
@@ -1081,9 +1105,9 @@ class WorkerBench:
             try:
                 await self.wait_worker(self.worker)
                 count = round(self.opts.rate * self.opts.profile_seconds)
-                load = await self.load(
-                    rate=self.opts.rate, count=count, settle=self.opts.drain_timeout
-                )
+                # Timings need no complete drain: a shorter wait keeps the diagnosis quick.
+                settle = min(self.opts.drain_timeout, 15.0)
+                load = await self.load(rate=self.opts.rate, count=count, settle=settle)
                 summary = self.summarise(load)
             finally:
                 # The records are written when the worker shuts down gracefully.
@@ -1103,6 +1127,10 @@ class WorkerBench:
         if not record_path.exists():
             return {"error": "the instrumented worker wrote no records"}
         record = json.loads(record_path.read_text())
+        if unit == "event":
+            # Events the worker handled (one index_task message each): messages the previous
+            # run left behind may be among them, tasks of this run still queued are not.
+            units = record["actors"].get("index_task", {}).get("messages") or units
         digest: dict[str, Any] = {"units": units, "unit": unit, **record}
         if not Path(path).exists():
             return digest
@@ -1199,16 +1227,6 @@ class WorkerBench:
             "   whole = messages/s from the first fetch to the empty queue; CPU/msg = the worker "
             "process's CPU over the drain; sends/s = enqueue from this process"
         )
-        imports = noop["imports"]
-        if "error" in imports:
-            add(f"   RSS by import step: failed ({imports['error'][-300:]})")
-        else:
-            add(
-                f"   a worker's RSS by import step (fresh interpreter, then build_broker as "
-                f"workers.entry does; {imports['total_mb']:.1f} MB at the end):"
-            )
-            for step in imports["steps"]:
-                add(f"     {step['mb']:>6.1f} MB  {step['modules']:>4} modules  {step['step']}")
         cores = statistics.median([r.machine_cores for r in self.runs]) if self.runs else math.nan
         add(f"   machine cores busy during the drains (median): {cores:.2f} of {os.cpu_count()}")
         errors = [e for r in self.runs for e in r.errors]
@@ -1257,10 +1275,11 @@ class WorkerBench:
         ):
             d = srv[key]
             add(f"   {label:<34} {cells(d)} {d['n']:>5}/{d['total']:<5}")
-        add(
-            f"   unseen = not observed within the run ({ev['observed_s']:.0f} s from the first "
-            "send), counted as infinitely late"
-        )
+        if ev["searchable_ms"]["n"] < ev["acked"] or ev["webhook_ms"]["n"] < ev["acked"]:
+            add(
+                f"   unseen = not observed within the run ({ev['observed_s']:.0f} s from the "
+                "first send), counted as infinitely late"
+            )
         add(
             f"   events fully processed (searchable + delivered): {ev['processed']} at "
             f"{ev['processed_rate']:.1f}/s (first send → last effect); still pending when the last "
@@ -1286,8 +1305,13 @@ class WorkerBench:
                 f"   MongoDB operations over the load (server counters, all clients): {total} = "
                 f"{total / ev['acked']:.1f} per task ("
                 + ", ".join(f"{k} {v / ev['acked']:.1f}" for k, v in ops.items() if v)
-                + ")"
+                + f"), {ev['mongo_ops_rate']:.0f} operations/s"
             )
+        add(
+            f"   worker throughput: {ev['worker_messages']} actor messages done in "
+            f"{ev['observed_s']:.0f} s = {ev['worker_msg_rate']:.0f} messages/s (5 per task: "
+            f"{ev['offered_rate'] * 5:g}/s would keep up with the offered rate)"
+        )
         left = {q: n for q, n in ev["left_in_queues"].items() if n}
         add(
             f"   left when the run ended: {ev['outbox_pending']} event(s) in the outbox, "
@@ -1373,6 +1397,16 @@ class WorkerBench:
                 )
         for label, value, ok in rows:
             add(f"   {label:<58} {value:>10}  {verdict(ok)}")
+        imports = res.get("imports", {})
+        if "error" in imports:
+            add(f"   a worker's RSS by import step: failed ({imports['error'][-300:]})")
+        elif imports:
+            add(
+                "   a worker's RSS by import step (fresh interpreter; the last step builds the "
+                f"broker as workers.entry does; {imports['total_mb']:.1f} MB at the end):"
+            )
+            for step in imports["steps"]:
+                add(f"     {step['mb']:>6.1f} MB  {step['modules']:>4} modules  {step['step']}")
         for note in self.notes:
             add(f"   note: {note}")
 
@@ -1509,7 +1543,9 @@ def parse(argv: list[str]) -> Options:
         default="auto",
         help="profile the worker when a target is missed (auto), always, or never",
     )
-    ap.add_argument("--profile-seconds", type=float, default=8.0)
+    ap.add_argument(
+        "--profile-seconds", type=float, default=4.0, help="writes offered per diagnostic run"
+    )
     ap.add_argument("--only", choices=("noop", "events"), default=None, help="run one section only")
     ap.add_argument(
         "--out", type=Path, default=RESULTS / "workers-latest.txt", help="report file ('-': none)"

@@ -338,7 +338,7 @@ def _decode_cursor(cursor: str) -> str:
     return value
 
 
-async def _claim(ctx: Context, backup_id: str, fire_key: str | None) -> Doc | None:
+async def _claim(ctx: Context, backup_id: str, fire_key: str | None, *, manual: bool) -> Doc | None:
     """Mark ``backup_id`` running (creating its record for a scheduled backup); ``None`` when it
     already succeeded (a redelivered message)."""
     coll = ctx.store[COLLECTION]
@@ -351,7 +351,7 @@ async def _claim(ctx: Context, backup_id: str, fire_key: str | None) -> Doc | No
         {
             "$set": {"status": "running", "started_at": now, "error": None, "fire_key": fire_key},
             "$unset": {"finished_at": ""},
-            "$setOnInsert": {"manual": False, "requested_at": now, "collections": []},
+            "$setOnInsert": {"manual": manual, "requested_at": now, "collections": []},
             "$inc": {"attempts": 1},
         },
         upsert=True,
@@ -467,13 +467,14 @@ async def create(
 ) -> BackupResult:
     """Take a full backup of the configured database into ``BACKUP_DIR/<id>/``.
 
-    ``backup_id`` names a backup recorded by :func:`request` (or is made up). Running it again
-    after a failure starts over; after a success it returns the finished backup. Older backups
-    beyond ``BACKUP_KEEP`` are pruned once this one succeeded.
+    ``backup_id`` names a backup recorded by :func:`request` or a scheduled fire's
+    (:func:`id_for_fire`); without one, a new id is made (an operator's ``backup create``).
+    Running it again after a failure starts over; after a success it returns the finished
+    backup. Older backups beyond ``BACKUP_KEEP`` are pruned once this one succeeded.
     """
-    backup_id = backup_id or new_id()
-    path = locate(ctx.settings, backup_id)
-    record = await _claim(ctx, backup_id, fire_key)
+    path = locate(ctx.settings, backup_id or new_id())
+    record = await _claim(ctx, path.name, fire_key, manual=backup_id is None)
+    backup_id = path.name
     if record is None:
         return _finished(await get(ctx, backup_id))
     started: datetime = record["started_at"]

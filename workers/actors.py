@@ -21,9 +21,11 @@ Event = dict[str, Any]
 ActorFn = Callable[..., Awaitable[None]]
 
 #: Failures that retrying cannot fix: the message goes to the dead-letter queue at once.
-#: Programming errors (KeyError, TypeError, ...) are deliberately not listed: they retry with
-#: backoff, and Sentry's Dramatiq integration reports every such failure (it skips ``throws``).
-PERMANENT = (NotFound, Invalid)
+#: Sentry's Dramatiq integration skips these (``throws``); the dead-letter middleware
+#: (workers/ops.py) reports the unexpected ones — malformed messages, programming errors.
+PERMANENT = (NotFound, Invalid, KeyError, TypeError, ValueError)
+#: Permanent outcomes that are part of normal operation (not reported to Sentry).
+EXPECTED = (NotFound, Invalid)
 
 #: Default options: exponential backoff from 1 s to 5 min, 10 retries, 60 s time limit.
 DEFAULTS: dict[str, Any] = {

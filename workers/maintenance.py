@@ -12,7 +12,7 @@ import traceback
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import datetime
-from typing import Any
+from typing import Any, overload
 
 import dramatiq
 
@@ -29,10 +29,29 @@ Work = Callable[[Context, WorkerResources, Run], Awaitable[dict[str, Any]]]
 WORK: dict[str, Work] = {}
 
 
-def maintenance(fn: Work) -> Work:
-    """Register ``fn`` as the body of the maintenance actor of the same name."""
-    WORK[fn.__name__] = fn
-    return fn
+#: Time limit of each maintenance body, by actor name (default 30 minutes).
+TIME_LIMITS_MS: dict[str, int] = {}
+DEFAULT_TIME_LIMIT_MS = 30 * 60_000
+
+
+@overload
+def maintenance(fn: Work) -> Work: ...
+@overload
+def maintenance(*, time_limit_ms: int) -> Callable[[Work], Work]: ...
+
+
+def maintenance(
+    fn: Work | None = None, *, time_limit_ms: int = DEFAULT_TIME_LIMIT_MS
+) -> Work | Callable[[Work], Work]:
+    """Register ``fn`` as the body of the maintenance actor of the same name
+    (``@maintenance`` or ``@maintenance(time_limit_ms=...)``)."""
+
+    def register(body: Work) -> Work:
+        WORK[body.__name__] = body
+        TIME_LIMITS_MS[body.__name__] = time_limit_ms
+        return body
+
+    return register(fn) if fn is not None else register
 
 
 async def enqueue_run(
@@ -66,7 +85,7 @@ def declare(declare_one: DeclareOne, res: WorkerResources) -> None:
     from workers import maintenance_jobs  # noqa: F401  (registers the bodies)
 
     for name, work in WORK.items():
-        declare_one(QUEUE, _actor(name, work, res), max_retries=3, time_limit=30 * 60_000)
+        declare_one(QUEUE, _actor(name, work, res), max_retries=3, time_limit=TIME_LIMITS_MS[name])
 
 
 def _actor(name: str, work: Work, res: WorkerResources) -> Callable[[Run], Awaitable[None]]:

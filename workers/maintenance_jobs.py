@@ -27,7 +27,8 @@ async def rollup_analytics(ctx: Context, res: WorkerResources, run: Run) -> dict
     return {"days": days}
 
 
-@maintenance
+# A full logical backup of a large database outlasts the default 30 minutes.
+@maintenance(time_limit_ms=6 * 3600_000)
 async def run_backup(ctx: Context, res: WorkerResources, run: Run) -> dict[str, Any]:
     """Take a full backup: the one requested over HTTP (``backup_id``) or a scheduled one."""
     from datetime import datetime

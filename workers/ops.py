@@ -38,6 +38,7 @@ import dramatiq
 import pika  # type: ignore[import-untyped]
 import pika.exceptions  # type: ignore[import-untyped]
 import redis
+import sentry_sdk
 from dramatiq.brokers.rabbitmq import RabbitmqBroker
 from dramatiq.brokers.redis import RedisBroker
 from dramatiq.common import dq_name, q_name, xq_name
@@ -46,6 +47,7 @@ from dramatiq.message import Message
 
 from config.connections import Connections
 from core.errors import FieldError, Invalid, NotFound
+from workers.actors import EXPECTED
 
 #: Errors of the queue backends; the web layer answers 503 for them.
 BACKEND_ERRORS: tuple[type[Exception], ...] = (redis.RedisError, pika.exceptions.AMQPError)
@@ -628,6 +630,9 @@ class DeadLetterNotes(dramatiq.Middleware):
         if tb is None and exc is not None:
             tb = "".join(traceback.format_exception(exc, limit=30))
         note = {"dead_letter_error": error_summary(exc, tb), "traceback": tb}
+        if exc is not None and not isinstance(exc, EXPECTED):
+            # A malformed message or a bug: Sentry's integration skips `throws`, so say it here.
+            sentry_sdk.capture_exception(exc)
         try:
             if isinstance(broker, RedisBroker):
                 self._rewrite(broker, message, note)

@@ -130,4 +130,8 @@ async def test_failing_actor_is_sent(
     )
     exc = event["exception"]["values"][-1]
     assert exc["type"] == "SMTPConnectError", exc
-    assert event["contexts"]["dramatiq"]["data"]["actor_name"] == "send_welcome_email"
+    # The message body (users' data) is dropped; tags name the actor and the request.
+    assert "data" not in event["contexts"]["dramatiq"]
+    assert event["tags"]["actor"] == "send_welcome_email"
+    assert event["tags"]["request_id"]
+    assert event["user"]["id"]

@@ -148,6 +148,7 @@ async def test_backup_writes_every_collection_with_a_manifest(ctx: Context) -> N
     assert ("tasks", 1000, 2500) in progress.calls  # batch by batch, not at the end only
     record = await backups.get(ctx, result.id)
     assert record["status"] == "succeeded" and record["path"] == str(path)
+    assert record["manual"] is True  # an operator's, not a scheduled fire's
     assert {c["name"]: c["documents"] for c in record["collections"]} == result.collections
     assert record["size"] == sum(e["bytes"] for e in manifest["collections"].values())
 
@@ -227,9 +228,12 @@ async def test_restore_refuses_a_database_with_data_unless_told_to_drop(ctx: Con
     await ctx.store["tasks"].insert_one({"title": "written after the backup"})
     await ctx.store["webhooks"].insert_one({"url": "http://example.com"})
 
+    cached = ctx.key("cache", "stats", "someone")
+    await ctx.redis.set(cached, "{}")
     with pytest.raises(Conflict) as refused:
         await backups.restore(ctx, result.id)
     assert "tasks (50)" in refused.value.detail
+    assert await ctx.redis.get(cached) is not None
     assert await ctx.store["tasks"].count_documents({"title": "written after the backup"}) == 1
 
     restored = await backups.restore(ctx, result.id, drop=True)
@@ -237,6 +241,7 @@ async def test_restore_refuses_a_database_with_data_unless_told_to_drop(ctx: Con
     assert await raw_docs(ctx.store, "tasks") == before
     assert await ctx.store["webhooks"].count_documents({}) == 0  # empty in the backup
     assert "tasks" in restored.dropped and "backups" not in restored.dropped
+    assert await ctx.redis.get(cached) is None  # it described the replaced data
     # The catalogue survives a restore: it describes the files, not the data.
     assert (await backups.get(ctx, result.id))["status"] == "succeeded"
 

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import json
 import os
 import re
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -20,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import dramatiq
 import pytest
 from aiohttp import web
 from playwright.async_api import Browser, ConsoleMessage, Page, Request, async_playwright, expect
@@ -43,6 +46,8 @@ CHROMIUM_ARGS = [
 ]
 ADMIN = {"email": "ops@example.com", "password": "admin password 1"}
 SCREENSHOT = "/tmp/dashboard.png"
+#: Data that would run if the page ever inserted it as markup.
+MARKUP = '<img src="/x.png" onerror="window.pwned = 1">'
 #: Long enough for a few of the page's 5 s polls.
 UI_TIMEOUT_MS = 20_000
 
@@ -164,6 +169,7 @@ async def watched(browser: Browser, served: Served) -> AsyncIterator[Watched]:
     context = await browser.new_context(viewport={"width": 1360, "height": 900})
     page = await context.new_page()
     page.set_default_timeout(UI_TIMEOUT_MS)
+    expect.set_options(timeout=UI_TIMEOUT_MS)
     w = Watched(page, served.base)
 
     def on_request(request: Request) -> None:
@@ -199,25 +205,46 @@ async def row_ids(page: Page, queue: str) -> set[str]:
     return set(ids)
 
 
+class Flaky:
+    """A test actor's body: fails with ``RuntimeError('boom')`` while ``failing`` is set."""
+
+    def __init__(self) -> None:
+        self.failing = threading.Event()
+        self.failing.set()
+        self.calls: list[str] = []
+        self.done: list[str] = []
+
+    def __call__(self, tag: str) -> None:
+        self.calls.append(tag)
+        if self.failing.is_set():
+            raise RuntimeError("boom")
+        self.done.append(tag)
+
+
 async def test_admin_operates_queues_dead_letters_schedules_and_backups(
     served: Served, watched: Watched, worker_for: Any
 ) -> None:
     app, page = served.app, watched.page
     platform = app[PLATFORM]
-    actor = platform.actors["send_welcome_email"]
-    queue = actor.queue_name
+    queue = "notifications"
+    # A test-only actor on a real queue of this app's broker: its messages die at once.
+    body = Flaky()
 
-    # Two messages that die at once (no user_id), so the dead-letter panel has work.
+    def dashboard_boom(tag: str) -> None:
+        body(tag)
+
+    boom = dramatiq.actor(dashboard_boom, broker=platform.broker, queue_name=queue, max_retries=0)
     worker_for(app)
-    await asyncio.to_thread(actor.send, {"id": "e1"})
-    await asyncio.to_thread(actor.send, {"id": "e2"})
+    for tag in ("a", "b", MARKUP):
+        await asyncio.to_thread(boom.send, tag)
 
-    async def dead_ids() -> set[str]:
+    async def dead() -> dict[str, str]:
+        """Dead letters of the queue: id -> tag."""
         page_ = await asyncio.to_thread(platform.inspector.dead, queue)
-        return {m.id for m in page_.items}
+        return {m.id: m.args[0] for m in page_.items}
 
-    await until(lambda: _has(dead_ids, 2))
-    first_ids = await dead_ids()
+    await until(lambda: _has(dead, 3))
+    by_tag = {tag: id_ for id_, tag in (await dead()).items()}
     scheduler = Scheduler(app[CONTEXT], platform)
     await scheduler.lock.tick()
     await scheduler.publish()
@@ -225,39 +252,50 @@ async def test_admin_operates_queues_dead_letters_schedules_and_backups(
     await sign_in(page, served.base, ADMIN["email"], ADMIN["password"])
     await expect(page.get_by_text(f"Signed in as {ADMIN['email']}")).to_be_visible()
 
-    # Queues: every queue of the broker, with this one's two dead letters.
+    # Queues: every queue of the broker, with this one's three dead letters.
     queues = [s.queue for s in await asyncio.to_thread(platform.inspector.stats)]
     assert {"notifications", "search", "maintenance"} <= set(queues)
     for name in queues:
         await expect(page.locator(f'#queues-body tr[data-queue="{name}"] th')).to_have_text(name)
-    await expect(page.locator(f'#queues-body tr[data-queue="{queue}"] td.dead')).to_have_text("2")
+    await expect(page.locator(f'#queues-body tr[data-queue="{queue}"] td.dead')).to_have_text("3")
 
     # Workers: the in-process worker, heartbeating.
     await expect(page.locator("#workers-body tbody tr")).to_have_count(1)
     await expect(page.locator("#workers-body td.heartbeat")).to_have_text(re.compile(r"\d"))
 
-    # Dead letters: both listed with why they died; retry one of them.
-    await expect(dead_rows(page, queue)).to_have_count(2)
-    assert await row_ids(page, queue) == first_ids
+    # Dead letters: all listed with why they died.
+    await expect(dead_rows(page, queue)).to_have_count(3)
+    assert await row_ids(page, queue) == set(by_tag.values())
     await expect(page.locator("#dead-body td.error-text").first).to_contain_text(
-        "KeyError: 'user_id'"
+        "RuntimeError: boom"
     )
-    chosen, other = sorted(first_ids)
+
+    # Data is shown as text, never parsed as markup.
+    args = page.locator(f'#dead-body tr[data-id="{by_tag[MARKUP]}"] td.args')
+    await expect(args).to_have_text(json.dumps([MARKUP]))
+    assert await page.locator("#dead-body img").count() == 0
+    assert await page.evaluate("window.pwned") is None
+
+    # Retry selected, once the actor is fixed: the message runs and is gone for good.
+    body.failing.clear()
     retry_selected = page.get_by_role("button", name=f"Retry selected dead letters of {queue}")
     await expect(retry_selected).to_be_disabled()
-    await page.get_by_label(f"Select dead letter {chosen}", exact=False).check()
+    await page.get_by_label(f"Select dead letter {by_tag['a']}", exact=False).check()
     await retry_selected.click()
-    # The replayed copy ran again on the worker and, still broken, died under a new id.
-    await expect(page.locator(f'#dead-body tr[data-id="{chosen}"]')).to_have_count(0)
-    await expect(page.locator(f'#dead-body tr[data-id="{other}"]')).to_have_count(1)
+    await expect(page.locator(f'#dead-body tr[data-id="{by_tag["a"]}"]')).to_have_count(0)
     await expect(dead_rows(page, queue)).to_have_count(2)
-    second_ids = await row_ids(page, queue)
-    assert chosen not in second_ids and other in second_ids
-    assert await dead_ids() == second_ids
+    await until(lambda: body.done == ["a"])
+    assert set((await dead()).values()) == {"b", MARKUP}
 
+    # Retry all while it is broken again: both run once more and die again under new ids.
+    body.failing.set()
+    calls = len(body.calls)
     await page.get_by_role("button", name=f"Retry all dead letters of {queue}").click()
-    await until(lambda: _disjoint(row_ids, page, queue, second_ids), timeout=UI_TIMEOUT_MS / 1000)
+    old = {by_tag["b"], by_tag[MARKUP]}
+    await until(lambda: _disjoint(row_ids, page, queue, old), timeout=UI_TIMEOUT_MS / 1000)
     await expect(dead_rows(page, queue)).to_have_count(2)
+    assert len(body.calls) == calls + 2
+    assert set((await dead()).values()) == {"b", MARKUP}
 
     # Purge asks first: dismissed, nothing happens; accepted, the queue is empty.
     dialogs: list[str] = []
@@ -270,7 +308,7 @@ async def test_admin_operates_queues_dead_letters_schedules_and_backups(
     await page.get_by_role("button", name=f"Purge dead letters of {queue}").click()
     await until(lambda: dialogs)
     assert "cannot be recovered" in dialogs[0] and queue in dialogs[0]
-    assert len(await dead_ids()) == 2
+    assert len(await dead()) == 2
 
     async def accept(dialog: Any) -> None:
         await dialog.accept()
@@ -278,7 +316,7 @@ async def test_admin_operates_queues_dead_letters_schedules_and_backups(
     page.once("dialog", accept)
     await page.get_by_role("button", name=f"Purge dead letters of {queue}").click()
     await expect(page.get_by_text("No dead letters in any queue.")).to_be_visible()
-    assert await dead_ids() == set()
+    assert await dead() == {}
     await expect(page.locator(f'#queues-body tr[data-queue="{queue}"] td.dead')).to_have_text("0")
 
     # Schedules: every job, the leader; "Run now" is followed to success by the page's polling.
@@ -353,7 +391,8 @@ async def test_a_non_admin_is_told_the_admin_role_is_needed(
     await expect(page.get_by_role("button", name="Sign out")).to_be_visible()
     watched.assert_stayed_local()
     watched.assert_clean(401, 403)
-    # One probe, not one 403 per panel, and no polling after it.
+    # One probe, not one 403 per panel, and no polling after it: proving an absence takes
+    # waiting out more than one poll interval (5 s).
     await page.wait_for_timeout(6000)
     admin_calls = [u for u in watched.requests if "/api/v1/admin/" in u]
     assert admin_calls == [f"{served.base}/api/v1/admin/queues"], admin_calls
@@ -435,11 +474,12 @@ async def test_the_page_is_public_static_and_locked_down(served: Served) -> None
         assert "eval(" not in js
 
 
-async def _has(read: Callable[[], Awaitable[set[str]]], count: int) -> bool:
+async def _has(read: Callable[[], Awaitable[dict[str, str]]], count: int) -> bool:
     return len(await read()) == count
 
 
 async def _disjoint(
     read: Callable[[Page, str], Awaitable[set[str]]], page: Page, queue: str, old: set[str]
 ) -> bool:
-    return not (await read(page, queue)) & old
+    now = await read(page, queue)
+    return len(now) == len(old) and not now & old

@@ -75,6 +75,7 @@
 
   function fmtSeconds(s) {
     if (s === null || s === undefined) return "—";
+    if (s === 0) return "0 s";
     if (s < 1) return `${s.toFixed(1)} s`;
     if (s < 60) return `${Math.round(s)} s`;
     if (s < 3600) return `${Math.floor(s / 60)} min ${Math.round(s % 60)} s`;
@@ -597,7 +598,8 @@
   function renderDead(results) {
     const p = panels.dead;
     const total = results.reduce((n, r) => n + r.q.dead, 0);
-    p.meta.textContent = total ? `${total} in ${results.length} queues` : "";
+    const where = results.length === 1 ? "1 queue" : `${results.length} queues`;
+    p.meta.textContent = total ? `${total} in ${where}` : "";
     const nodes = [];
     const keep = new Set();
     for (const r of results) {
@@ -725,7 +727,7 @@
     panelError("backups", null);
     try {
       const { data } = await api("POST", "/admin/backups");
-      panelStatus("backups", `Backup ${data.id} is ${data.status}.`);
+      panelStatus("backups", `Started backup ${data.id}.`);
       backupActive = true;
     } catch (err) {
       if (!escalate(err)) panelError("backups", err);
