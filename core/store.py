@@ -38,14 +38,21 @@ INDEXES: dict[str, list[IndexModel]] = {
     # One index per task list sort, each starting with the owner and ending with _id (the
     # tiebreak of keyset pagination); MongoDB walks them either way for either direction.
     "tasks": [
-        IndexModel([("owner", ASCENDING), ("created_at", DESCENDING), ("_id", DESCENDING)],
-                   name="owner_created"),
-        IndexModel([("owner", ASCENDING), ("due_key", ASCENDING), ("_id", ASCENDING)],
-                   name="owner_due"),
-        IndexModel([("owner", ASCENDING), ("priority_rank", DESCENDING), ("_id", DESCENDING)],
-                   name="owner_priority"),
-        IndexModel([("owner", ASCENDING), ("updated_at", DESCENDING), ("_id", DESCENDING)],
-                   name="owner_updated"),
+        IndexModel(
+            [("owner", ASCENDING), ("created_at", DESCENDING), ("_id", DESCENDING)],
+            name="owner_created",
+        ),
+        IndexModel(
+            [("owner", ASCENDING), ("due_key", ASCENDING), ("_id", ASCENDING)], name="owner_due"
+        ),
+        IndexModel(
+            [("owner", ASCENDING), ("priority_rank", DESCENDING), ("_id", DESCENDING)],
+            name="owner_priority",
+        ),
+        IndexModel(
+            [("owner", ASCENDING), ("updated_at", DESCENDING), ("_id", DESCENDING)],
+            name="owner_updated",
+        ),
         # Due-soon reminders (core/notifications.py): every owner's open tasks due in the next
         # week, one range scan; status in the key filters out done tasks without fetching them.
         IndexModel([("due_key", ASCENDING), ("status", ASCENDING)], name="due_soon"),

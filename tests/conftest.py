@@ -132,7 +132,9 @@ def rabbitmq_url() -> Iterator[str]:
     subprocess.run([ctl, "add_vhost", vhost], check=True, capture_output=True, timeout=60)
     subprocess.run(
         [ctl, "set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"],
-        check=True, capture_output=True, timeout=60,
+        check=True,
+        capture_output=True,
+        timeout=60,
     )
     try:
         yield f"amqp://guest:guest@127.0.0.1:5672/{vhost}"

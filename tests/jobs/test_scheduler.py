@@ -86,7 +86,8 @@ async def test_publish_feeds_the_admin_api(
     assert all(i["next_run_at"] for i in body["items"])
 
     user = await client.post(
-        "/api/v1/auth/register", json={"email": "u@example.com", "password": "user password", "name": "U"}
+        "/api/v1/auth/register",
+        json={"email": "u@example.com", "password": "user password", "name": "U"},
     )
     user_auth = bearer((await user.json())["access_token"])
     assert (await client.get("/api/v1/admin/schedules", headers=user_auth)).status == 403

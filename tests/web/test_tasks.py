@@ -388,9 +388,13 @@ async def test_stats_expire_when_a_task_falls_due(client: Any, user: dict[str, s
     assert resp.headers["X-Cache"] == "miss"
 
 
-async def test_idempotent_create_three_concurrent_posts_make_one_task(client: Any, user: dict[str, str]) -> None:
+async def test_idempotent_create_three_concurrent_posts_make_one_task(
+    client: Any, user: dict[str, str]
+) -> None:
     headers = {**user, "Idempotency-Key": "create-milk-1"}
-    responses = await asyncio.gather(*[client.post(T, json={"title": "milk"}, headers=headers) for _ in range(3)])
+    responses = await asyncio.gather(
+        *[client.post(T, json={"title": "milk"}, headers=headers) for _ in range(3)]
+    )
     statuses = sorted(r.status for r in responses)
     assert statuses.count(201) >= 1 and set(statuses) <= {201, 409}
     created = [await r.json() for r in responses if r.status == 201]
