@@ -57,11 +57,14 @@ RUN groupadd --system --gid 10001 app \
 
 COPY --from=build /opt/venv /opt/venv
 
+# MALLOC_MMAP_THRESHOLD_: argon2's 19 MiB buffers are mmapped and returned to the OS after
+# each sign-in instead of lingering in per-thread heaps (measured: +3-4 MB RSS instead of +24-40).
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     PORT=8000 \
-    BACKUP_DIR=/data/backups
+    BACKUP_DIR=/data/backups \
+    MALLOC_MMAP_THRESHOLD_=1048576
 
 WORKDIR /app
 USER 10001:10001

@@ -1397,7 +1397,9 @@ def profile_lines(p: dict[str, Any]) -> list[str]:
         " web process. Profiling slows Python calls several-fold, so read the shares, not the"
         f" times: {prof['rps']:,.0f} req/s and {p['ms_per_request']:.2f} CPU ms per answer"
         f" profiled, vs {p['unprofiled_rps']:,.0f} req/s and {p['unprofiled_web_ms']:.2f} ms"
-        " unprofiled.",
+        " unprofiled. cProfile charges every Python call, so code made of many tiny calls"
+        " (PyJWT checks a token character by character) looks bigger than it is:"
+        " python -m bench steps times such steps unprofiled.",
         "own time by category (ms per request, share; a generic builtin such as any() or"
         " isinstance() counts for its callers):",
     ]

@@ -18,17 +18,21 @@ What runs (all on loopback, all started and stopped here):
   --threads 8`` (production settings), a webhook receiver in this process, a user with a
   webhook on ``task.created``; tasks are created open loop at a steady rate (sends are
   scheduled at fixed times, never waiting for answers), each titled with a unique word and a
-  word shared by the tasks of its 100 ms slot. Per task: the write's acknowledgement → the
+  word shared by the tasks of its 250 ms slot. Per task: the write's acknowledgement → the
   first ``GET /search?q=<slot word>`` that returns it (pollers cycle through the slots with
   pending tasks, so polling costs one search per slot rather than one per task) and → the
   webhook delivery received. MongoDB's own timestamps give the server-side breakdown (relay
-  enqueue, index entry, analytics fold, delivery).
+  enqueue, index entry, analytics fold, delivery). Before the measured run at the target rate,
+  a ladder of short steps at rising rates finds the highest rate at which the targets hold;
+  every run starts from a fresh worker and empty queues.
 
 Targets (reported, never asserted): no-op throughput through our set-up ≥ 90 % of bare
 Dramatiq; at a steady 200 writes/s, write → searchable p95 ≤ 1 s and write → webhook received
-p95 ≤ 2 s; the worker process ≤ 100 MB RSS. When one is missed (or with ``--profile always``)
-the worker is run again under :mod:`bench.worker_profile` and the report says where its CPU
-goes.
+p95 ≤ 2 s; the worker process ≤ 100 MB RSS (``bench/worker_imports.py`` shows where it goes).
+When a target is missed (or with ``--profile always``) the worker is run again, instrumented
+by :mod:`bench.worker_profile` (per-actor run and queue-wait times, MongoDB round trips, CPU by
+thread, and a cProfile): the no-op variants, and the events at the first ladder rate that
+missed, where the worker falls behind while the web still keeps up.
 """
 
 from __future__ import annotations
@@ -77,7 +81,7 @@ from cli.embedded import free_port
 from config.settings import Settings
 from core import webhooks as core_webhooks
 from workers import analytics, cache, maintenance, notifications, search, webhooks
-from workers.ops import registry_index
+from workers.registry import registry_index
 
 API = "/api/v1"
 SECRET = "bench-secret-" + "w" * 40
@@ -89,10 +93,15 @@ SEARCH_P95_TARGET_MS = 1000.0
 HOOK_P95_TARGET_MS = 2000.0
 EVENTS_RATE_TARGET = 200.0
 RSS_LIMIT_MB = 100.0
-#: Slot words group the tasks written in this many seconds (one search covers a slot).
-SLOT_SECONDS = 0.1
-#: A slot is searched again at most this often (bounds the poll load when few are pending).
-MIN_REPOLL = 0.025
+#: Slot words group the tasks written in this many seconds (one search covers a slot, of at
+#: most MAX_SLOT tasks: a search returns 50 hits at most).
+SLOT_SECONDS = 0.25
+MAX_SLOT = 50
+#: A slot is searched again at most this often.
+MIN_REPOLL = 0.1
+#: How long a ladder step waits for its effects after its last write.
+LADDER_SETTLE = 10.0
+DEFAULT_LADDER = (10.0, 20.0, 40.0, 80.0, 160.0)
 
 
 @dataclass(frozen=True)
@@ -135,8 +144,11 @@ class Options:
     seconds: float = 15.0
     drain_timeout: float = 30.0
     pollers: int = 2
+    poll_rate: float = 40.0
     profile: str = "auto"  # auto | always | never
     profile_seconds: float = 4.0
+    ladder: tuple[float, ...] = DEFAULT_LADDER
+    ladder_seconds: float = 5.0
     sections: tuple[str, ...] = ("noop", "events")
     out: Path | None = RESULTS / "workers-latest.txt"
     json_out: Path | None = None
@@ -270,6 +282,7 @@ class Load:
     started: float = math.nan
     sends_done: float = math.nan
     ended: float = math.nan
+    next_poll_at: float = 0.0
     last_ack: float = math.nan
 
     def acked(self, w: Write) -> None:
@@ -435,6 +448,7 @@ class WorkerBench:
             f"SecantusDB {version('SecantusDB')} in memory (embedded); Redis "
             f"{svc.redis_version()} ({svc.redis_source}), key prefix {svc.prefix}"
         )
+        imports: subprocess.Popen[str] | None = None
         try:
             if "noop" in self.opts.sections:
                 self.noop_section()
@@ -445,6 +459,9 @@ class WorkerBench:
             self.results["imports"] = self.finish_import_rss(imports)
         finally:
             self.note("stopping everything and deleting our keys")
+            if imports is not None and imports.poll() is None:
+                imports.kill()
+                imports.communicate()
             svc.stop()
         self.results["load_average_end"] = os.getloadavg()
         self.results["total_seconds"] = round(time.monotonic() - started, 1)
@@ -543,10 +560,14 @@ class WorkerBench:
         return self.svc.spawn(f"noop-{variant.key}", args, env)
 
     def drain_once(
-        self, variant: Variant, rnd: int, extra_env: dict[str, str] | None = None
+        self,
+        variant: Variant,
+        rnd: int,
+        extra_env: dict[str, str] | None = None,
+        messages: int | None = None,
     ) -> DrainRun:
         """Fill the queue with N messages, start one worker process, time the drain."""
-        n = self.opts.messages
+        n = messages or self.opts.messages
         prefix = f"{self.svc.prefix}n{rnd}{variant.key}:"
         if variant.broker == "bare":
             namespace = f"{prefix}dramatiq"
@@ -620,7 +641,8 @@ class WorkerBench:
     # ---- events through the real actors ----------------------------------------------------
 
     async def events_section(self) -> None:
-        """Start web, worker and the receiver; warm up; run the measured load."""
+        """Start web, worker and the receiver; warm up; climb the rate ladder; diagnose; then
+        the measured run at the target rate on a fresh worker with empty queues."""
         opts = self.opts
         svc = self.svc
         prefix = f"{svc.prefix}ev:"
@@ -641,39 +663,23 @@ class WorkerBench:
             warm = await self.load(rate=min(opts.rate, 20.0), count=10, settle=30.0)
             if len(warm.found) < len(warm.ok_writes()):
                 raise RuntimeError("warm-up tasks never became searchable")
+            missed_at = await self.ladder()
+            if opts.profile == "always" or (opts.profile == "auto" and missed_at is not None):
+                # Diagnosed where the worker first falls behind (the web still keeps up there).
+                with tempfile.TemporaryDirectory(prefix="bench-workers-prof-") as tmp:
+                    profiles = await self.profile_events(tmp, missed_at or opts.rate)
+                self.results.setdefault("profiles", {}).update(profiles)
+            await self.restart_worker()
             self.note(f"events: {opts.rate:g} writes/s for {opts.seconds:g} s")
-            ev = self.results["events"] = {}
-            pids = self.event_pids()
-            before, ops0 = svc.snapshot(pids), await self.mongo_ops()
-            load = await self.load(
-                rate=opts.rate, count=round(opts.rate * opts.seconds), settle=opts.drain_timeout
-            )
-            after, ops1 = svc.snapshot(pids), await self.mongo_ops()
-            ev["left_in_queues"] = self.queue_backlog()
-            ev["outbox_pending"] = await self.outbox_pending()
-            ev["server"] = await self.server_breakdown(load)
-            ev.update(self.summarise(load))
-            ev["cpu_cores"] = self.cores(before, after)
-            ev["mongo_ops"] = {k: ops1[k] - ops0.get(k, 0) for k in ops1}
-            ev["mongo_ops_rate"] = round(sum(ev["mongo_ops"].values()) / (after.at - before.at), 1)
-            ev["spot_check"] = await self.spot_check(load)
-            ev["worker_rss_mb"], ev["worker_hwm_mb"] = rss_mb(pids["worker"])
-            ev["web_rss_mb"], ev["web_hwm_mb"] = rss_mb(pids["web"])
+            ev = await self.measure(opts.rate, round(opts.rate * opts.seconds), opts.drain_timeout)
+            ev["spot_check"] = await self.spot_check(self.last_load)
             ev["receiver"] = {
                 "duplicates": self.receiver.duplicates,
                 "bad_signatures": self.receiver.bad_signatures,
                 "bad_bodies": self.receiver.bad_bodies,
             }
             ev["log_errors"] = {"web": log_errors(self.web), "worker": log_errors(self.worker)}
-            srv = ev["server"]
-            # One message per (event, actor) from the relay, plus one per delivery created.
-            sent = 4 * srv["relay_enqueued_ms"]["n"] + srv["deliveries"]
-            ev["worker_messages"] = sent - sum(ev["left_in_queues"].values())
-            ev["worker_msg_rate"] = round(ev["worker_messages"] / ev["observed_s"], 1)
-            if self.wants_profile("events"):
-                with tempfile.TemporaryDirectory(prefix="bench-workers-prof-") as tmp:
-                    profiles = await self.profile_events(tmp)
-                self.results.setdefault("profiles", {}).update(profiles)
+            self.results["events"] = ev
         finally:
             # Stopped together: each waits for its graceful shutdown.
             await asyncio.gather(
@@ -681,6 +687,72 @@ class WorkerBench:
             )
             await self.receiver.stop()
             await self.mongo.close()
+
+    async def measure(self, rate: float, count: int, settle: float) -> dict[str, Any]:
+        """One load, with everything the report shows about it."""
+        svc = self.svc
+        pids = self.event_pids()
+        before, ops0 = svc.snapshot(pids), await self.mongo_ops()
+        load = self.last_load = await self.load(rate=rate, count=count, settle=settle)
+        after, ops1 = svc.snapshot(pids), await self.mongo_ops()
+        ev: dict[str, Any] = {
+            "left_in_queues": self.queue_backlog(),
+            "outbox_pending": await self.outbox_pending(),
+            "server": await self.server_breakdown(load),
+        }
+        ev.update(self.summarise(load))
+        ev["cpu_cores"] = self.cores(before, after)
+        ev["mongo_ops"] = {k: ops1[k] - ops0.get(k, 0) for k in ops1}
+        ev["mongo_ops_rate"] = round(sum(ev["mongo_ops"].values()) / (after.at - before.at), 1)
+        ev["worker_rss_mb"], ev["worker_hwm_mb"] = rss_mb(pids["worker"])
+        ev["web_rss_mb"], ev["web_hwm_mb"] = rss_mb(pids["web"])
+        srv = ev["server"]
+        # One message per (event, actor) from the relay, plus one per delivery created.
+        sent = 4 * srv["relay_enqueued_ms"]["n"] + srv["deliveries"]
+        ev["worker_messages"] = sent - sum(ev["left_in_queues"].values())
+        ev["worker_msg_rate"] = round(ev["worker_messages"] / ev["observed_s"], 1)
+        return ev
+
+    async def ladder(self) -> float | None:
+        """Short steps of rising rates until one misses a latency target (or the web cannot
+        acknowledge its rate); returns that step's rate (None: every step passed)."""
+        steps: list[dict[str, Any]] = []
+        self.results["ladder"] = {"seconds": self.opts.ladder_seconds, "steps": steps}
+        for rate in self.opts.ladder:
+            self.note(f"events: ladder step, {rate:g} writes/s for {self.opts.ladder_seconds:g} s")
+            count = max(1, round(rate * self.opts.ladder_seconds))
+            ev = await self.measure(rate, count, settle=LADDER_SETTLE)
+            keys = (
+                "offered_rate",
+                "acked",
+                "ack_rate",
+                "searchable_ms",
+                "webhook_ms",
+                "worker_msg_rate",
+                "mongo_ops_rate",
+                "cpu_cores",
+            )
+            step = {k: ev[k] for k in keys}
+            step["mongo_ops_per_task"] = round(
+                sum(ev["mongo_ops"].values()) / max(ev["acked"], 1), 1
+            )
+            step["pass"] = (
+                ev["searchable_ms"]["p95"] <= SEARCH_P95_TARGET_MS
+                and ev["webhook_ms"]["p95"] <= HOOK_P95_TARGET_MS
+                and ev["ack_rate"] >= 0.95 * rate
+            )
+            steps.append(step)
+            if not step["pass"]:
+                return rate
+        return None
+
+    async def restart_worker(self, profile_out: str | None = None, cpu: bool = False) -> None:
+        """Stop the worker, empty the queues (``reset_backlog``) and start a fresh one."""
+        await asyncio.to_thread(self.worker.stop)
+        await self.reset_backlog()
+        env = self.product_env(self.ev_prefix)
+        self.worker = self.start_worker(env, profile_out=profile_out, cpu=cpu)
+        await self.wait_worker(self.worker)
 
     def queue_backlog(self) -> dict[str, int]:
         """Messages not yet acknowledged, per queue of the events broker (ready + fetched)."""
@@ -809,9 +881,10 @@ class WorkerBench:
 
     async def load(self, *, rate: float, count: int, settle: float) -> Load:
         """Write ``count`` tasks open loop at ``rate``/s; follow them until every acknowledged
-        one is searchable and delivered, or ``settle`` seconds after the last send."""
+        one is searchable, delivered and folded into analytics, or ``settle`` seconds after
+        the last send."""
         tag = uuid.uuid4().hex[:4]
-        per_slot = max(1, round(rate * SLOT_SECONDS))
+        per_slot = min(MAX_SLOT, max(1, round(rate * SLOT_SECONDS)))
         load = Load(tag, rate, count)
         load.writes = [
             Write(i, f"u{tag}{i:06d}", f"s{tag}{i // per_slot:06d}", 0.0) for i in range(count)
@@ -837,11 +910,28 @@ class WorkerBench:
                     if self.settled(load):
                         break
                     await asyncio.sleep(0.05)
+                # The effect no client sees: analytics (asked of MongoDB, so less often).
+                while time.monotonic() < deadline and not await self.folded(load):
+                    await asyncio.sleep(0.25)
             finally:
                 stop.set()
                 await asyncio.gather(*pollers, return_exceptions=True)
                 load.ended = time.monotonic()
         return load
+
+    async def folded(self, load: Load) -> bool:
+        """Every acknowledged write's ``task.created`` event was folded into analytics."""
+        db = self.mongo[self.svc.db]
+        ids = [w.task_id for w in load.ok_writes()]
+        events = (
+            await db["events"]
+            .find({"type": "task.created", "subject_id": {"$in": ids}}, {"_id": 1})
+            .to_list()
+        )
+        seen = await db["analytics_seen"].count_documents(
+            {"_id": {"$in": [str(e["_id"]) for e in events]}}
+        )
+        return len(events) == len(ids) == seen
 
     def settled(self, load: Load) -> bool:
         """Every acknowledged write was found by search and its webhook received."""
@@ -889,10 +979,15 @@ class WorkerBench:
         """Search the least recently searched pending slot, again and again, until stopped."""
         while not stop.is_set():
             now = time.monotonic()
+            if now < load.next_poll_at:
+                # Searches are spaced globally: polling must not become the load it measures.
+                await asyncio.sleep(load.next_poll_at - now)
+                continue
             slot = load.next_slot(now)
             if slot is None:
                 await asyncio.sleep(0.005)
                 continue
+            load.next_poll_at = now + 1 / self.opts.poll_rate
             previous = load.last_poll.get(slot)
             load.last_poll[slot] = now
             if previous is not None:
@@ -955,7 +1050,10 @@ class WorkerBench:
             "write_errors": statuses,
             "write_error_sample": first_error,
             "send_span_s": round(send_span, 3),
-            "ack_rate": round(len(ok) / (load.last_ack - load.started), 1) if ok else 0.0,
+            # n writes fill n slots of 1/rate: the last one's slot ends 1/rate after it is sent.
+            "ack_rate": round(len(ok) / (load.last_ack - load.started + 1 / load.rate), 1)
+            if ok
+            else 0.0,
             "ack_ms": self.dist(ack),
             "searchable_ms": self.dist(searchable),
             "webhook_ms": self.dist(hooked),
@@ -1052,31 +1150,14 @@ class WorkerBench:
 
     # ---- profiles -------------------------------------------------------------------------
 
-    def missed(self) -> dict[str, bool]:
-        """Which targets were missed (only those measured)."""
-        out: dict[str, bool] = {}
-        noop = self.results.get("noop", {})
-        ratio = noop.get("ratio", {}).get("ours_async")
-        if ratio is not None:
-            out["noop"] = not ratio >= NOOP_TARGET
-        ev = self.results.get("events")
-        if ev:
-            out["events"] = not (
-                ev["searchable_ms"]["p95"] <= SEARCH_P95_TARGET_MS
-                and ev["webhook_ms"]["p95"] <= HOOK_P95_TARGET_MS
-                and ev["worker_rss_mb"] <= RSS_LIMIT_MB
-            )
-        return out
-
-    def wants_profile(self, section: str) -> bool:
-        """Whether to profile a section's worker: its target missed (``auto``) or ``always``."""
-        if self.opts.profile == "never":
-            return False
-        return self.opts.profile == "always" or self.missed().get(section, False)
+    def noop_missed(self) -> bool:
+        """Whether the async no-op through our set-up missed its throughput target."""
+        ratio = self.results.get("noop", {}).get("ratio", {}).get("ours_async")
+        return ratio is not None and not ratio >= NOOP_TARGET
 
     def profile_noop(self) -> None:
         """Profile the bare and our async no-op workers (their difference is our cost)."""
-        if not self.wants_profile("noop"):
+        if self.opts.profile == "never" or (self.opts.profile == "auto" and not self.noop_missed()):
             return
         profiles = self.results.setdefault("profiles", {})
         runs = [(k, "timings") for k in ("bare", "ours_sync", "ours_async")]
@@ -1086,36 +1167,39 @@ class WorkerBench:
                 self.note(f"no-op diagnostic run ({mode}): {VARIANTS[key].label}")
                 out = str(Path(tmp, f"noop-{key}-{mode}.prof"))
                 env = {"BENCH_PROFILE_OUT": out, "BENCH_PROFILE_CPU": "1" if mode == "cpu" else "0"}
-                run = self.drain_once(VARIANTS[key], 0, env)
+                run = self.drain_once(VARIANTS[key], 0, env, min(self.opts.messages, 4000))
                 profile = self.read_profile(out, run.messages, "message")
                 profile["rate_instrumented"] = run.rate
                 profiles[f"noop_{key}_{mode}"] = profile
 
-    async def profile_events(self, tmp: str) -> dict[str, Any]:
-        """Run the load again, shorter, on an instrumented worker: once with timings only
-        (actors, queue waits, MongoDB round trips), once under cProfile."""
+    async def profile_events(self, tmp: str, rate: float) -> dict[str, Any]:
+        """Run the load again at ``rate``, shorter, on an instrumented worker: once with
+        timings only (actors, queue waits, MongoDB round trips), once under cProfile."""
         out: dict[str, Any] = {}
         for mode in ("timings", "cpu"):
-            self.note(f"events: diagnostic run ({mode}) on an instrumented worker")
+            self.note(f"events: diagnostic run ({mode}, {rate:g} writes/s), instrumented worker")
             path = str(Path(tmp, f"events-{mode}.prof"))
-            self.worker.stop()
-            await self.reset_backlog()
-            env = self.product_env(self.ev_prefix)
-            self.worker = self.start_worker(env, profile_out=path, cpu=mode == "cpu")
+            await self.restart_worker(profile_out=path, cpu=mode == "cpu")
             try:
-                await self.wait_worker(self.worker)
-                count = round(self.opts.rate * self.opts.profile_seconds)
+                count = max(1, round(rate * self.opts.profile_seconds))
                 # Timings need no complete drain: a shorter wait keeps the diagnosis quick.
                 settle = min(self.opts.drain_timeout, 15.0)
-                load = await self.load(rate=self.opts.rate, count=count, settle=settle)
+                load = await self.load(rate=rate, count=count, settle=settle)
                 summary = self.summarise(load)
             finally:
                 # The records are written when the worker shuts down gracefully.
-                self.worker.stop(grace=60)
+                await asyncio.to_thread(self.worker.stop, 60)
             profile = self.read_profile(path, summary["acked"], "event")
             profile["run"] = {
                 k: summary[k]
-                for k in ("acked", "searchable_ms", "webhook_ms", "processed", "processed_rate")
+                for k in (
+                    "offered_rate",
+                    "acked",
+                    "searchable_ms",
+                    "webhook_ms",
+                    "processed",
+                    "processed_rate",
+                )
             }
             out[f"events_{mode}"] = profile
         return out
@@ -1189,6 +1273,8 @@ class WorkerBench:
             self.report_noop(add)
         if "events" in res:
             self.report_events(add)
+        if res.get("ladder", {}).get("steps"):
+            self.report_ladder(add)
         self.report_targets(add)
         if res.get("profiles"):
             self.report_profiles(add)
@@ -1293,10 +1379,11 @@ class WorkerBench:
             f"{ev['spot_check']['checked']}"
         )
         add(
-            f"   search polling: {ev['searches']} searches ({ev['search_rate']:.0f}/s, "
-            f"{self.opts.pollers} pollers, one per pending 100 ms slot), median re-poll of a slot "
-            f"{ev['repoll_ms_p50']:.0f} ms (the resolution of write → searchable); errors "
-            f"{ev['search_errors'] or 0}"
+            f"   search polling: {ev['searches']} searches ({ev['search_rate']:.0f}/s, at most "
+            f"{self.opts.poll_rate:g}/s, one per pending {SLOT_SECONDS * 1000:.0f} ms slot; 2 "
+            f"MongoDB queries each = {self.poll_share(ev):.0%} of the operations), median "
+            f"re-poll of a slot {ev['repoll_ms_p50']:.0f} ms (the resolution of write → "
+            f"searchable); errors {ev['search_errors'] or 0}"
         )
         ops = ev["mongo_ops"]
         if ops and ev["acked"]:
@@ -1332,6 +1419,39 @@ class WorkerBench:
         count = len(errs["web"]) + len(errs["worker"])
         sample = (errs["worker"] + errs["web"])[:1]
         add(f"   error lines in the logs: {count}" + (f" (first: {sample[0]})" if sample else ""))
+
+    @staticmethod
+    def poll_share(ev: dict[str, Any]) -> float:
+        """The share of MongoDB operations the search polling caused (2 queries a search)."""
+        total = sum(ev["mongo_ops"].values())
+        return 2 * ev["searches"] / total if total else math.nan
+
+    def report_ladder(self, add: Callable[[str], None]) -> None:
+        """Section 2b: the rate ladder."""
+        ladder = self.results["ladder"]
+        add("")
+        add(
+            f"2b. Rate ladder: {ladder['seconds']:g} s of writes per step, rates rising until a "
+            "step misses (a p95 target, or the web acknowledging < 95 % of the rate)"
+        )
+        add(
+            f"   {'writes/s':>8} {'acked/s':>8} {'searchable p95':>14} {'webhook p95':>12} "
+            f"{'worker msg/s':>12} {'mongo op/s':>10} {'op/task':>8} {'mongo cores':>11}  verdict"
+        )
+        for st in ladder["steps"]:
+            add(
+                f"   {st['offered_rate']:>8g} {st['ack_rate']:>8.1f} "
+                f"{ms(st['searchable_ms']['p95']):>14} {ms(st['webhook_ms']['p95']):>12} "
+                f"{st['worker_msg_rate']:>12.0f} {st['mongo_ops_rate']:>10.0f} "
+                f"{st['mongo_ops_per_task']:>8.1f} {st['cpu_cores'].get('mongo', 0):>11.2f}  "
+                f"{verdict(st['pass'])}"
+            )
+        passed = [st["offered_rate"] for st in ladder["steps"] if st["pass"]]
+        add(
+            "   the targets held up to "
+            + (f"{max(passed):g} writes/s" if passed else "none of the rates tried")
+            + " on this machine"
+        )
 
     def report_targets(self, add: Callable[[str], None]) -> None:
         """Section 3: every target in one place."""
@@ -1428,8 +1548,9 @@ class WorkerBench:
             if "run" in prof:
                 r = prof["run"]
                 add(
-                    f"   this run: searchable p95 {r['searchable_ms']['p95']:.0f} ms, webhook p95 "
-                    f"{r['webhook_ms']['p95']:.0f} ms, {r['processed_rate']:.0f} events/s processed"
+                    f"   this run: {r['offered_rate']:g} writes/s offered, {r['acked']} written; "
+                    f"searchable p95 {ms(r['searchable_ms']['p95']).strip()}, webhook p95 "
+                    f"{ms(r['webhook_ms']['p95']).strip()}"
                 )
             threads = sorted(prof["threads_cpu_s"].items(), key=lambda kv: -kv[1])
             cpu_total = sum(v for _k, v in threads) or 1e-9
@@ -1489,6 +1610,17 @@ class WorkerBench:
                 add(f"   (drained at {prof['rate_instrumented']:.0f} msgs/s instrumented)")
 
 
+def finite(value: Any) -> Any:
+    """``value`` with every NaN or infinite float replaced by None (recursively)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite(v) for v in value]
+    return value
+
+
 def package_of(file: str, name: str) -> str:
     """Which package a profiled function belongs to (ours are ``ours:<folder>``)."""
     if file == "~" or file.startswith("<"):
@@ -1538,6 +1670,9 @@ def parse(argv: list[str]) -> Options:
     )
     ap.add_argument("--pollers", type=int, default=2, help="concurrent search pollers")
     ap.add_argument(
+        "--poll-rate", type=float, default=40.0, help="searches/s at most, all pollers together"
+    )
+    ap.add_argument(
         "--profile",
         choices=("auto", "always", "never"),
         default="auto",
@@ -1546,6 +1681,12 @@ def parse(argv: list[str]) -> Options:
     ap.add_argument(
         "--profile-seconds", type=float, default=4.0, help="writes offered per diagnostic run"
     )
+    ap.add_argument(
+        "--ladder",
+        default=",".join(f"{r:g}" for r in DEFAULT_LADDER),
+        help="writes/s of the ladder steps, climbed until one misses ('' for none)",
+    )
+    ap.add_argument("--ladder-seconds", type=float, default=5.0, help="writes per ladder step")
     ap.add_argument("--only", choices=("noop", "events"), default=None, help="run one section only")
     ap.add_argument(
         "--out", type=Path, default=RESULTS / "workers-latest.txt", help="report file ('-': none)"
@@ -1567,8 +1708,11 @@ def parse(argv: list[str]) -> Options:
         seconds=ns.seconds,
         drain_timeout=ns.drain_timeout,
         pollers=ns.pollers,
+        poll_rate=ns.poll_rate,
         profile=ns.profile,
         profile_seconds=ns.profile_seconds,
+        ladder=tuple(float(r) for r in ns.ladder.split(",") if r.strip()),
+        ladder_seconds=ns.ladder_seconds,
         sections=(ns.only,) if ns.only else ("noop", "events"),
         out=None if str(ns.out) == "-" else ns.out,
         json_out=ns.json,
@@ -1585,7 +1729,8 @@ def main(argv: list[str]) -> int:
         opts.out.parent.mkdir(parents=True, exist_ok=True)
         opts.out.write_text(report)
     if opts.json_out is not None:
-        opts.json_out.write_text(json.dumps(bench.results, indent=2, default=str))
+        # Strict JSON: no NaN or Infinity (an unseen task's latency is null).
+        opts.json_out.write_text(json.dumps(finite(bench.results), indent=2, default=str))
     return 0
 
 

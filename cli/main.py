@@ -438,7 +438,7 @@ def healthcheck_worker(max_age: float) -> None:
 
     import redis
 
-    from workers.ops import host_has_live_worker, redis_client
+    from workers.registry import host_has_live_worker, redis_client
 
     settings = load_settings(need_services=False)
     if settings.redis_url is None:

@@ -7,14 +7,16 @@ the Dramatiq broker, all seeing the same data.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import fakeredis
 import redis as redis_sync_lib
 import redis.asyncio as aioredis
 from pymongo import AsyncMongoClient
 
 from config.settings import Settings
+
+if TYPE_CHECKING:  # imported lazily: fakeredis pulls in ~13 MB a real deployment never needs
+    import fakeredis
 
 MongoClient = AsyncMongoClient[dict[str, Any]]
 
@@ -26,6 +28,8 @@ class Connections:
         self.settings = settings
         self.fake_server = fake_server
         if settings.redis_url is None and fake_server is None:
+            import fakeredis
+
             self.fake_server = fakeredis.FakeServer()
 
     @property
@@ -51,6 +55,8 @@ class Connections:
     def redis(self) -> aioredis.Redis:
         """A new asyncio Redis client (decoded responses are off: callers decode)."""
         if self.settings.redis_url is None:
+            import fakeredis
+
             return fakeredis.FakeAsyncRedis(server=self.fake_server)
         return aioredis.Redis.from_url(
             self.settings.redis_url,
@@ -62,5 +68,7 @@ class Connections:
     def redis_sync(self) -> redis_sync_lib.Redis:
         """A synchronous Redis client (for the Dramatiq broker and CLI)."""
         if self.settings.redis_url is None:
+            import fakeredis
+
             return fakeredis.FakeRedis(server=self.fake_server)
         return redis_sync_lib.Redis.from_url(self.settings.redis_url, socket_connect_timeout=2)

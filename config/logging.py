@@ -23,8 +23,9 @@ def setup_logging(settings: Settings, *, process: str) -> None:
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
-        _add_process(process),
+        _add_process,
     ]
+    _PROCESS["name"] = process
     # Exceptions are rendered by the formatter, not before: the stdlib record must still carry
     # exc_info when it reaches other handlers (Sentry's logging integration reads it there).
     render: list[Any]
@@ -82,12 +83,15 @@ def _exc_info(value: Any) -> tuple[type[BaseException], BaseException, Any] | No
     return None
 
 
-def _add_process(process: str) -> Any:
-    def processor(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
-        event.setdefault("process", process)
-        return event
+#: The process name stamped on every line. Read at log time, not captured at configure time:
+#: loggers cache their processor chain on first use, and a later set-up (tests build several
+#: processes in one interpreter) must still name the process right.
+_PROCESS = {"name": "unknown"}
 
-    return processor
+
+def _add_process(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
+    event.setdefault("process", _PROCESS["name"])
+    return event
 
 
 def get_logger(name: str) -> structlog.stdlib.BoundLogger:

@@ -1,11 +1,8 @@
-"""Full logical backups of the database: taking, verifying, restoring, listing, pruning.
+"""Full logical backups of the database: taking, listing, pruning, and their catalogue.
 
-A backup is the directory ``BACKUP_DIR/<id>/`` (``id``: UTC time plus a short random part, so
-names sort by age). It holds one gzip'd file per collection of length-prefixed BSON documents,
-written exactly as the server sent them (``RawBSONDocument``: ObjectIds, datetimes, int32 versus
-int64 and field order survive untouched), and ``manifest.json``, written last and atomically:
-a directory without a manifest is an incomplete backup. The manifest names each collection's
-file, document count, size and sha256, its options and its index definitions.
+The format of a backup (a directory of gzip'd BSON files and a manifest) is described in
+:mod:`core.backup_format`; verifying and restoring a backup is :mod:`core.restore`, whose names
+are re-exported here (``backups.verify``, ``backups.restore``, ...).
 
 Consistency. Reads go through one snapshot session (MongoDB 5.0+ on a replica set: every
 collection read at the same cluster time) when the server accepts it. When it does not, or when
@@ -25,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import gzip
 import hashlib
 import json
@@ -33,65 +29,47 @@ import os
 import re
 import secrets
 import shutil
-import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import IO, Any, Literal, Protocol, cast
+from typing import IO, Any, Literal, cast
 
-import bson
-from bson import json_util
-from bson.codec_options import CodecOptions, DatetimeConversion
-from bson.errors import BSONError
+from bson.codec_options import CodecOptions
 from bson.raw_bson import RawBSONDocument
 from pydantic import BaseModel, Field
 from pymongo import DESCENDING
 from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.asynchronous.collection import AsyncCollection
-from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.errors import CollectionInvalid, OperationFailure
-from redis.exceptions import RedisError
+from pymongo.errors import OperationFailure
 
 from config.logging import get_logger
 from config.settings import Settings
+
+# ``X as X``: re-exported, callers name them ``backups.locate``, ``backups.verify``, ...
+from core.backup_format import BATCH, FORMAT, MANIFEST, data_collections, to_json
+from core.backup_format import COLLECTION as COLLECTION
+from core.backup_format import ID_RE as ID_RE
+from core.backup_format import Progress as Progress
+from core.backup_format import locate as locate
+from core.backup_format import read_manifest as read_manifest
 from core.context import Context
 from core.errors import Conflict, FieldError, Invalid, NotFound
-from core.store import Doc, Store, utcnow
+from core.restore import CorruptBackup as CorruptBackup
+from core.restore import RestoreResult as RestoreResult
+from core.restore import VerifyReport as VerifyReport
+from core.restore import occupied as occupied
+from core.restore import restore as restore
+from core.restore import verify as verify
+from core.store import Doc, utcnow
 
 log = get_logger(__name__)
 
-COLLECTION = "backups"
-#: Collections never backed up nor touched by a restore (see the module docstring).
-SKIP = frozenset({COLLECTION})
-MANIFEST = "manifest.json"
-FORMAT = 1
-ID_RE = re.compile(r"\d{8}T\d{6}Z-[0-9a-f]{6}")
-BATCH = 1000
 #: A queued or running backup older than this no longer blocks a new request.
 STALE_AFTER = timedelta(hours=2)
 
 Status = Literal["queued", "running", "succeeded", "failed", "pruned"]
-#: ``progress(collection, documents done, documents expected)``; called after every batch.
-Progress = Callable[[str, int, int], None]
 
 _RAW = CodecOptions(document_class=RawBSONDocument)
-#: Verification decodes every value; a date outside Python's range is still valid BSON.
-_DECODE: CodecOptions[dict[str, Any]] = CodecOptions(
-    datetime_conversion=DatetimeConversion.DATETIME_AUTO
-)
-_RELAXED = json_util.JSONOptions(json_mode=json_util.JSONMode.RELAXED, tz_aware=True)
-
-
-class CorruptBackup(Invalid):
-    """A backup whose files do not match its manifest (or that has none)."""
-
-    def __init__(self, backup_id: str, problems: list[str]):
-        super().__init__(
-            f"Backup {backup_id} failed verification: " + "; ".join(problems[:5]),
-            [FieldError(field="backup", message=p) for p in problems],
-        )
-        self.problems = problems
 
 
 # -- Results ---------------------------------------------------------------------------------
@@ -110,40 +88,6 @@ class BackupResult:
     size: int
     read_mode: Literal["snapshot", "plain"]
     pruned: list[str] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class VerifyReport:
-    """What :func:`verify` found: ``ok`` when every file matches the manifest."""
-
-    id: str
-    path: Path
-    problems: list[str]
-    collections: dict[str, int]
-
-    @property
-    def ok(self) -> bool:
-        """No problem found."""
-        return not self.problems
-
-
-@dataclass(frozen=True)
-class RestoreResult:
-    """A finished restore."""
-
-    id: str
-    database: str
-    collections: dict[str, int]
-    documents: int
-    dropped: list[str]
-    indexes: int
-    index_conflicts: list[str]
-    seconds: float
-
-    @property
-    def docs_per_second(self) -> float:
-        """Restore throughput (verification excluded)."""
-        return self.documents / self.seconds if self.seconds > 0 else 0.0
 
 
 @dataclass(frozen=True)
@@ -225,35 +169,10 @@ def id_for_fire(fire_key: str, scheduled_for: datetime) -> str:
     return f"{scheduled_for:%Y%m%dT%H%M%SZ}-{hashlib.sha256(fire_key.encode()).hexdigest()[:6]}"
 
 
-def locate(settings: Settings, backup_id: str) -> Path:
-    """The directory of ``backup_id`` (which need not exist); :class:`NotFound` for anything
-    that is not a backup id, so no path outside ``BACKUP_DIR`` can ever be named."""
-    if not ID_RE.fullmatch(backup_id):
-        raise NotFound(f"No backup {backup_id!r}")
-    return Path(settings.backup_dir) / backup_id
-
-
 def _file_name(collection: str) -> str:
     if re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*", collection):
         return f"{collection}.bson.gz"
     return f"c-{hashlib.sha256(collection.encode()).hexdigest()[:16]}.bson.gz"
-
-
-def _to_json(value: Any) -> Any:
-    return json.loads(json_util.dumps(value, json_options=_RELAXED))
-
-
-def _from_json(value: Any) -> Any:
-    return json_util.loads(json.dumps(value), json_options=_RELAXED)
-
-
-def read_manifest(path: Path) -> dict[str, Any] | None:
-    """The manifest of the backup in ``path``; ``None`` when absent (an incomplete backup)."""
-    try:
-        data: dict[str, Any] = json.loads((path / MANIFEST).read_text())
-    except FileNotFoundError:
-        return None
-    return data
 
 
 def scan(settings: Settings) -> list[OnDisk]:
@@ -393,21 +312,6 @@ class _Sink:
 
     def abort(self) -> None:
         self.file.close()
-
-
-async def _collections(db: AsyncDatabase[Doc]) -> list[Doc]:
-    """The collections holding data (no views, no system collections, nothing in SKIP)."""
-    infos = [dict(info) async for info in await db.list_collections()]
-    return sorted(
-        (
-            i
-            for i in infos
-            if i.get("type", "collection") == "collection"
-            and not i["name"].startswith("system.")
-            and i["name"] not in SKIP
-        ),
-        key=lambda i: str(i["name"]),
-    )
 
 
 async def _dump(
@@ -559,7 +463,7 @@ async def _take(
     entries: dict[str, Any] = {}
     async with ctx.store.client.start_session(snapshot=True) as snapshot:
         session: AsyncClientSession | None = snapshot
-        for info in await _collections(db):
+        for info in await data_collections(db):
             name = info["name"]
             coll = cast(
                 "AsyncCollection[RawBSONDocument]", db.get_collection(name, codec_options=_RAW)
@@ -598,8 +502,8 @@ async def _take(
                 "bytes": size,
                 "sha256": sha,
                 "read": read,
-                "options": _to_json(info.get("options", {})),
-                "indexes": _to_json(indexes),
+                "options": to_json(info.get("options", {})),
+                "indexes": to_json(indexes),
             }
     reads = {e["read"] for e in entries.values()}
     manifest = {
@@ -645,226 +549,3 @@ async def prune(ctx: Context, keep: int | None = None) -> list[str]:
         {"$set": {"status": "pruned", "pruned_at": utcnow()}},
     )
     return sorted(doomed)
-
-
-# -- Verification ----------------------------------------------------------------------------
-
-
-class _Readable(Protocol):
-    def read(self, size: int = -1, /) -> bytes: ...
-
-
-def _read_raw(stream: _Readable, limit: int) -> list[bytes]:
-    """Up to ``limit`` length-prefixed BSON documents from ``stream``."""
-    out: list[bytes] = []
-    while len(out) < limit:
-        head = stream.read(4)
-        if not head:
-            break
-        size = int.from_bytes(head, "little")
-        if len(head) < 4 or size < 5 or size > 48 * 1024 * 1024:
-            raise BSONError("truncated or corrupt document length")
-        body = stream.read(size - 4)
-        if len(body) != size - 4:
-            raise BSONError("truncated document")
-        out.append(head + body)
-    return out
-
-
-def _sha256(path: Path) -> str:
-    sha = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            sha.update(block)
-    return sha.hexdigest()
-
-
-def verify(path: Path, progress: Progress | None = None) -> VerifyReport:
-    """Check a backup directory against its manifest: every file present with its size and
-    sha256, every document decodable, every count as recorded. Blocking (file I/O)."""
-    backup_id = path.name
-    try:
-        manifest = read_manifest(path)
-    except (OSError, ValueError) as exc:
-        return VerifyReport(backup_id, path, [f"manifest unreadable: {exc}"], {})
-    if manifest is None:
-        problem = "no such backup" if not path.is_dir() else "no manifest: the backup is incomplete"
-        return VerifyReport(backup_id, path, [problem], {})
-    problems: list[str] = []
-    counts: dict[str, int] = {}
-    if manifest.get("format") != FORMAT or manifest.get("id") != backup_id:
-        problems.append("manifest: unknown format or another backup's id")
-    for name, entry in manifest.get("collections", {}).items():
-        file = path / entry["file"]
-        if not file.is_file():
-            problems.append(f"{name}: file {entry['file']} is missing")
-            continue
-        if file.stat().st_size != entry["bytes"]:
-            problems.append(f"{name}: {file.stat().st_size} bytes, manifest says {entry['bytes']}")
-        if _sha256(file) != entry["sha256"]:
-            problems.append(f"{name}: sha256 differs from the manifest")
-        done = 0
-        try:
-            with gzip.GzipFile(file, "rb") as stream:
-                while batch := _read_raw(stream, BATCH):
-                    for raw in batch:
-                        bson.decode(raw, _DECODE)
-                    done += len(batch)
-                    if progress is not None:
-                        progress(name, done, entry["documents"])
-        except (OSError, EOFError, BSONError, ValueError) as exc:
-            problems.append(f"{name}: unreadable after {done} documents ({exc})")
-        else:
-            if done != entry["documents"]:
-                problems.append(f"{name}: {done} documents, manifest says {entry['documents']}")
-        counts[name] = done
-    return VerifyReport(backup_id, path, problems, counts)
-
-
-# -- Restore ---------------------------------------------------------------------------------
-
-
-async def occupied(ctx: Context, database: str | None = None) -> dict[str, int]:
-    """Documents per data collection of the target database (empty ones left out)."""
-    db = ctx.store.db if database is None else ctx.store.client[database]
-    counts = {}
-    for info in await _collections(db):
-        n = await db[info["name"]].estimated_document_count()
-        if n:
-            counts[info["name"]] = n
-    return counts
-
-
-async def restore(
-    ctx: Context,
-    backup_id: str,
-    *,
-    drop: bool = False,
-    database: str | None = None,
-    progress: Progress | None = None,
-    verify_progress: Progress | None = None,
-    batch_size: int = BATCH,
-) -> RestoreResult:
-    """Restore ``backup_id`` into the configured database (or ``database``).
-
-    The backup is verified first. A target holding any data is refused (:class:`Conflict`)
-    unless ``drop`` is given, which drops every data collection of the target first (the
-    ``backups`` catalogue excepted). Documents are inserted as they were stored, then the
-    indexes the code declares and those the backup recorded are created.
-    """
-    path = locate(ctx.settings, backup_id)
-    if not await asyncio.to_thread(path.is_dir):
-        raise NotFound(f"No backup {backup_id!r} in {ctx.settings.backup_dir}")
-    report = await asyncio.to_thread(verify, path, verify_progress)
-    if not report.ok:
-        raise CorruptBackup(backup_id, report.problems)
-    manifest = await asyncio.to_thread(read_manifest, path)
-    assert manifest is not None  # verified
-    store = ctx.store if database is None else Store(ctx.store.client, database)
-    db = store.db
-    present = await occupied(ctx, db.name)
-    if present and not drop:
-        listed = ", ".join(f"{n} ({c})" for n, c in sorted(present.items()))
-        raise Conflict(
-            f"Database {db.name!r} holds data: {listed}. Restoring would mix two states; "
-            "restore with drop (--drop) to replace it, or into another database"
-        )
-    started = time.monotonic()
-    dropped = []
-    if drop:
-        for info in await _collections(db):
-            await db.drop_collection(info["name"])
-            dropped.append(info["name"])
-        if dropped:
-            log.warning("backup.restore_dropped", database=db.name, collections=dropped)
-    counts: dict[str, int] = {}
-    for name, entry in manifest["collections"].items():
-        counts[name] = await _load(db, name, path / entry["file"], entry, progress, batch_size)
-    indexes, conflicts = await _indexes(store, manifest)
-    seconds = time.monotonic() - started
-    if database is None or database == ctx.settings.mongodb_db:
-        await _forget_cache(ctx)
-    result = RestoreResult(
-        id=backup_id,
-        database=db.name,
-        collections=counts,
-        documents=sum(counts.values()),
-        dropped=dropped,
-        indexes=indexes,
-        index_conflicts=conflicts,
-        seconds=seconds,
-    )
-    log.info(
-        "backup.restored",
-        backup_id=backup_id,
-        database=db.name,
-        documents=result.documents,
-        seconds=round(seconds, 3),
-        docs_per_second=round(result.docs_per_second),
-    )
-    return result
-
-
-async def _load(
-    db: AsyncDatabase[Doc],
-    name: str,
-    file: Path,
-    entry: dict[str, Any],
-    progress: Progress | None,
-    batch_size: int,
-) -> int:
-    options = _from_json(entry.get("options") or {})
-    if options:
-        # Options (capped, validators, ...) are fixed at creation: start from a fresh one.
-        # It is empty, or restore would have been refused.
-        await db.drop_collection(name)
-        with contextlib.suppress(CollectionInvalid):
-            await db.create_collection(name, **options)
-    coll = db[name]
-    done = 0
-    stream = await asyncio.to_thread(gzip.GzipFile, file, "rb")
-    try:
-        while batch := await asyncio.to_thread(_read_raw, stream, batch_size):
-            await coll.insert_many(
-                [RawBSONDocument(raw) for raw in batch], bypass_document_validation=True
-            )
-            done += len(batch)
-            if progress is not None:
-                progress(name, done, entry["documents"])
-    finally:
-        await asyncio.to_thread(stream.close)
-    if progress is not None and done == 0:
-        progress(name, 0, 0)
-    return done
-
-
-async def _indexes(store: Store, manifest: dict[str, Any]) -> tuple[int, list[str]]:
-    """Create the declared indexes, then the backed-up ones the code does not declare (an index
-    the code declares differently now wins, and is reported)."""
-    await store.ensure_indexes()
-    present = 0
-    conflicts: list[str] = []
-    for name, entry in manifest["collections"].items():
-        have = await store.db[name].index_information()
-        for spec in _from_json(entry.get("indexes") or []):
-            if spec["name"] in have:
-                present += 1
-                continue
-            try:
-                await store.db.command({"createIndexes": name, "indexes": [spec]})
-                present += 1
-            except OperationFailure as exc:
-                conflicts.append(
-                    f"{name}.{spec['name']}: {exc.details and exc.details.get('errmsg')}"
-                )
-    return present, conflicts
-
-
-async def _forget_cache(ctx: Context) -> None:
-    """Drop cached derived values: they describe the data the restore replaced."""
-    try:
-        keys = [k async for k in ctx.redis.scan_iter(match=ctx.key("cache", "*"), count=1000)]
-        for i in range(0, len(keys), 1000):
-            await ctx.redis.delete(*keys[i : i + 1000])
-    except RedisError as exc:
-        log.warning("backup.cache_not_cleared", error=str(exc))

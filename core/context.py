@@ -6,8 +6,9 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
@@ -35,6 +36,10 @@ class Context:
         return self.settings.redis_prefix + ":".join(parts)
 
 
+#: Seconds allowed to close each client at shutdown.
+CLOSE_TIMEOUT = 10.0
+
+
 @asynccontextmanager
 async def open_context(settings: Settings, connections: Connections) -> AsyncIterator[Context]:
     """A :class:`Context` with fresh clients on the running loop, closed on exit."""
@@ -43,5 +48,7 @@ async def open_context(settings: Settings, connections: Connections) -> AsyncIte
     try:
         yield Context(settings, store, redis)
     finally:
-        await store.client.close()
-        await redis.aclose()
+        # Bounded: shutting down must never hang on a server that stopped answering.
+        for close in (store.client.close, redis.aclose):
+            with suppress(TimeoutError):
+                await asyncio.wait_for(close(), CLOSE_TIMEOUT)

@@ -75,7 +75,8 @@ from pymongo.errors import BulkWriteError, DuplicateKeyError
 
 from core.errors import FieldError, Invalid
 from core.store import Doc, Store, utcnow
-from core.tasks import TaskPublic, public
+from core.task_models import TaskPublic
+from core.tasks import public
 
 COLLECTION = "search_index"
 INDEX_NAME = "owner_terms"

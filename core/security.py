@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -25,6 +26,8 @@ _hasher = PasswordHasher(time_cost=2, memory_cost=19 * 1024, parallelism=1)
 _DUMMY_HASH = _hasher.hash(secrets.token_urlsafe(16))
 
 ALGORITHM = "HS256"
+#: How many verified tokens each process remembers (about 0.5 KB each).
+VERIFIED_CACHE_SIZE = 10_000
 TokenType = Literal["access", "refresh"]
 _JWT_TYP = {"access": "at+jwt", "refresh": "rt+jwt"}
 
@@ -76,6 +79,7 @@ class Tokens:
         self._issuer = settings.jwt_issuer
         self._audience = settings.jwt_audience
         self.ttl = {"access": settings.access_token_ttl, "refresh": settings.refresh_token_ttl}
+        self._verified: OrderedDict[str, TokenClaims] = OrderedDict()
 
     def issue(self, type_: TokenType, *, subject: str, login_id: str, role: str) -> TokenClaims:
         """A new token's claims (call :meth:`encode` to get the string)."""
@@ -108,12 +112,27 @@ class Tokens:
         )
 
     def decode(self, token: str, expected: TokenType) -> TokenClaims:
-        """Verify ``token`` as a token of type ``expected``; raise :class:`Unauthorized`."""
+        """Verify ``token`` as a token of type ``expected``; raise :class:`Unauthorized`.
+
+        Verified tokens are remembered until they expire (a bounded LRU keyed by the exact
+        token string, so a remembered token is one whose signature was checked): the HMAC
+        and claim checks dominate the CPU of a cached read otherwise. Revocation is not
+        cached: callers check the denylist on every request.
+        """
+        now = time.time()
+        known = self._verified.get(token)
+        if known is not None and known.type == expected and known.expires_at > now:
+            self._verified.move_to_end(token)
+            return known
+        claims = self._verify(token, expected)
+        self._verified[token] = claims
+        if len(self._verified) > VERIFIED_CACHE_SIZE:
+            self._verified.popitem(last=False)
+        return claims
+
+    def _verify(self, token: str, expected: TokenType) -> TokenClaims:
         try:
-            header = jwt.get_unverified_header(token)
-            if header.get("alg") != ALGORITHM or header.get("typ") != _JWT_TYP[expected]:
-                raise Unauthorized(f"Not a valid {expected} token")
-            payload = jwt.decode(
+            decoded = jwt.decode_complete(
                 token,
                 self._key,
                 algorithms=[ALGORITHM],
@@ -126,6 +145,9 @@ class Tokens:
             raise Unauthorized("Token has expired") from exc
         except jwt.PyJWTError as exc:
             raise Unauthorized(f"Not a valid {expected} token") from exc
+        header, payload = decoded["header"], decoded["payload"]
+        if header.get("alg") != ALGORITHM or header.get("typ") != _JWT_TYP[expected]:
+            raise Unauthorized(f"Not a valid {expected} token")
         if payload.get("type") != expected:
             raise Unauthorized(f"Not a valid {expected} token")
         fields = ("sub", "sid", "jti", "role")

@@ -9,20 +9,10 @@ from __future__ import annotations
 
 import time
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 from bson import ObjectId
 from bson.errors import InvalidId
-from pydantic import (
-    AwareDatetime,
-    BaseModel,
-    ConfigDict,
-    Field,
-    StringConstraints,
-    field_validator,
-    model_validator,
-)
-from pydantic.json_schema import SkipJsonSchema
 from pymongo import ASCENDING, DESCENDING, UpdateOne
 from pymongo.asynchronous.client_session import AsyncClientSession
 
@@ -32,19 +22,30 @@ from core.errors import NotFound, PreconditionFailed
 from core.pagination import after, decode_cursor, encode_cursor
 from core.store import Doc, utcnow
 
-Status = Literal["todo", "in_progress", "done"]
-Priority = Literal["low", "medium", "high", "urgent"]
+# The models are re-exported: callers name them ``tasks.TaskCreate``, ``tasks.TaskPage``, ...
+from core.task_models import MAX_BULK as MAX_BULK
+from core.task_models import ActivityItem as ActivityItem
+from core.task_models import ActivityPage as ActivityPage
+from core.task_models import BulkRequest as BulkRequest
+from core.task_models import BulkResponse as BulkResponse
+from core.task_models import BulkResult as BulkResult
+from core.task_models import BulkSet as BulkSet
+from core.task_models import Description as Description
+from core.task_models import PageQuery as PageQuery
+from core.task_models import Priority as Priority
+from core.task_models import Sort as Sort
+from core.task_models import Stats as Stats
+from core.task_models import Status as Status
+from core.task_models import Tag as Tag
+from core.task_models import Tags as Tags
+from core.task_models import TaskCreate as TaskCreate
+from core.task_models import TaskPage as TaskPage
+from core.task_models import TaskPublic as TaskPublic
+from core.task_models import TaskQuery as TaskQuery
+from core.task_models import TaskUpdate as TaskUpdate
+from core.task_models import Title as Title
+
 PRIORITY_RANK: dict[str, int] = {"low": 0, "medium": 1, "high": 2, "urgent": 3}
-Sort = Literal[
-    "created_at",
-    "-created_at",
-    "due_at",
-    "-due_at",
-    "priority",
-    "-priority",
-    "updated_at",
-    "-updated_at",
-]
 #: Stored sort keys. ``due_key`` is ``due_at`` or a far-future sentinel, so tasks without a due
 #: date sort last (ascending) and keyset pagination never meets a null.
 SORT_FIELDS = {
@@ -61,221 +62,6 @@ SORT_INDEXES = {
     "priority_rank": "owner_priority",
     "updated_at": "owner_updated",
 }
-MAX_BULK = 500
-
-Title = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
-Description = Annotated[str, StringConstraints(max_length=10_000)]
-Tag = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=50)]
-Tags = Annotated[list[Tag], Field(max_length=20)]
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-
-def _unique_tags(tags: list[str] | None) -> list[str] | None:
-    return list(dict.fromkeys(tags)) if tags is not None else None
-
-
-def _utc(value: datetime | None) -> datetime | None:
-    if value is None:
-        return None
-    try:
-        return value.astimezone(UTC)
-    except OverflowError as exc:  # e.g. 0001-01-01T00:00+01:00: a 422, not a 500
-        raise ValueError("Date is out of range once converted to UTC") from exc
-
-
-def _utc_ms(value: datetime | None) -> datetime | None:
-    value = _utc(value)
-    if value is None:
-        return None
-    return value.replace(microsecond=value.microsecond // 1000 * 1000)
-
-
-class TaskCreate(_Strict):
-    """``POST /tasks`` body."""
-
-    title: Title
-    description: Description = ""
-    status: Status = "todo"
-    priority: Priority = "medium"
-    due_at: AwareDatetime | None = None
-    tags: Tags = []
-
-    _tags = field_validator("tags")(_unique_tags)
-    _due = field_validator("due_at")(_utc_ms)
-
-
-class TaskUpdate(_Strict):
-    """``PATCH /tasks/{id}`` body: any subset; ``null`` clears ``description`` and ``due_at``."""
-
-    # SkipJsonSchema: the document must not offer null where the validator below refuses it.
-    title: Title | SkipJsonSchema[None] = None
-    description: Description | None = None
-    status: Status | SkipJsonSchema[None] = None
-    priority: Priority | SkipJsonSchema[None] = None
-    due_at: AwareDatetime | None = None
-    tags: Tags | SkipJsonSchema[None] = None
-
-    _tags = field_validator("tags")(_unique_tags)
-    _due = field_validator("due_at")(_utc_ms)
-
-    @model_validator(mode="after")
-    def _no_null_required(self) -> TaskUpdate:
-        for name in ("title", "status", "priority", "tags"):
-            if name in self.model_fields_set and getattr(self, name) is None:
-                raise ValueError(f"{name} cannot be null")
-        return self
-
-    def changes(self) -> dict[str, Any]:
-        """The fields the client sent, ``description: null`` meaning empty."""
-        out = {name: getattr(self, name) for name in self.model_fields_set}
-        if "description" in out and out["description"] is None:
-            out["description"] = ""
-        return out
-
-
-class BulkSet(_Strict):
-    """Fields a bulk change may set (none may be null)."""
-
-    model_config = ConfigDict(json_schema_extra={"minProperties": 1})
-
-    status: Status | SkipJsonSchema[None] = None
-    priority: Priority | SkipJsonSchema[None] = None
-    tags: Tags | SkipJsonSchema[None] = None
-
-    _tags = field_validator("tags")(_unique_tags)
-
-    @model_validator(mode="after")
-    def _no_null(self) -> BulkSet:
-        for name in self.model_fields_set:
-            if getattr(self, name) is None:
-                raise ValueError(f"{name} cannot be null")
-        return self
-
-
-class BulkRequest(_Strict):
-    """``POST /tasks/bulk`` body: ``set`` some fields, or ``delete``."""
-
-    model_config = ConfigDict(
-        json_schema_extra={
-            "oneOf": [
-                {
-                    "required": ["set"],
-                    "properties": {"set": {"type": "object"}, "delete": {"const": False}},
-                },
-                {
-                    "required": ["delete"],
-                    "properties": {"set": {"type": "null"}, "delete": {"const": True}},
-                },
-            ]
-        }
-    )
-
-    ids: Annotated[
-        list[Annotated[str, StringConstraints(max_length=64)]],
-        Field(min_length=1, max_length=MAX_BULK),
-    ]
-    set: BulkSet | None = None
-    delete: bool = False
-
-    @model_validator(mode="after")
-    def _one_action(self) -> BulkRequest:
-        if self.delete == (self.set is not None):
-            raise ValueError("give exactly one of 'set' or 'delete: true'")
-        if self.set is not None and not self.set.model_fields_set:
-            raise ValueError("'set' needs at least one field")
-        return self
-
-
-class TaskQuery(BaseModel):
-    """``GET /tasks`` query (strings from the URL, so lax types; unknown names refused)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    status: Status | None = None
-    priority: Priority | None = None
-    tag: Tag | None = None
-    due_before: AwareDatetime | None = None
-    due_after: AwareDatetime | None = None
-    overdue: bool | None = None
-    sort: Sort = "-created_at"
-    limit: int = Field(50, ge=1, le=200)
-    cursor: Annotated[str, StringConstraints(max_length=512)] | None = None
-
-    _due = field_validator("due_before", "due_after")(_utc)
-
-
-class PageQuery(BaseModel):
-    """A plain cursor-paginated list query."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    limit: int = Field(50, ge=1, le=200)
-    cursor: Annotated[str, StringConstraints(max_length=512)] | None = None
-
-
-class TaskPublic(BaseModel):
-    """A task as the API shows it."""
-
-    id: str
-    title: str
-    description: str
-    status: Status
-    priority: Priority
-    due_at: datetime | None
-    tags: list[str]
-    created_at: datetime
-    updated_at: datetime
-    completed_at: datetime | None
-
-
-class TaskPage(BaseModel):
-    """One page of tasks."""
-
-    items: list[TaskPublic]
-    next_cursor: str | None
-
-
-class BulkResult(BaseModel):
-    """What happened to one id of a bulk request."""
-
-    id: str
-    result: Literal["updated", "unchanged", "deleted", "not_found"]
-
-
-class BulkResponse(BaseModel):
-    """Per-id results, in request order."""
-
-    results: list[BulkResult]
-
-
-class ActivityItem(BaseModel):
-    """One event in a task's history."""
-
-    id: str
-    type: str
-    actor_id: str | None
-    data: dict[str, Any]
-    created_at: datetime
-
-
-class ActivityPage(BaseModel):
-    """A page of a task's history, newest first."""
-
-    items: list[ActivityItem]
-    next_cursor: str | None
-
-
-class Stats(BaseModel):
-    """Counts over the caller's tasks."""
-
-    total: int
-    by_status: dict[str, int]
-    by_priority: dict[str, int]
-    overdue: int
-    due_today: int
 
 
 def public(doc: Doc) -> TaskPublic:
@@ -510,17 +296,18 @@ FIRST_PAGE = TaskQuery()
 
 
 async def list_page(ctx: Context, owner: str, q: TaskQuery) -> TaskPage:
-    """One page of the owner's tasks, keyset-paginated on ``(sort key, _id)``.
-
-    The first page of the default list is cache-aside like the stats: it is what every client
-    opens first, and the cache generation makes it exact after each write.
-    """
-    if q == FIRST_PAGE:
-        page, _ = await cache.cached(
-            ctx, "first_page", owner, TaskPage, lambda: _first_page(ctx, owner)
-        )
-        return page
+    """One page of the owner's tasks, keyset-paginated on ``(sort key, _id)``."""
     return await _query_page(ctx, owner, q)
+
+
+async def list_page_json(ctx: Context, owner: str, q: TaskQuery) -> bytes:
+    """:func:`list_page` as the response body. The first page of the default list is
+    cache-aside like the stats: it is what every client opens first, and the cache
+    generation makes it exact after each write."""
+    if q == FIRST_PAGE:
+        body, _ = await cache.cached_json(ctx, "first_page", owner, lambda: _first_page(ctx, owner))
+        return body
+    return (await _query_page(ctx, owner, q)).model_dump_json().encode()
 
 
 async def _first_page(ctx: Context, owner: str) -> tuple[TaskPage, float]:
@@ -529,8 +316,8 @@ async def _first_page(ctx: Context, owner: str) -> tuple[TaskPage, float]:
 
 async def warm(ctx: Context, owner: str) -> None:
     """Precompute what a client reads next (stats and the first page) into the cache."""
-    await stats(ctx, owner)
-    await list_page(ctx, owner, FIRST_PAGE)
+    await stats_json(ctx, owner)
+    await list_page_json(ctx, owner, FIRST_PAGE)
 
 
 async def _query_page(ctx: Context, owner: str, q: TaskQuery) -> TaskPage:
@@ -652,9 +439,10 @@ async def _bulk_once(ctx: Context, owner: str, req: BulkRequest) -> BulkResponse
     return BulkResponse(results=[BulkResult(id=i, result=r) for i, r in results.items()])
 
 
-async def stats(ctx: Context, owner: str) -> tuple[Stats, bool]:
-    """The owner's stats, from the cache when current; returns ``(stats, cache hit)``."""
-    return await cache.cached(ctx, "stats", owner, Stats, lambda: compute_stats(ctx, owner))
+async def stats_json(ctx: Context, owner: str) -> tuple[bytes, bool]:
+    """The owner's stats as the response body, from the cache when current; returns
+    ``(body, cache hit)``."""
+    return await cache.cached_json(ctx, "stats", owner, lambda: compute_stats(ctx, owner))
 
 
 async def compute_stats(

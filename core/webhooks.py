@@ -1,17 +1,9 @@
 """Webhooks: a user's HTTP endpoints that receive their task events, signed and retried.
 
 What lives here is the pure part, shared by the web process and the workers: the models, CRUD,
-the target check (SSRF), signing, secret storage and the delivery log. The HTTP POST itself is
-made by the worker (``workers/webhooks.py``), since ``core`` never imports aiohttp.
-
-Targets (SSRF). Only ``http``/``https`` URLs without credentials are accepted. The host is
-resolved at registration and again at every delivery, and every address it resolves to must be
-publicly routable: private, loopback, link-local, multicast, reserved, unspecified, shared
-(CGNAT) and site-local addresses are refused, including IPv4 addresses wrapped in IPv6
-(``::ffff:a.b.c.d``, NAT64 ``64:ff9b::/96``, 6to4 ``2002::/16``). A host named in
-``WEBHOOK_ALLOW_HOSTS`` skips the address rule (e.g. ``127.0.0.1`` in tests); nothing else
-private is ever allowed. The worker connects to exactly the addresses this check validated
-(DNS-rebinding safe), and never follows redirects.
+signing, secret storage and the delivery log. The HTTP POST itself is made by the worker
+(``workers/webhooks.py``), since ``core`` never imports aiohttp. The target check (SSRF: which
+URLs and addresses may receive deliveries) is :mod:`core.ssrf`.
 
 Secrets. ``secrets.token_urlsafe(32)``, shown once at creation. The worker needs the secret
 itself to sign, so it is stored recoverably: sealed with AES-256-GCM under a key derived from
@@ -29,21 +21,15 @@ the same time, and a ``succeeded`` delivery is never sent again by a duplicate m
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hashlib
 import hmac
-import ipaddress
 import json
-import re
 import secrets
-import socket
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
 
 from bson import Binary, ObjectId
 from bson.errors import InvalidId
@@ -57,10 +43,20 @@ from pymongo.errors import DuplicateKeyError, PyMongoError
 from config.settings import Settings
 from core import events
 from core.context import Context
-from core.errors import Conflict, FieldError, Invalid, NotFound
+from core.errors import Conflict, NotFound
 from core.pagination import decode_cursor, encode_cursor
+
+# ``X as X``: the target check is re-exported, callers name it ``webhooks.check_target``, ...
+from core.ssrf import MAX_URL_LENGTH as MAX_URL_LENGTH
+from core.ssrf import Resolver, system_resolve
+from core.ssrf import Target as Target
+from core.ssrf import TargetRefused as TargetRefused
+from core.ssrf import TargetUnresolvable as TargetUnresolvable
+from core.ssrf import check_target as check_target
+from core.ssrf import check_url as check_url
+from core.ssrf import refusal as refusal
 from core.store import Doc, utcnow
-from core.tasks import PageQuery
+from core.task_models import PageQuery
 
 EventType = Literal["task.created", "task.updated", "task.completed", "task.deleted", "*"]
 #: The event types a webhook can receive ("*" subscribes to all of them).
@@ -70,37 +66,13 @@ ALL_EVENTS = "*"
 REDELIVERY_EVENT = "webhook.redelivery_requested"
 
 MAX_WEBHOOKS_PER_USER = 20
-MAX_URL_LENGTH = 2048
 #: How much of a receiver's response body is read, and kept in the delivery log.
 EXCERPT_BYTES = 1024
 #: How long delivery records are kept (TTL index on ``expires_at``).
 DELIVERY_RETENTION = timedelta(days=30)
-#: How long the DNS lookup of a target may take.
-RESOLVE_TIMEOUT = 5.0
 USER_AGENT = "taskmanager-webhooks/1"
 
 DeliveryStatus = Literal["pending", "failed", "succeeded", "dead"]
-Address = tuple[int, str]
-#: ``resolve(host, port)`` → ``[(family, ip), ...]``; injectable for tests.
-Resolver = Callable[[str, int], Awaitable[list[Address]]]
-
-_LABEL = re.compile(r"^(?!-)[A-Za-z0-9_-]{1,63}(?<!-)$")
-_NAT64 = ipaddress.ip_network("64:ff9b::/96")
-_FIELD = "url"
-
-
-class TargetRefused(Invalid):
-    """The URL may not be a webhook target (scheme, or an address that is not public)."""
-
-    def __init__(self, message: str):
-        super().__init__(message, [FieldError(field=_FIELD, message=message)])
-
-
-class TargetUnresolvable(Invalid):
-    """The target's host does not resolve (now): refused at registration, retried at delivery."""
-
-    def __init__(self, message: str):
-        super().__init__(message, [FieldError(field=_FIELD, message=message)])
 
 
 class SecretUnreadable(Exception):
@@ -108,51 +80,6 @@ class SecretUnreadable(Exception):
 
 
 # --- models ---------------------------------------------------------------------------------
-
-
-def check_url(url: str) -> str:
-    """Syntax rules of a webhook URL (the address rules need DNS: :func:`check_target`)."""
-    if len(url) > MAX_URL_LENGTH:
-        raise ValueError(f"must be at most {MAX_URL_LENGTH} characters")
-    if any(c.isspace() or ord(c) < 0x20 or ord(c) == 0x7F for c in url):
-        raise ValueError("must not contain whitespace or control characters")
-    if not url.isascii():
-        raise ValueError(
-            "must be ASCII: use the xn-- form of international host names and percent-encoding"
-        )
-    parts = urlsplit(url)
-    if parts.scheme.lower() not in ("http", "https"):
-        raise ValueError("only http and https URLs are allowed")
-    if parts.username is not None or parts.password is not None:
-        raise ValueError("must not contain credentials")
-    if parts.fragment:
-        raise ValueError("must not contain a fragment")
-    try:
-        port = parts.port
-    except ValueError as exc:
-        raise ValueError("has an invalid port") from exc
-    if port == 0:
-        raise ValueError("has an invalid port")
-    host = parts.hostname
-    if not host:
-        raise ValueError("needs a host")
-    if parts.netloc.rsplit("@", 1)[-1].startswith("["):
-        try:
-            ipaddress.IPv6Address(host)
-        except ValueError as exc:
-            raise ValueError("has an invalid IPv6 address") from exc
-        return url
-    labels = host.rstrip(".").split(".")
-    if not all(_LABEL.match(label) for label in labels):
-        raise ValueError("has an invalid host name")
-    # A numeric last label is only valid as a dotted IPv4 address; other numeric spellings
-    # (``2130706433``, ``0x7f.1``, ``127.1``) are refused rather than left to the resolver.
-    if labels[-1].isdigit() or labels[-1].lower().startswith("0x"):
-        try:
-            ipaddress.IPv4Address(host.rstrip("."))
-        except ValueError as exc:
-            raise ValueError("IPv4 addresses must be written as four decimal numbers") from exc
-    return url
 
 
 class _Strict(BaseModel):
@@ -244,121 +171,6 @@ def delivery_public(doc: Doc) -> DeliveryPublic:
         last_attempt_at=doc.get("last_attempt_at"),
         delivered_at=doc.get("delivered_at"),
     )
-
-
-# --- targets (SSRF) -------------------------------------------------------------------------
-
-
-IP = ipaddress.IPv4Address | ipaddress.IPv6Address
-
-
-def refusal(ip: IP) -> str | None:
-    """Why ``ip`` may not be a webhook target (``None``: it is a public address)."""
-    if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped is not None:
-            return refusal(ip.ipv4_mapped)
-        if ip in _NAT64:
-            return refusal(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
-        if ip.sixtofour is not None and (reason := refusal(ip.sixtofour)) is not None:
-            return reason
-        if ip.teredo is not None and (reason := refusal(ip.teredo[1])) is not None:
-            return reason
-    checks: tuple[tuple[bool, str], ...] = (
-        (ip.is_unspecified, "unspecified"),
-        (ip.is_loopback, "loopback"),
-        (ip.is_link_local, "link-local"),
-        (ip.is_multicast, "multicast"),
-        (ip.is_private, "private"),
-        (ip.is_reserved, "reserved"),
-        (isinstance(ip, ipaddress.IPv6Address) and ip.is_site_local, "site-local"),
-        (not ip.is_global, "non-public"),
-    )
-    for bad, reason in checks:
-        if bad:
-            return reason
-    return None
-
-
-def _normal_host(host: str) -> str:
-    host = host.strip().strip("[]").rstrip(".").lower()
-    try:
-        return str(ipaddress.ip_address(host))
-    except ValueError:
-        return host
-
-
-def is_allow_listed(host: str, allow_hosts: list[str]) -> bool:
-    """Whether ``host`` is named in ``WEBHOOK_ALLOW_HOSTS`` (case, brackets and IP spelling
-    do not matter)."""
-    return _normal_host(host) in {_normal_host(h) for h in allow_hosts}
-
-
-async def system_resolve(host: str, port: int) -> list[Address]:
-    """Resolve ``host`` with the system resolver (in the loop's executor)."""
-    infos = await asyncio.get_running_loop().getaddrinfo(
-        host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
-    )
-    return list(
-        dict.fromkeys((int(family), str(sockaddr[0])) for family, _, _, _, sockaddr in infos)
-    )
-
-
-@dataclass(frozen=True)
-class Target:
-    """A checked target: connect only to ``addresses`` (what the check validated)."""
-
-    host: str
-    port: int
-    addresses: tuple[Address, ...]
-    allow_listed: bool
-
-
-async def check_target(
-    url: str,
-    allow_hosts: list[str],
-    *,
-    resolve: Resolver = system_resolve,
-    resolve_timeout: float = RESOLVE_TIMEOUT,
-) -> Target:
-    """Resolve ``url``'s host once and check every address it resolves to.
-
-    Raises :class:`TargetRefused` (bad URL, or a non-public address of a host that is not
-    allow-listed) or :class:`TargetUnresolvable` (no address, or the lookup failed).
-    """
-    try:
-        check_url(url)
-    except ValueError as exc:
-        raise TargetRefused(f"The URL is not allowed: it {exc}") from exc
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    port = parts.port or (443 if parts.scheme.lower() == "https" else 80)
-    allowed = is_allow_listed(host, allow_hosts)
-    try:
-        literal: IP | None = ipaddress.ip_address(host.rstrip("."))
-    except ValueError:
-        literal = None
-    if literal is not None:
-        family = socket.AF_INET6 if literal.version == 6 else socket.AF_INET
-        addresses = [(int(family), str(literal))]
-    else:
-        try:
-            addresses = await asyncio.wait_for(resolve(host, port), resolve_timeout)
-        except (OSError, TimeoutError, UnicodeError) as exc:
-            raise TargetUnresolvable(f"The host {host} does not resolve ({exc})") from exc
-        if not addresses:
-            raise TargetUnresolvable(f"The host {host} does not resolve")
-    if not allowed:
-        for _, address in addresses:
-            try:
-                reason = refusal(ipaddress.ip_address(address))
-            except ValueError:
-                reason = "unparsable"
-            if reason is not None:
-                raise TargetRefused(
-                    f"The host {host} resolves to a {reason} address ({address}); webhooks "
-                    "may only target public addresses"
-                )
-    return Target(host=host, port=port, addresses=tuple(addresses), allow_listed=allowed)
 
 
 # --- secrets and signatures -----------------------------------------------------------------

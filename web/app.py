@@ -16,8 +16,7 @@ from config.connections import Connections
 from config.logging import get_logger
 from config.settings import Settings
 from core import accounts
-from core.context import Context
-from core.store import Store
+from core.context import open_context
 from web.handlers import dashboard
 from web.keys import CONNECTIONS, CONTEXT, OPENAPI, PLATFORM, RELAY, RELAY_WAKE, SETTINGS
 from web.middlewares import problems, real_client, request_context
@@ -75,12 +74,8 @@ async def _close_platform(app: web.Application) -> None:
 
 async def _context(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    connections = app[CONNECTIONS]
-    store = Store(connections.mongo(), settings.mongodb_db)
-    redis = connections.redis()
-    ctx = Context(settings, store, redis)
-    try:
-        await store.ensure_indexes()
+    async with open_context(settings, app[CONNECTIONS]) as ctx:
+        await ctx.store.ensure_indexes()
         if settings.admin_email and settings.admin_password:
             _, created = await accounts.ensure_admin(
                 ctx, settings.admin_email, settings.admin_password.get_secret_value()
@@ -88,9 +83,6 @@ async def _context(app: web.Application) -> AsyncIterator[None]:
             log.info("admin.ensured", email=settings.admin_email, created=created)
         app[CONTEXT] = ctx
         yield
-    finally:
-        await store.client.close()
-        await redis.aclose()
 
 
 async def _relay(app: web.Application) -> AsyncIterator[None]:
@@ -100,8 +92,8 @@ async def _relay(app: web.Application) -> AsyncIterator[None]:
     task = asyncio.create_task(relay.run(), name="outbox-relay")
     yield
     task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+        await asyncio.wait_for(task, 10)
 
 
 def _setup_cors(app: web.Application, origins: list[str]) -> None:

@@ -13,9 +13,10 @@ from dramatiq.middleware.asyncio import AsyncIO
 
 from config.connections import Connections
 from workers.actors import declare_actors
+from workers.dead_letter_notes import DeadLetterNotes
 from workers.heartbeat import WorkerHeartbeat
 from workers.middleware import MessageContext
-from workers.ops import DeadLetterNotes, QueueInspector, build_inspector
+from workers.ops import QueueInspector, build_inspector
 from workers.resources import WorkerResources
 
 

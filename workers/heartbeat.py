@@ -36,7 +36,7 @@ from dramatiq.brokers.redis import RedisBroker
 
 from config.connections import Connections
 from config.logging import get_logger
-from workers.ops import WORKER_TTL_SECONDS, redis_client, registry_index, registry_key
+from workers.registry import WORKER_TTL_SECONDS, redis_client, registry_index, registry_key
 
 log = get_logger(__name__)
 

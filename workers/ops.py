@@ -1,5 +1,6 @@
-"""Queue operations: per-queue counts and latency, the dead-letter queue (list, replay,
-purge) and the registry of live workers.
+"""Queue operations: per-queue counts and latency, and the dead-letter queue (list, replay,
+purge). Why a message died is recorded by :mod:`workers.dead_letter_notes`; the registry of live
+workers is :mod:`workers.registry`.
 
 Everything here is synchronous (Redis and pika clients); the web layer runs it on a thread.
 
@@ -24,21 +25,17 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import socket
-import time
-import traceback
 import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import dramatiq
 import pika  # type: ignore[import-untyped]
 import pika.exceptions  # type: ignore[import-untyped]
 import redis
-import sentry_sdk
 from dramatiq.brokers.rabbitmq import RabbitmqBroker
 from dramatiq.brokers.redis import RedisBroker
 from dramatiq.common import dq_name, q_name, xq_name
@@ -47,7 +44,13 @@ from dramatiq.message import Message
 
 from config.connections import Connections
 from core.errors import FieldError, Invalid, NotFound
-from workers.actors import EXPECTED
+from workers.dead_letter_notes import error_summary, note_key
+
+# ``X as X``: re-exported (web/handlers/admin.py names them ``ops.list_workers``, ...).
+from workers.registry import WorkerInfo as WorkerInfo
+from workers.registry import _now_ms, _utc
+from workers.registry import list_workers as list_workers
+from workers.registry import redis_client as redis_client
 
 #: Errors of the queue backends; the web layer answers 503 for them.
 BACKEND_ERRORS: tuple[type[Exception], ...] = (redis.RedisError, pika.exceptions.AMQPError)
@@ -63,17 +66,6 @@ ATTEMPT_OPTIONS = frozenset(
         "dead_letter_error",
     }
 )
-
-#: A worker registration older than this is gone (workers refresh theirs every second).
-WORKER_TTL_SECONDS = 30
-
-
-def _utc(ms: float) -> datetime:
-    return datetime.fromtimestamp(ms / 1000, UTC)
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 @dataclass(frozen=True)
@@ -125,34 +117,6 @@ class RetryResult:
 
     retried: int
     not_found: list[str]
-
-
-@dataclass(frozen=True)
-class WorkerInfo:
-    """One live worker process, from its registration."""
-
-    id: str
-    host: str
-    pid: int
-    queues: list[str]
-    threads: int
-    state: str
-    started_at: datetime
-    last_beat: datetime
-    heartbeat_age_seconds: float
-    in_flight: int
-
-
-def error_summary(exc: BaseException | None, tb: str | None) -> str | None:
-    """``Type: message`` of a failure, from the exception or the last line of a traceback."""
-    if exc is not None:
-        text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-    elif tb:
-        lines = [line for line in tb.strip().splitlines() if line.strip()]
-        text = lines[-1] if lines else ""
-    else:
-        return None
-    return text[:500]
 
 
 def _dead_message(
@@ -265,16 +229,6 @@ redis.call("hdel", KEYS[2], ARGV[1])
 if ARGV[3] ~= "" then
     redis.call("hset", KEYS[4], ARGV[2], ARGV[3])
     redis.call("rpush", KEYS[3], ARGV[2])
-    return 1
-end
-return 0
-"""
-
-# KEYS: dead zset, dead hash; ARGV: id, body. Only while the letter is still there, so a purge
-# or replay racing the worker's note does not leave an orphan body behind.
-_NOTE_LUA = """
-if redis.call("zscore", KEYS[1], ARGV[1]) then
-    redis.call("hset", KEYS[2], ARGV[1], ARGV[2])
     return 1
 end
 return 0
@@ -595,136 +549,3 @@ def build_inspector(broker: dramatiq.Broker, connections: Connections) -> QueueI
         )
         return RedisQueueInspector(client, broker.namespace, queues)
     return QueueInspector(queues)
-
-
-# -- Dead-letter notes ---------------------------------------------------------------------------
-
-
-def note_key(prefix: str, message_id: str) -> str:
-    """Why a message died, for brokers whose dead letters cannot be rewritten (RabbitMQ)."""
-    return f"{prefix}deadnote:{message_id}"
-
-
-#: RabbitMQ keeps dead letters this long (Dramatiq's ``x-message-ttl`` on the ``.XQ`` queue).
-NOTE_TTL_SECONDS = 7 * 86400
-
-
-class DeadLetterNotes(dramatiq.Middleware):
-    """Records why a message died.
-
-    Dramatiq dead-letters the body as it was enqueued, which says nothing about the failure
-    that killed it. On Redis this rewrites the dead letter with ``dead_letter_error`` and
-    ``traceback``; on RabbitMQ (whose queues cannot be rewritten) it stores them beside, in
-    Redis under ``{prefix}deadnote:<message id>`` for as long as RabbitMQ keeps the letter.
-    """
-
-    def __init__(self, connections: Connections) -> None:
-        self.connections = connections
-        self._scripts: dict[int, Any] = {}
-        self._notes: Any = None
-
-    def after_nack(self, broker: dramatiq.Broker, message: dramatiq.broker.MessageProxy) -> None:
-        """Annotate the dead letter just written by ``nack``."""
-        exc: BaseException | None = getattr(message, "_exception", None)
-        tb = message.options.get("traceback")
-        if tb is None and exc is not None:
-            tb = "".join(traceback.format_exception(exc, limit=30))
-        note = {"dead_letter_error": error_summary(exc, tb), "traceback": tb}
-        if exc is not None and not isinstance(exc, EXPECTED):
-            # A malformed message or a bug: Sentry's integration skips `throws`, so say it here.
-            sentry_sdk.capture_exception(exc)
-        try:
-            if isinstance(broker, RedisBroker):
-                self._rewrite(broker, message, note)
-            else:
-                if self._notes is None:
-                    self._notes = self.connections.redis_sync()
-                key = note_key(self.connections.settings.redis_prefix, message.message_id)
-                self._notes.set(key, json.dumps(note), ex=NOTE_TTL_SECONDS)
-        except redis.RedisError:
-            # The letter is dead either way; only its explanation is missing.
-            return
-
-    def _rewrite(
-        self, broker: RedisBroker, message: dramatiq.broker.MessageProxy, note: dict[str, Any]
-    ) -> None:
-        rid = message.options.get("redis_message_id")
-        if rid is None:
-            return
-        annotated = message.copy(options=note)
-        script = self._scripts.get(id(broker))
-        if script is None:
-            script = self._scripts[id(broker)] = broker.client.register_script(_NOTE_LUA)
-        xq = f"{broker.namespace}:{xq_name(q_name(message.queue_name))}"
-        script(keys=[xq, f"{xq}.msgs"], args=[rid, annotated.encode()])
-
-
-# -- Worker registry -------------------------------------------------------------------------------
-
-
-def redis_client(connections: Connections) -> redis.Redis:
-    """A synchronous client of ``REDIS_URL`` with socket timeouts, so a hung Redis fails calls
-    instead of blocking them forever (the in-process stand-in when no URL is set)."""
-    url = connections.settings.redis_url
-    if url is None:
-        return connections.redis_sync()
-    return redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=5)
-
-
-def registry_index(prefix: str) -> str:
-    """ZSET of worker ids scored by last heartbeat (ms)."""
-    return f"{prefix}workers"
-
-
-def registry_key(prefix: str, worker_id: str) -> str:
-    """HASH of one worker's registration."""
-    return f"{prefix}workers:{worker_id}"
-
-
-def list_workers(client: redis.Redis, prefix: str) -> list[WorkerInfo]:
-    """Workers whose registration is alive, most recently started first."""
-    now = _now_ms()
-    index = registry_index(prefix)
-    r: Any = client
-    r.zremrangebyscore(index, "-inf", now - WORKER_TTL_SECONDS * 1000)
-    ids = [m.decode() for m in r.zrange(index, 0, -1)]
-    if not ids:
-        return []
-    pipe = r.pipeline(transaction=False)
-    for worker_id in ids:
-        pipe.hgetall(registry_key(prefix, worker_id))
-    out = []
-    for worker_id, raw in zip(ids, pipe.execute(), strict=True):
-        if not raw:
-            continue
-        fields = {k.decode(): v.decode() for k, v in raw.items()}
-        try:
-            last = int(fields["last_beat"])
-            out.append(
-                WorkerInfo(
-                    id=worker_id,
-                    host=fields["host"],
-                    pid=int(fields["pid"]),
-                    queues=json.loads(fields["queues"]),
-                    threads=int(fields["threads"]),
-                    state=fields["state"],
-                    started_at=_utc(int(fields["started_at"])),
-                    last_beat=_utc(last),
-                    heartbeat_age_seconds=max(0.0, (now - last) / 1000),
-                    in_flight=int(fields["in_flight"]),
-                )
-            )
-        except (KeyError, ValueError):
-            continue
-    out.sort(key=lambda w: w.started_at, reverse=True)
-    return out
-
-
-def host_has_live_worker(
-    client: redis.Redis, prefix: str, *, host: str | None = None, max_age: float = 30.0
-) -> bool:
-    """Whether a worker on ``host`` (this one by default) beat within ``max_age`` seconds."""
-    host = host or socket.gethostname()
-    return any(
-        w.host == host and w.heartbeat_age_seconds <= max_age for w in list_workers(client, prefix)
-    )

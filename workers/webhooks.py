@@ -36,8 +36,9 @@ from bson import ObjectId
 from config.logging import get_logger
 from config.settings import Settings
 from core import webhooks
+from core.ssrf import Target, TargetRefused, TargetUnresolvable
 from core.store import Doc
-from core.webhooks import Attempt, SecretUnreadable, Target, TargetRefused, TargetUnresolvable
+from core.webhooks import Attempt, SecretUnreadable
 from workers.actors import PERMANENT, DeclareOne, Event, bind_event
 from workers.resources import WorkerResources
 

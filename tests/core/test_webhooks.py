@@ -14,7 +14,7 @@ from pydantic import ValidationError
 
 from config.settings import Settings
 from core import webhooks
-from core.webhooks import TargetRefused, TargetUnresolvable
+from core.ssrf import TargetRefused, TargetUnresolvable
 from tests.conftest import TEST_SECRET
 
 V4, V6 = int(socket.AF_INET), int(socket.AF_INET6)

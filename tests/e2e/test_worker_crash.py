@@ -28,7 +28,7 @@ from tests.conftest import SmtpSink, register
 from tests.e2e.helpers import Proc, clean_env, start
 from web.app import create_app
 from web.keys import CONTEXT, PLATFORM
-from workers.ops import WorkerInfo, list_workers
+from workers.registry import WorkerInfo, list_workers
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -407,3 +407,19 @@ async def test_idempotent_create_three_concurrent_posts_make_one_task(
     assert replay.headers["Idempotent-Replayed"] == "true"
     other = await client.post(T, json={"title": "bread"}, headers=headers)
     assert other.status == 422
+
+
+async def test_an_unreadable_cache_entry_is_a_miss(
+    app: Any, client: Any, user: dict[str, str]
+) -> None:
+    from web.app import CONTEXT
+
+    await create(client, user)
+    first = await client.get(f"{T}/stats", headers=user)
+    ctx = app[CONTEXT]
+    [key] = [k async for k in ctx.redis.scan_iter(match=ctx.key("cache", "stats", "*"))]
+    await ctx.redis.set(key, b'{"gen": 0, "value": {}}')  # e.g. written by an older release
+    again = await client.get(f"{T}/stats", headers=user)
+    assert again.status == 200
+    assert again.headers["X-Cache"] == "miss"
+    assert await again.json() == await first.json()

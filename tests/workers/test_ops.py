@@ -22,7 +22,7 @@ from config.connections import Connections
 from config.settings import Settings
 from workers.broker import Platform, build_broker
 from workers.heartbeat import WorkerHeartbeat, sweep
-from workers.ops import host_has_live_worker, list_workers
+from workers.registry import host_has_live_worker, list_workers
 
 QUEUE = "ops_test"
 
@@ -204,6 +204,11 @@ def test_permanent_failures_are_explained(
     actor.send({})  # no user_id: KeyError, a permanent failure
     run_worker()
     wait_for(lambda: stats_of(platform, actor.queue_name).dead == 1, what="a dead letter")
+    # The note is written just after the letter lands: wait for it rather than race it.
+    wait_for(
+        lambda: platform.inspector.dead(actor.queue_name).items[0].error is not None,
+        what="the dead letter's error",
+    )
     [dead] = platform.inspector.dead(actor.queue_name).items
     assert dead.actor == "send_welcome_email"
     assert dead.error == "KeyError: 'user_id'"

@@ -37,8 +37,13 @@ async def eventually(client: Any, auth: dict[str, str], q: str, expected: list[s
 
 
 async def test_write_is_searchable_then_follows_updates_and_deletes(
-    app: Any, client: Any, worker_for: Any
+    broker_settings: Any, aiohttp_client: Any, worker_for: Any
 ) -> None:
+    """Runs over both real brokers (Redis and RabbitMQ)."""
+    from web.app import create_app
+
+    app = create_app(broker_settings())
+    client = await aiohttp_client(app)
     worker_for(app)
     ann = bearer((await register(client))["access_token"])
     bob = bearer((await register(client))["access_token"])

@@ -199,9 +199,14 @@ async def settle(broker: Any) -> None:
 
 
 async def test_task_event_is_delivered_signed(
-    brokers: list[Any], make_settings: Any, aiohttp_client: Any, run_worker: Any, receiver: Receiver
+    brokers: list[Any],
+    broker_settings: Any,
+    aiohttp_client: Any,
+    run_worker: Any,
+    receiver: Receiver,
 ) -> None:
-    app, client, auth = await setup(brokers, make_settings, aiohttp_client, run_worker)
+    """Runs over both real brokers (Redis and RabbitMQ)."""
+    app, client, auth = await setup(brokers, broker_settings, aiohttp_client, run_worker)
     created = await add_hook(client, auth, receiver.url("all"), ["*"])
     task = await add_task(client, auth, title="Ship it")
 

@@ -6,7 +6,7 @@ from aiohttp import web
 
 from core import backups
 from core.errors import Unavailable
-from core.tasks import PageQuery
+from core.task_models import PageQuery
 from web.keys import CONTEXT, PLATFORM
 from web.routing import json_response, query
 from workers.maintenance import enqueue_run

@@ -30,10 +30,10 @@ async def create_task(request: web.Request) -> web.Response:
 
 async def list_tasks(request: web.Request) -> web.Response:
     """List the caller's tasks with filters, a sort and cursor pagination."""
-    page = await tasks.list_page(
+    body = await tasks.list_page_json(
         request.app[CONTEXT], claims(request).subject, query(request, tasks.TaskQuery)
     )
-    return json_response(page)
+    return web.Response(body=body, content_type="application/json")
 
 
 async def get_task(request: web.Request) -> web.Response:
@@ -92,5 +92,7 @@ async def task_activity(request: web.Request) -> web.Response:
 
 async def task_stats(request: web.Request) -> web.Response:
     """Counts by status and priority, overdue and due today (UTC); cached, never stale."""
-    result, hit = await tasks.stats(request.app[CONTEXT], claims(request).subject)
-    return json_response(result, headers={"X-Cache": "hit" if hit else "miss"})
+    body, hit = await tasks.stats_json(request.app[CONTEXT], claims(request).subject)
+    return web.Response(
+        body=body, content_type="application/json", headers={"X-Cache": "hit" if hit else "miss"}
+    )

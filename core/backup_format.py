@@ -1,0 +1,84 @@
+"""The backup format and what taking and restoring a backup share.
+
+A backup is the directory ``BACKUP_DIR/<id>/`` (``id``: UTC time plus a short random part, so
+names sort by age). It holds one gzip'd file per collection of length-prefixed BSON documents,
+written exactly as the server sent them (``RawBSONDocument``: ObjectIds, datetimes, int32 versus
+int64 and field order survive untouched), and ``manifest.json``, written last and atomically:
+a directory without a manifest is an incomplete backup. The manifest names each collection's
+file, document count, size and sha256, its options and its index definitions.
+
+The ``backups`` collection (the catalogue of backups, :mod:`core.backups`) describes files
+outside the database, so it is neither backed up nor dropped or overwritten by a restore.
+
+Taking, listing and pruning backups is :mod:`core.backups`; verifying and restoring them is
+:mod:`core.restore`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from bson import json_util
+from pymongo.asynchronous.database import AsyncDatabase
+
+from config.settings import Settings
+from core.errors import NotFound
+from core.store import Doc
+
+COLLECTION = "backups"
+#: Collections never backed up nor touched by a restore (see the module docstring).
+SKIP = frozenset({COLLECTION})
+MANIFEST = "manifest.json"
+FORMAT = 1
+ID_RE = re.compile(r"\d{8}T\d{6}Z-[0-9a-f]{6}")
+BATCH = 1000
+#: ``progress(collection, documents done, documents expected)``; called after every batch.
+Progress = Callable[[str, int, int], None]
+
+_RELAXED = json_util.JSONOptions(json_mode=json_util.JSONMode.RELAXED, tz_aware=True)
+
+
+def locate(settings: Settings, backup_id: str) -> Path:
+    """The directory of ``backup_id`` (which need not exist); :class:`NotFound` for anything
+    that is not a backup id, so no path outside ``BACKUP_DIR`` can ever be named."""
+    if not ID_RE.fullmatch(backup_id):
+        raise NotFound(f"No backup {backup_id!r}")
+    return Path(settings.backup_dir) / backup_id
+
+
+def to_json(value: Any) -> Any:
+    """``value``, BSON types included, as plain JSON for the manifest (relaxed Extended JSON)."""
+    return json.loads(json_util.dumps(value, json_options=_RELAXED))
+
+
+def from_json(value: Any) -> Any:
+    """The inverse of :func:`to_json`: a manifest's JSON back to BSON values."""
+    return json_util.loads(json.dumps(value), json_options=_RELAXED)
+
+
+def read_manifest(path: Path) -> dict[str, Any] | None:
+    """The manifest of the backup in ``path``; ``None`` when absent (an incomplete backup)."""
+    try:
+        data: dict[str, Any] = json.loads((path / MANIFEST).read_text())
+    except FileNotFoundError:
+        return None
+    return data
+
+
+async def data_collections(db: AsyncDatabase[Doc]) -> list[Doc]:
+    """The collections holding data (no views, no system collections, nothing in SKIP)."""
+    infos = [dict(info) async for info in await db.list_collections()]
+    return sorted(
+        (
+            i
+            for i in infos
+            if i.get("type", "collection") == "collection"
+            and not i["name"].startswith("system.")
+            and i["name"] not in SKIP
+        ),
+        key=lambda i: str(i["name"]),
+    )
