@@ -22,7 +22,7 @@ ActorFn = Callable[..., Awaitable[None]]
 
 #: Failures that retrying cannot fix: the message goes to the dead-letter queue at once.
 #: Sentry's Dramatiq integration skips these (``throws``); the dead-letter middleware
-#: (workers/dead_letter_notes.py) reports the unexpected ones — malformed messages, programming errors.
+#: (workers/dead_letter_notes.py) reports the unexpected ones: malformed messages, bugs.
 PERMANENT = (NotFound, Invalid, KeyError, TypeError, ValueError)
 #: Permanent outcomes that are part of normal operation (not reported to Sentry).
 EXPECTED = (NotFound, Invalid)
