@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -24,7 +23,7 @@ from typing import IO, Any
 
 import redis
 
-from cli.embedded import EmbeddedMongo, free_port
+from cli.embedded import EmbeddedMongo, PrivateRedis, redis_answers
 from config.settings import Settings
 
 #: Product settings are stripped from inherited environments so a developer's shell cannot
@@ -39,52 +38,6 @@ def clean_env(**values: str) -> dict[str, str]:
     env["PYTHONUNBUFFERED"] = "1"
     env.update(values)
     return env
-
-
-def redis_answers(url: str) -> bool:
-    """Whether a Redis server answers PING at ``url``."""
-    try:
-        return bool(redis.Redis.from_url(url, socket_connect_timeout=0.5).ping())
-    except redis.RedisError:
-        return False
-
-
-class PrivateRedis:
-    """A ``redis-server`` of our own on a free loopback port (when the machine has none)."""
-
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.dir = tempfile.mkdtemp(prefix="bench-redis-")
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        """Its URL."""
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> PrivateRedis:
-        """Start it and wait until it answers."""
-        exe = shutil.which("redis-server")
-        if exe is None:
-            raise RuntimeError("no Redis answers on 6379 and redis-server is not installed")
-        self.proc = subprocess.Popen(
-            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--dir", self.dir],
-            stdout=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while not redis_answers(self.url):
-            if time.monotonic() > deadline:
-                raise RuntimeError("private redis-server did not start")
-            time.sleep(0.05)
-        return self
-
-    def stop(self) -> None:
-        """Stop it."""
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(10)
-            self.proc = None
-        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 class Child:

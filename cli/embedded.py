@@ -1,7 +1,10 @@
-"""The embedded MongoDB-compatible server (SecantusDB) as a child process.
+"""Servers run as child processes: the embedded MongoDB-compatible server (SecantusDB) and a
+private ``redis-server``.
 
-Used by ``taskmanager run`` when no ``MONGODB_URL`` is set, and by the test suite. SecantusDB
-is GPL-2.0: it is only ever *run* (``secantusd-py``), never imported.
+SecantusDB serves ``taskmanager run`` when no ``MONGODB_URL`` is set, and the test suite and
+benchmarks; it is GPL-2.0, so it is only ever *run* (``secantusd-py``), never imported. The
+private Redis serves the test suite and benchmarks when none answers, and fault tests that
+stop and restart a Redis of their own.
 """
 
 from __future__ import annotations
@@ -12,8 +15,11 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+
+import redis
 
 
 def free_port() -> int:
@@ -92,3 +98,70 @@ class EmbeddedMongo:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def redis_answers(url: str) -> bool:
+    """Whether a Redis server answers PING at ``url``."""
+    client = redis.Redis.from_url(url, socket_connect_timeout=0.5)
+    try:
+        return bool(client.ping())
+    except redis.RedisError:
+        return False
+    finally:
+        client.close()
+
+
+class PrivateRedis:
+    """A ``redis-server`` of our own on a free loopback port, keeping nothing on disk."""
+
+    def __init__(self, port: int | None = None):
+        self.port = port or free_port()
+        self.dir = tempfile.mkdtemp(prefix="tm-redis-")
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        """Its URL."""
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout: float = 10.0) -> PrivateRedis:
+        """Start it and wait until it answers."""
+        exe = shutil.which("redis-server")
+        if exe is None:
+            raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
+        Path(self.dir).mkdir(parents=True, exist_ok=True)  # restartable after stop()
+        self.proc = subprocess.Popen(
+            [
+                exe,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                self.dir,
+            ],
+            stdout=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + timeout
+        while not redis_answers(self.url):
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError("private redis-server did not start")
+            time.sleep(0.05)
+        return self
+
+    def stop(self) -> None:
+        """Stop it (TERM, then KILL after 10 s) and remove its directory."""
+        proc, self.proc = self.proc, None
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        shutil.rmtree(self.dir, ignore_errors=True)

@@ -13,7 +13,6 @@ import contextlib
 import os
 import shutil
 import subprocess
-import tempfile
 import threading
 import time
 import uuid
@@ -30,17 +29,10 @@ from dramatiq import Worker
 from pymongo import MongoClient
 from pymongo.errors import ServerSelectionTimeoutError
 
-from cli.embedded import EmbeddedMongo, free_port
+from cli.embedded import EmbeddedMongo, PrivateRedis, free_port, redis_answers
 from config.settings import Settings
 
 TEST_SECRET = "test-secret-" + "x" * 40
-
-
-def _redis_answers(url: str) -> bool:
-    try:
-        return bool(redis.Redis.from_url(url, socket_connect_timeout=0.5).ping())
-    except redis.RedisError:
-        return False
 
 
 @pytest.fixture(scope="session")
@@ -60,60 +52,14 @@ def mongo_url() -> Iterator[str]:
 def redis_url() -> Iterator[str]:
     """A Redis server for the session (never flushed: tests use their own prefixes)."""
     url = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
-    if _redis_answers(url):
+    if redis_answers(url):
         yield url
         return
-    server = PrivateRedis().start()
+    server = PrivateRedis().start()  # a private one: nothing answers where we looked
     try:
         yield server.url
     finally:
         server.stop()
-
-
-class PrivateRedis:
-    """A ``redis-server`` of our own on a free port (fault tests stop only this one)."""
-
-    def __init__(self, port: int | None = None):
-        self.port = port or free_port()
-        self.dir = tempfile.mkdtemp(prefix="tm-redis-")
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> PrivateRedis:
-        exe = shutil.which("redis-server")
-        if exe is None:
-            raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
-        self.proc = subprocess.Popen(
-            [
-                exe,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                self.dir,
-            ],
-            stdout=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while not _redis_answers(self.url):
-            if time.monotonic() > deadline:
-                raise RuntimeError("private redis-server did not start")
-            time.sleep(0.05)
-        return self
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(10)
-            self.proc = None
 
 
 @pytest.fixture(scope="session")
