@@ -252,7 +252,7 @@ def _decode_cursor(cursor: str) -> str:
         value = ""
     if not ID_RE.fullmatch(value):
         raise Invalid(
-            "The cursor is not valid", [FieldError("query.cursor", "Invalid or expired cursor")]
+            "The cursor is not valid", [FieldError("cursor", "Invalid or expired cursor")]
         )
     return value
 

@@ -15,7 +15,7 @@ from bson.errors import InvalidId
 
 from core.errors import FieldError, Invalid
 
-_BAD = Invalid("The cursor is not valid", [FieldError("query.cursor", "Invalid or expired cursor")])
+_BAD = Invalid("The cursor is not valid", [FieldError("cursor", "Invalid or expired cursor")])
 
 
 def _encode_value(value: Any) -> Any:

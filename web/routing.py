@@ -83,7 +83,7 @@ def wrap(route: Route) -> Handler:
             raise Invalid(
                 "This operation takes no query parameters",
                 [
-                    FieldError(field=f"query.{k}", message="Unknown parameter")
+                    FieldError(field=k, message="Unknown parameter")
                     for k in request.query
                 ],
             )

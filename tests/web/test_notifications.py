@@ -177,7 +177,7 @@ async def test_another_users_notification_is_not_found(client: Any, app: Any) ->
         ({"limit": "201"}, "limit"),
         ({"limit": "ten"}, "limit"),
         ({"unread": "maybe"}, "unread"),
-        ({"cursor": "garbage"}, "query.cursor"),
+        ({"cursor": "garbage"}, "cursor"),
         ({"colour": "red"}, "colour"),
     ],
 )
