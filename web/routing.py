@@ -82,10 +82,7 @@ def wrap(route: Route) -> Handler:
         elif request.query:
             raise Invalid(
                 "This operation takes no query parameters",
-                [
-                    FieldError(field=k, message="Unknown parameter")
-                    for k in request.query
-                ],
+                [FieldError(field=k, message="Unknown parameter") for k in request.query],
             )
         if route.body is not None:
             request[REQ_BODY] = await _parse_body(request, route.body)
