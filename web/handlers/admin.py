@@ -52,27 +52,11 @@ class QueueList(BaseModel):
     items: list[QueueOut]
 
 
-# The pydantic mypy plugin's synthesized __init__ takes **kwargs, which clashes with the field.
-class DeadOut(BaseModel):  # type: ignore[no-redef]
-    """One dead-lettered message."""
-
-    id: str
-    message_id: str
-    queue: str
-    actor: str
-    args: list[Any]
-    kwargs: dict[str, Any]
-    enqueued_at: datetime
-    failed_at: datetime | None
-    retries: int
-    error: str | None
-    traceback: str | None
-
-
 class DeadList(BaseModel):
     """A page of a dead-letter queue, oldest first."""
 
-    items: list[DeadOut]
+    # workers.ops.DeadMessage is a dataclass: pydantic validates and documents it as is.
+    items: list[ops.DeadMessage]
     next_cursor: str | None
 
 
@@ -162,7 +146,7 @@ async def list_dead(request: web.Request) -> web.Response:
     )
     return json_response(
         DeadList(
-            items=[DeadOut.model_validate(m, from_attributes=True) for m in page.items],
+            items=list(page.items),
             next_cursor=page.next_cursor,
         )
     )
