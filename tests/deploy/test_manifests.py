@@ -55,7 +55,7 @@ KNOWN_METRICS = {
 }
 # Dramatiq's Redis broker keeps a queue's ready message ids in the list "<namespace>:<queue>";
 # the app's broker namespace is "tm:dramatiq".
-WORKER_QUEUE_KEY = "tm:dramatiq:default"
+WORKER_QUEUE_KEY = "tm:dramatiq:{}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -827,10 +827,26 @@ def test_web_hpa_scales_on_cpu() -> None:
 def test_worker_keda_scales_on_the_dramatiq_queue() -> None:
     [scaled] = of_kind("ScaledObject").values()
     assert scaled["apiVersion"] == "keda.sh/v1alpha1"
-    triggers = {t["type"]: t["metadata"] for t in scaled["spec"]["triggers"]}
-    assert triggers["redis"]["listName"] == WORKER_QUEUE_KEY
-    assert int(triggers["redis"]["listLength"]) > 0
+    redis = [t["metadata"] for t in scaled["spec"]["triggers"] if t["type"] == "redis"]
+    # One trigger per queue the actors really use (a trigger on a queue nobody sends to
+    # would never scale anything).
+    assert {t["listName"] for t in redis} == {WORKER_QUEUE_KEY.format(q) for q in _app_queues()}
+    assert all(int(t["listLength"]) > 0 for t in redis)
     assert scaled["spec"]["minReplicaCount"] >= 1
+
+
+def _app_queues() -> set[str]:
+    """The queues our broker declares (delay and dead-letter queues aside)."""
+    from config.connections import Connections
+    from config.settings import Settings
+    from workers.broker import build_broker
+
+    settings = Settings(app_env="development", redis_prefix="tm:")
+    platform = build_broker(Connections(settings))
+    try:
+        return {q for q in platform.broker.get_declared_queues() if not q.endswith((".DQ", ".XQ"))}
+    finally:
+        platform.close()
 
 
 def test_worker_and_scheduler_settings() -> None:
