@@ -215,7 +215,8 @@ async def worker_for() -> AsyncIterator[Any]:
 
     yield start
     for worker in started:
-        await asyncio.to_thread(worker.stop)
+        # Bounded: a worker whose Redis a fault test stopped sits in reconnect back-off.
+        await asyncio.to_thread(worker.stop, 20_000)
 
 
 @pytest.fixture
