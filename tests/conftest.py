@@ -220,6 +220,17 @@ async def worker_for() -> AsyncIterator[Any]:
 
 
 @pytest.fixture
+async def ctx(settings: Settings) -> AsyncIterator[Any]:
+    """A :class:`core.context.Context` over the test database, with the declared indexes."""
+    from config.connections import Connections
+    from core.context import open_context
+
+    async with open_context(settings, Connections(settings)) as ctx:
+        await ctx.store.ensure_indexes()
+        yield ctx
+
+
+@pytest.fixture
 async def app(settings: Settings) -> Any:
     """The application, as ``taskmanager web`` builds it."""
     from web.app import create_app

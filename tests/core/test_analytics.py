@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import pytest
 from bson import ObjectId
 
-from config.connections import Connections
-from config.settings import Settings
 from core import analytics, events
 from core.context import Context
 from core.errors import Invalid
@@ -21,20 +18,6 @@ ME = "64b000000000000000000001"
 OTHER = "64b000000000000000000002"
 DAY = date(2024, 5, 1)
 MIDNIGHT = datetime(2024, 5, 1, tzinfo=UTC)
-
-
-@pytest.fixture
-async def ctx(settings: Settings) -> AsyncIterator[Context]:
-    """A context over the test database, with the declared indexes."""
-    connections = Connections(settings)
-    store = Store(connections.mongo(), settings.mongodb_db)
-    redis = connections.redis()
-    await store.ensure_indexes()
-    try:
-        yield Context(settings, store, redis)
-    finally:
-        await store.client.close()
-        await redis.aclose()
 
 
 def iso(moment: datetime) -> str:

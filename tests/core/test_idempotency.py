@@ -4,19 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import Any
 
 import pytest
 
-from config.connections import Connections
-from config.settings import Settings
 from core import idempotency
 from core.context import Context
 from core.errors import Conflict, Invalid
 from core.idempotency import Claim, StoredResponse
-from core.store import Store, utcnow
+from core.store import utcnow
 
 SCOPE = "user:64b000000000000000000001"
 CREATED = StoredResponse(
@@ -24,20 +22,6 @@ CREATED = StoredResponse(
     headers={"Content-Type": "application/json", "Location": "/api/v1/things/1"},
     body=b'{"id":"1","secret":"refresh-token-shown-once"}',
 )
-
-
-@pytest.fixture
-async def ctx(settings: Settings) -> AsyncIterator[Context]:
-    """A context over the test database, with the declared indexes."""
-    connections = Connections(settings)
-    store = Store(connections.mongo(), settings.mongodb_db)
-    redis = connections.redis()
-    await store.ensure_indexes()
-    try:
-        yield Context(settings, store, redis)
-    finally:
-        await store.client.close()
-        await redis.aclose()
 
 
 class Counting:

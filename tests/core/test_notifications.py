@@ -4,7 +4,6 @@ real SMTP sink."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
 from email.message import EmailMessage, Message
 from typing import Any
@@ -12,27 +11,13 @@ from typing import Any
 import pytest
 from bson import ObjectId
 
-from config.connections import Connections
-from config.settings import Settings
 from core import notifications, tasks
 from core.context import Context
 from core.errors import Unavailable
 from core.mail import Mailer, SmtpMailer
 from core.notifications import NewNotification
-from core.store import INDEXES, Doc, Store, utcnow
+from core.store import INDEXES, Doc, utcnow
 from tests.conftest import SmtpSink
-
-
-@pytest.fixture
-async def ctx(settings: Settings) -> AsyncIterator[Context]:
-    connections = Connections(settings)
-    context = Context(
-        settings, Store(connections.mongo(), settings.mongodb_db), connections.redis()
-    )
-    await context.store.ensure_indexes()
-    yield context
-    await context.store.client.close()
-    await context.redis.aclose()
 
 
 @pytest.fixture

@@ -3,35 +3,18 @@ MongoDB test server."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 from bson import ObjectId
 
-from config.connections import Connections
-from config.settings import Settings
 from core import search, tasks
 from core.context import Context
 from core.errors import Invalid
-from core.store import Doc, Store
+from core.store import Doc
 
 ME = "64b000000000000000000001"
 OTHER = "64b000000000000000000002"
-
-
-@pytest.fixture
-async def ctx(settings: Settings) -> AsyncIterator[Context]:
-    """A context over the test database, with the declared indexes."""
-    connections = Connections(settings)
-    store = Store(connections.mongo(), settings.mongodb_db)
-    redis = connections.redis()
-    await store.ensure_indexes()
-    try:
-        yield Context(settings, store, redis)
-    finally:
-        await store.client.close()
-        await redis.aclose()
 
 
 async def add(ctx: Context, owner: str = ME, *, index: bool = True, **fields: Any) -> Doc:

@@ -5,22 +5,14 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-import pytest
 from apscheduler.triggers.interval import IntervalTrigger
 
 from config.connections import Connections
-from core.context import open_context
 from jobs.leader import LeaderLock
 from jobs.schedule import SCHEDULE, ScheduledJob
 from jobs.scheduler import Scheduler
 from tests.conftest import bearer
 from workers.broker import build_broker
-
-
-@pytest.fixture
-async def ctx(settings: Any) -> Any:
-    async with open_context(settings, Connections(settings)) as ctx:
-        yield ctx
 
 
 async def test_one_leader_renewal_release_and_takeover(ctx: Any) -> None:

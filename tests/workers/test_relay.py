@@ -9,16 +9,8 @@ import pytest
 
 from config.connections import Connections
 from core import events
-from core.context import open_context
 from workers.broker import build_broker
 from workers.relay import Relay
-
-
-@pytest.fixture
-async def ctx(settings: Any) -> Any:
-    async with open_context(settings, Connections(settings)) as ctx:
-        await ctx.store.ensure_indexes()
-        yield ctx
 
 
 async def _pending(ctx: Any, n: int) -> list[Any]:
