@@ -216,18 +216,11 @@ def admin_create(email: str, password: str) -> None:
         raise click.BadParameter("must be at least 8 characters", param_hint="--password")
 
     async def go() -> tuple[dict[str, Any], bool]:
-        from core.context import Context
-        from core.store import Store
+        from core.context import open_context
 
-        connections = Connections(settings)
-        store = Store(connections.mongo(), settings.mongodb_db)
-        redis = connections.redis()
-        try:
-            await store.ensure_indexes()
-            return await accounts.ensure_admin(Context(settings, store, redis), email, password)
-        finally:
-            await store.client.close()
-            await redis.aclose()
+        async with open_context(settings, Connections(settings)) as ctx:
+            await ctx.store.ensure_indexes()
+            return await accounts.ensure_admin(ctx, email, password)
 
     user, created = run_async(go)
     click.echo(f"{'created' if created else 'promoted'} admin {user['email']} (id {user['_id']})")
