@@ -59,36 +59,43 @@ def scheduler() -> None:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
-    asyncio.run(go())
+    from cli.main import run_async
+
+    run_async(go)
 
 
 @click.command()
 def schedules() -> None:
-    """The schedule: each job's trigger, next run, last run and the current leader."""
-    from cli.main import load_settings
+    """The schedule: each job's trigger, next run, last run and the current leader.
+
+    The next run is the one the scheduler computed and stored (``schedules`` collection,
+    written by the leader as APScheduler plans it), so interval jobs show when they really
+    fire; ``-`` until a scheduler has published it."""
+    from cli.main import load_settings, run_async
 
     settings = load_settings()
 
     async def go() -> list[dict[str, Any]]:
         async with open_context(settings, Connections(settings)) as ctx:
+            stored = {doc["_id"]: doc async for doc in ctx.store["schedules"].find()}
+            rows = [
+                {
+                    "name": job.name,
+                    "trigger": str(job.trigger),
+                    "next": stored.get(job.name, {}).get("next_run_at"),
+                    "last": await jobruns.latest(ctx, job.name),
+                }
+                for job in SCHEDULE
+            ]
             leader = await ctx.redis.get(ctx.key("scheduler", "leader"))
-            rows = []
-            for job in SCHEDULE:
-                last = await jobruns.latest(ctx, job.name)
-                rows.append(
-                    {
-                        "name": job.name,
-                        "trigger": str(job.trigger),
-                        "next": job.trigger.get_next_fire_time(None, _now()),
-                        "last": last,
-                        "leader": leader.decode() if isinstance(leader, bytes) else "-",
-                    }
-                )
+            for row in rows:
+                row["leader"] = leader.decode() if isinstance(leader, bytes) else "-"
             return rows
 
-    for row in asyncio.run(go()):
+    for row in run_async(go):
+        when = "-" if row["next"] is None else f"{row['next']:%Y-%m-%d %H:%M:%S}Z"
         click.echo(
-            f"{row['name']:<22} {row['trigger']:<40} next {row['next']:%Y-%m-%d %H:%M:%S}Z"
+            f"{row['name']:<22} {row['trigger']:<40} next {when:<20}"
             f"  last {_describe(row['last'])}  leader {row['leader']}"
         )
 
@@ -115,10 +122,6 @@ def run_job(name: str) -> None:
         async with open_context(settings, connections) as ctx:
             return await enqueue_run(ctx, platform.broker, job.name, job.actor)
 
-    click.echo(f"enqueued {name} as {asyncio.run(go())}")
+    from cli.main import run_async
 
-
-def _now() -> Any:
-    from core.store import utcnow
-
-    return utcnow()
+    click.echo(f"enqueued {name} as {run_async(go)}")

@@ -3,28 +3,35 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import secrets
 import signal
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 import click
-from pydantic import ValidationError
+from pydantic import SecretStr, ValidationError
 
 from config.connections import Connections
 from config.logging import get_logger, setup_logging
 from config.sentry import setup_sentry
-from config.settings import Settings
+from config.settings import MIN_SECRET_LENGTH, Settings, is_loopback_host, is_placeholder_secret
 
 T = TypeVar("T")
 log = get_logger("cli")
 
 
 class DevSettings(Settings):
-    """``taskmanager run`` defaults: development mode, console logs."""
+    """``taskmanager run`` defaults: development mode, console logs, listening on loopback
+    only (``HOST`` to change it), and a random ``JWT_SECRET`` when none is set (see
+    :func:`run`: kept in the data directory, or fresh per start with ``--memory``)."""
 
+    generate_missing_jwt_secret: ClassVar[bool] = True
     app_env: Literal["development", "test", "production"] = "development"
+    host: str = "127.0.0.1"
     log_format: Literal["json", "console"] = "console"
 
 
@@ -33,9 +40,10 @@ def load_settings(cls: type[Settings] = Settings, *, need_services: bool = True)
     try:
         settings = cls()
     except ValidationError as exc:
-        lines = [
-            f"  {'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors()
-        ]
+        lines = []
+        for e in exc.errors():
+            where = ".".join(map(str, e["loc"])).upper() or "settings"
+            lines.append(f"  {where}: {e['msg'].removeprefix('Value error, ')}")
         raise click.ClickException("invalid configuration:\n" + "\n".join(lines)) from exc
     if need_services:
         missing = [
@@ -51,8 +59,37 @@ def load_settings(cls: type[Settings] = Settings, *, need_services: bool = True)
 
 
 def run_async(factory: Callable[[], Awaitable[T]]) -> T:
-    """Run one coroutine to completion."""
-    return asyncio.run(factory())  # type: ignore[arg-type]
+    """Run one coroutine to completion; an unreachable MongoDB or Redis is a message naming
+    its variable (exit 1), not a traceback."""
+    with service_errors():
+        return asyncio.run(factory())  # type: ignore[arg-type]
+
+
+@contextlib.contextmanager
+def service_errors() -> Iterator[None]:
+    """Turn connection failures of MongoDB and Redis into readable command errors."""
+    import redis.exceptions
+    from pymongo import errors as mongo_errors
+
+    try:
+        yield
+    except mongo_errors.ConnectionFailure as exc:
+        raise click.ClickException(
+            f"MongoDB (MONGODB_URL) is unreachable: {_first_line(exc)}"
+        ) from exc
+    except mongo_errors.ConfigurationError as exc:
+        raise click.ClickException(f"MONGODB_URL is not usable: {_first_line(exc)}") from exc
+    except mongo_errors.OperationFailure as exc:
+        if exc.code not in (13, 18):  # Unauthorized, AuthenticationFailed
+            raise
+        raise click.ClickException(f"MongoDB (MONGODB_URL) refused us: {exc}") from exc
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+        raise click.ClickException(f"Redis (REDIS_URL) is unreachable: {_first_line(exc)}") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text else type(exc).__name__
 
 
 @click.group()
@@ -64,21 +101,13 @@ def main() -> None:
 @main.command()
 @click.option("--port", type=int, default=None, help="Port (default: PORT or 8000).")
 def web(port: int | None) -> None:
-    """Serve the HTTP API."""
-    from aiohttp import web as aioweb
-
-    from web.app import create_app
+    """Serve the HTTP API (SIGTERM drains open connections first: web.app.serve)."""
+    from web.app import create_app, serve
 
     settings = load_settings()
     setup_logging(settings, process="web")
     setup_sentry(settings, process="web")
-    aioweb.run_app(
-        create_app(settings),
-        host=settings.host,
-        port=port or settings.port,
-        access_log=None,
-        print=None,
-    )
+    serve(create_app(settings), host=settings.host, port=port or settings.port)
 
 
 @main.command(context_settings={"ignore_unknown_options": True})
@@ -95,6 +124,15 @@ def worker(processes: int, threads: int, queues: tuple[str, ...], extra: tuple[s
     import dramatiq.cli
 
     settings = load_settings()  # fail fast, with a readable message, before forking
+    if queues:
+        known = known_queues(settings)
+        unknown = [q for q in queues if q not in known]
+        if unknown:
+            raise click.BadParameter(
+                f"no actor uses {', '.join(map(repr, unknown))}; the queues are: "
+                f"{', '.join(sorted(known))}",
+                param_hint="--queues",
+            )
     argv = [
         # The broker must be named: given a bare module, Dramatiq would serve its global
         # default broker (localhost, namespace "dramatiq") on which no actor is declared.
@@ -113,6 +151,61 @@ def worker(processes: int, threads: int, queues: tuple[str, ...], extra: tuple[s
     sys.exit(dramatiq.cli.main(args))
 
 
+def known_queues(settings: Settings) -> set[str]:
+    """The queues the declared actors use (delay and dead-letter queues aside).
+
+    Read from a broker built over the in-process stand-in, so nothing is contacted."""
+    from workers.broker import build_broker
+
+    offline = settings.model_copy(update={"redis_url": None, "broker_url": None})
+    platform = build_broker(Connections(offline))
+    try:
+        declared = platform.broker.get_declared_queues()
+        return {q for q in declared if not q.endswith((".DQ", ".XQ"))}
+    finally:
+        platform.close()
+
+
+#: File of ``taskmanager run``'s generated JWT secret, in its data directory.
+SECRET_FILE = "jwt-secret"
+
+
+def stored_secret(data_dir: Path) -> tuple[str, bool]:
+    """The secret kept in ``data_dir/jwt-secret``, made on first use; returns it and whether
+    it was just made. The directory is 0700, the file 0600 (tightened, with a note, when
+    found looser); a file holding a placeholder or a short value is refused."""
+    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if data_dir.stat().st_mode & 0o077:
+        os.chmod(data_dir, 0o700)
+    path = data_dir / SECRET_FILE
+    created = False
+    if not path.exists():
+        # Written aside, then linked into place: two starts racing agree on one secret, and
+        # no reader ever sees a half-written file.
+        tmp = data_dir / f".{SECRET_FILE}.{os.getpid()}.{secrets.token_hex(4)}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "w") as out:
+                out.write(secrets.token_urlsafe(48) + "\n")
+                out.flush()
+                os.fsync(out.fileno())
+            with contextlib.suppress(FileExistsError):
+                os.link(tmp, path)
+                created = True
+        finally:
+            tmp.unlink(missing_ok=True)
+    if path.stat().st_mode & 0o077:
+        click.echo(f"note: {path} was readable by others; made it 0600", err=True)
+        os.chmod(path, 0o600)
+    secret = path.read_text().strip()
+    if is_placeholder_secret(secret) or len(secret) < MIN_SECRET_LENGTH:
+        raise click.ClickException(
+            f"{path} holds a placeholder or short secret: delete it (a new one is made) or set "
+            "JWT_SECRET"
+        )
+    return secret, created
+
+
 @main.command()
 @click.option("--port", type=int, default=None, help="Port (default: PORT or 8000).")
 @click.option("--memory", is_flag=True, help="Keep the embedded database in memory (throw-away).")
@@ -129,23 +222,35 @@ def run(port: int | None, memory: bool, data_dir: str, worker_threads: int) -> N
     With no MONGODB_URL it starts an embedded MongoDB-compatible server (SecantusDB) as a
     child process; with no REDIS_URL it uses an in-process Redis stand-in (fakeredis) for
     cache, limits and the broker (nothing in it persists).
-    """
-    from aiohttp import web as aioweb
-    from dramatiq import Worker
 
+    It listens on 127.0.0.1 unless HOST says otherwise. With no JWT_SECRET (or a placeholder)
+    it signs with a random secret made on first start and kept in DATA_DIR/jwt-secret (0600),
+    so tokens and webhook secrets survive restarts; with --memory, where nothing persists, a
+    fresh one per start. A HOST other than loopback needs a JWT_SECRET of one's own.
+    """
     from cli.embedded import EmbeddedMongo
     from cli.jobs import in_app as scheduler_in_app
-    from web.app import create_app
+    from web.app import create_app, serve
     from workers.broker import build_broker
+    from workers.pools import WorkerPools
 
     settings = load_settings(DevSettings, need_services=False)
+    secret_source = "JWT_SECRET"
+    if settings.jwt_secret_generated:
+        if memory:
+            secret_source = "random for this run (--memory: nothing persists)"
+        else:
+            secret, created = stored_secret(Path(data_dir).resolve())
+            settings = settings.model_copy(update={"jwt_secret": SecretStr(secret)})
+            where = Path(data_dir, SECRET_FILE).resolve()
+            secret_source = f"{'made and kept' if created else 'kept'} in {where}"
     setup_logging(settings, process="run")
     setup_sentry(settings, process="run")
     embedded: EmbeddedMongo | None = None
-    worker_: Worker | None = None
+    worker_: WorkerPools | None = None
     # Python's default SIGTERM action kills the process without unwinding, which would leave
-    # the embedded server running: until aiohttp installs its own handler (it raises
-    # GracefulExit while serving), a TERM must raise so that `finally` stops the children.
+    # the embedded server running: until `serve` installs its own handler (it drains and
+    # returns), a TERM must raise so that `finally` stops the children.
     signal.signal(signal.SIGTERM, _exit_on_signal)
     try:
         if settings.mongodb_url is None:
@@ -157,13 +262,19 @@ def run(port: int | None, memory: bool, data_dir: str, worker_threads: int) -> N
             settings = settings.model_copy(update={"mongodb_url": embedded.url})
         connections = Connections(settings)
         platform = build_broker(connections)
-        worker_ = Worker(platform.broker, worker_threads=worker_threads)
+        # Webhook deliveries get threads of their own (more than one user's in-flight cap),
+        # so slow receivers never hold back search, cache, notifications or analytics.
+        worker_ = WorkerPools.split(
+            platform.broker,
+            threads=worker_threads,
+            webhook_threads=max(worker_threads, 2 * settings.webhook_max_in_flight_per_user),
+        )
         port = port or settings.port
-        _banner(settings, embedded, memory, port)
+        _banner(settings, embedded, memory, port, secret_source)
         worker_.start()
         app = create_app(settings, connections=connections, platform=platform)
         app.cleanup_ctx.append(scheduler_in_app(platform))
-        aioweb.run_app(app, host=settings.host, port=port, access_log=None, print=None)
+        serve(app, host=settings.host, port=port)
     finally:
         # Stopping is bounded (worker join, then TERM/KILL of the server); a repeated TERM
         # must not cut it short and orphan the server.
@@ -178,7 +289,12 @@ def _exit_on_signal(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)
 
 
-def _banner(settings: Settings, embedded: Any, memory: bool, port: int) -> None:
+def _url_host(host: str) -> str:
+    """``host`` as it appears in a URL (IPv6 literals in brackets)."""
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+def _banner(settings: Settings, embedded: Any, memory: bool, port: int, secret_source: str) -> None:
     mongo = (
         f"embedded SecantusDB ({'in memory, nothing persists' if memory else embedded.storage})"
         if embedded is not None
@@ -187,13 +303,15 @@ def _banner(settings: Settings, embedded: Any, memory: bool, port: int) -> None:
     redis = settings.redis_url or "in-process fakeredis (nothing persists)"
     broker = settings.effective_broker_url or "in-process fakeredis"
     smtp = settings.smtp_url or "none: emails are written to the log"
+    exposure = "" if is_loopback_host(settings.host) else "  (reachable from other machines)"
     click.echo(
         "taskmanager run — all-in-one (development)\n"
-        f"  http     http://127.0.0.1:{port}  (docs: /docs)\n"
+        f"  http     http://{_url_host(settings.host)}:{port}  (docs: /docs){exposure}\n"
         f"  mongodb  {mongo}\n"
         f"  redis    {redis}\n"
         f"  broker   {broker}\n"
-        f"  smtp     {smtp}",
+        f"  smtp     {smtp}\n"
+        f"  secret   {secret_source}",
         err=True,
     )
 
@@ -206,24 +324,111 @@ def admin() -> None:
 @admin.command("create")
 @click.option("--email", required=True)
 @click.option("--password", prompt=True, hide_input=True, confirmation_prompt=True)
-def admin_create(email: str, password: str) -> None:
-    """Create an admin, or promote an existing account to admin."""
+@click.option(
+    "--promote-existing",
+    is_flag=True,
+    help="If an account already has this email, make it admin: its password becomes the one "
+    "given here and every one of its sessions is ended.",
+)
+def admin_create(email: str, password: str, promote_existing: bool) -> None:
+    """Create an admin account.
+
+    An existing account with that email is refused unless --promote-existing is given:
+    whoever registered the address may not be the operator, so promotion sets the password
+    given here and revokes every login of the account (its tokens stop working at once).
+    """
     from core import accounts
 
+    _check_new_account(email, password)
     settings = load_settings()
     setup_logging(settings, process="cli")
-    if len(password) < 8:
-        raise click.BadParameter("must be at least 8 characters", param_hint="--password")
 
-    async def go() -> tuple[dict[str, Any], bool]:
+    async def go() -> tuple[dict[str, Any], str, int]:
         from core.context import open_context
 
         async with open_context(settings, Connections(settings)) as ctx:
             await ctx.store.ensure_indexes()
-            return await accounts.ensure_admin(ctx, email, password)
+            user, outcome = await accounts.ensure_admin(
+                ctx, email, password, promote_existing=promote_existing
+            )
+            hooks = await ctx.store["webhooks"].count_documents({"owner": str(user["_id"])})
+            return user, outcome, hooks
 
-    user, created = run_async(go)
-    click.echo(f"{'created' if created else 'promoted'} admin {user['email']} (id {user['_id']})")
+    user, outcome, hooks = _domain_call(run_async, go)
+    if outcome == "exists":
+        raise click.ClickException(
+            f"an account with email {user['email']} already exists (role {user.get('role')}, id "
+            f"{user['_id']}) and was not changed. To make it an admin, run again with "
+            "--promote-existing: its password becomes the one given and all its sessions end"
+        )
+    click.echo(f"{outcome} admin {user['email']} (id {user['_id']})")
+    if outcome == "promoted":
+        click.echo("its password was replaced and every session of the account was ended")
+        if hooks:
+            click.echo(
+                f"note: the account has {hooks} webhook(s) registered before the promotion; "
+                "review them (GET /api/v1/webhooks as this admin)",
+                err=True,
+            )
+
+
+@admin.command("revoke-sessions")
+@click.option("--email", default=None, help="The account's email.")
+@click.option("--user-id", default=None, help="The account's id.")
+def admin_revoke_sessions(email: str | None, user_id: str | None) -> None:
+    """End every login of one account now (its access and refresh tokens stop working)."""
+    from core import accounts
+    from core.errors import NotFound
+
+    if (email is None) == (user_id is None):
+        raise click.UsageError("give either --email or --user-id")
+    settings = load_settings()
+    setup_logging(settings, process="cli")
+
+    async def go() -> tuple[str, int]:
+        from core.context import open_context
+
+        async with open_context(settings, Connections(settings)) as ctx:
+            if user_id is not None:
+                user = await accounts.get_user(ctx, user_id)
+            else:
+                found = await ctx.store["users"].find_one(
+                    {"email": accounts.normalize_email(email or "")}
+                )
+                if found is None:
+                    raise NotFound(f"No account with email {email}")
+                user = found
+            return user["email"], await accounts.revoke_user_logins(ctx, str(user["_id"]))
+
+    who, count = _domain_call(run_async, go)
+    click.echo(f"revoked {count} login(s) of {who}")
+
+
+def _check_new_account(email: str, password: str) -> None:
+    """Registration's rules for the email and password (core.accounts.RegisterIn), as
+    parameter errors (exit 2) before anything is contacted."""
+    from core.accounts import RegisterIn
+
+    try:
+        RegisterIn.model_validate({"email": email, "password": password, "name": "Administrator"})
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        field = str(error["loc"][0]) if error["loc"] else "email"
+        message = error["msg"].removeprefix("Value error, ")
+        raise click.BadParameter(message, param_hint=f"--{field}") from exc
+
+
+def _domain_call(fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)``, a domain error (core.errors.AppError) becoming a readable exit 1."""
+    from core.errors import AppError, Invalid
+
+    try:
+        return fn(*args)
+    except Invalid as exc:
+        details = "; ".join(f"{e.field}: {e.message}" for e in exc.errors)
+        raise click.ClickException(f"{exc.detail}: {details}" if details else exc.detail) from exc
+    except AppError as exc:
+        raise click.ClickException(exc.detail) from exc
 
 
 @main.command()
@@ -261,9 +466,9 @@ def reindex(user_id: str | None, batch_size: int) -> None:
 
 
 def _register_commands() -> None:
-    from cli import backup, jobs
+    from cli import backup, jobs, outbox
 
-    for command in (jobs.scheduler, jobs.schedules, jobs.run_job, backup.backup):
+    for command in (jobs.scheduler, jobs.schedules, jobs.run_job, backup.backup, outbox.outbox):
         main.add_command(command)
 
 

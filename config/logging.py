@@ -6,6 +6,7 @@ a request or a message carries them, including lines from libraries using stdlib
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import sys
 from collections.abc import MutableMapping
@@ -32,7 +33,12 @@ def setup_logging(settings: Settings, *, process: str) -> None:
     if settings.log_format == "json":
         render = [structlog.processors.format_exc_info, structlog.processors.JSONRenderer()]
     else:
-        render = [structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())]
+        colors = sys.stderr.isatty()
+        render = [
+            structlog.dev.ConsoleRenderer(
+                colors=colors, exception_formatter=_traceback_formatter(colors)
+            )
+        ]
 
     structlog.configure(
         processors=[*shared, _wrap_for_formatter],
@@ -54,6 +60,16 @@ def setup_logging(settings: Settings, *, process: str) -> None:
     logging.getLogger("pymongo").setLevel(logging.WARNING)
     # Library warnings (e.g. PyJWT's key-length warning) become log lines, not raw stderr text.
     logging.captureWarnings(True)
+
+
+def _traceback_formatter(colors: bool) -> structlog.typing.ExceptionRenderer:
+    """Tracebacks for the console, never with local variables: structlog's default (Rich)
+    prints every frame's locals, which puts passwords and request bodies in the log."""
+    if importlib.util.find_spec("rich") is None:
+        return structlog.dev.plain_traceback
+    return structlog.dev.RichTracebackFormatter(
+        color_system="truecolor" if colors else None, show_locals=False
+    )
 
 
 def _wrap_for_formatter(

@@ -1,8 +1,16 @@
-"""Sentry set-up shared by web, worker and scheduler processes."""
+"""Sentry set-up shared by web, worker and scheduler processes.
+
+Nothing a user typed as a secret may reach Sentry: events carry no local variables and no
+request bodies, and every event, transaction and breadcrumb goes through :func:`scrub`, which
+blanks the values of secret-looking keys (password, token, secret, authorization, cookie,
+jwt, api key...) wherever they sit, and bearer tokens, JWTs and ``password=...`` pairs inside
+any text (exception messages, log fields, URLs).
+"""
 
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 import sentry_sdk
@@ -30,12 +38,90 @@ def setup_sentry(settings: Settings, *, process: str) -> bool:
         traces_sample_rate=settings.sentry_traces_sample_rate,
         # No PII is the default; `send_default_pii` itself is deprecated (a DeprecationWarning)
         # and its successor `data_collection` would switch off the default event scrubber.
+        # Frames' local variables hold request bodies and parsed models (passwords included);
+        # request bodies are never attached either.
+        include_local_variables=False,
+        max_request_body_size="never",
         integrations=[AioHttpIntegration(), DramatiqIntegration(), LoggingIntegration()],
-        before_send=_from_structlog,
-        before_breadcrumb=_breadcrumb_from_structlog,
+        before_send=_before_send,
+        before_send_transaction=_before_send_transaction,
+        before_breadcrumb=_before_breadcrumb,
     )
     sentry_sdk.set_tag("process", process)
     return True
+
+
+FILTERED = "[Filtered]"
+
+#: Keys whose values are secrets, wherever they appear (matched anywhere in the key).
+_SECRET_KEY = re.compile(
+    r"passw|pwd|secret|token|authoriz|cookie|jwt|api[-_]?key|credential|signature|private",
+    re.IGNORECASE,
+)
+#: Secrets inside text: ``password=...`` / ``"token": "..."`` pairs, bearer and basic
+#: credentials, JWTs, and the input values pydantic quotes in its error messages.
+_TEXT_SECRETS = (
+    (re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]+"), rf"\1 {FILTERED}"),
+    (
+        re.compile(
+            r"""(?i)((?:passw\w*|pwd|secret\w*|\w*token|authorization|cookie|jwt\w*|api[-_]?key)"""
+            r"""['"]?\s*[:=]\s*)(?:b?"[^"]*"|b?'[^']*'|[^\s,;&}'"]+)"""
+        ),
+        rf"\1'{FILTERED}'",
+    ),
+    (re.compile(r"eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*"), FILTERED),
+    (re.compile(r"(input_value=)(?:'[^']*'|\"[^\"]*\"|\S+)"), rf"\1{FILTERED}"),
+)
+
+
+def scrub(value: Any) -> Any:
+    """A copy of ``value`` (JSON-like data) with secrets blanked (see the module docstring)."""
+    if isinstance(value, dict):
+        return {
+            key: FILTERED
+            if isinstance(key, str) and _SECRET_KEY.search(key) and value[key] is not None
+            else scrub(value[key])
+            for key in value
+        }
+    if isinstance(value, (list, tuple)):
+        return [scrub(item) for item in value]
+    if isinstance(value, bytes):
+        return scrub(value.decode("utf-8", "replace"))
+    if isinstance(value, str):
+        for pattern, replacement in _TEXT_SECRETS:
+            value = pattern.sub(replacement, value)
+        return value
+    return value
+
+
+def _strip_request_and_frames(event: Any) -> Any:
+    """Drop what must never be sent even scrubbed: request bodies, cookies, frame locals."""
+    request = event.get("request")
+    if isinstance(request, dict):
+        for key in ("data", "cookies"):
+            request.pop(key, None)
+    for exc in (event.get("exception") or {}).get("values") or []:
+        for frame in (exc.get("stacktrace") or {}).get("frames") or []:
+            frame.pop("vars", None)
+    for thread in (event.get("threads") or {}).get("values") or []:
+        for frame in (thread.get("stacktrace") or {}).get("frames") or []:
+            frame.pop("vars", None)
+    return event
+
+
+def _before_send(event: Event, hint: Hint) -> Event | None:
+    out: Event = scrub(_strip_request_and_frames(_from_structlog(event, hint)))
+    return out
+
+
+def _before_send_transaction(event: Event, hint: Hint) -> Event | None:
+    out: Event = scrub(_strip_request_and_frames(event))
+    return out
+
+
+def _before_breadcrumb(crumb: Breadcrumb, hint: BreadcrumbHint) -> Breadcrumb | None:
+    out: Breadcrumb = scrub(_breadcrumb_from_structlog(crumb, hint))
+    return out
 
 
 def _structlog_fields(hint: Hint | BreadcrumbHint) -> dict[str, Any] | None:

@@ -7,6 +7,7 @@ whole login (its refresh token in MongoDB, its access tokens through a Redis den
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import secrets
 from datetime import UTC, datetime, timedelta
@@ -14,24 +15,49 @@ from typing import Annotated, Any, Literal
 
 from bson import ObjectId
 from bson.errors import InvalidId
-from pydantic import BaseModel, ConfigDict, EmailStr, Field, StringConstraints
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    EmailStr,
+    Field,
+    StringConstraints,
+)
 from pymongo import ReturnDocument
 from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.errors import DuplicateKeyError
 from redis.exceptions import RedisError
 
 from config.logging import get_logger
-from core import events
+from core import account_rules, events
 from core.context import Context
-from core.errors import Conflict, NotFound, RateLimited, Unauthorized
+from core.errors import Conflict, NotFound, Overloaded, RateLimited, Unauthorized
 from core.security import TokenClaims, hash_password, needs_rehash, verify_password
 from core.store import Doc, utcnow
 
 log = get_logger(__name__)
 
 Role = Literal["user", "admin"]
-Password = Annotated[str, StringConstraints(min_length=8, max_length=128)]
-Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100)]
+#: A new password (registration, admin creation); sign-in accepts whatever was once allowed.
+Password = Annotated[
+    str,
+    StringConstraints(min_length=8, max_length=128),
+    AfterValidator(account_rules.check_password),
+    account_rules.SchemaPattern(account_rules.password_pattern),
+]
+Name = Annotated[
+    str,
+    StringConstraints(strip_whitespace=True, min_length=1, max_length=100),
+    AfterValidator(account_rules.check_name),
+    account_rules.SchemaPattern(account_rules.name_pattern),
+]
+#: A new account's address: valid, normalised, and no lookalike (see core.account_rules).
+NewEmail = Annotated[EmailStr, AfterValidator(account_rules.check_email)]
+
+#: Account-wide slow-down of sign-in (see :func:`login`): the first delay and its cap, seconds.
+SLOWDOWN_FIRST = 0.25
+SLOWDOWN_MAX = 3.0
 
 
 class Strict(BaseModel):
@@ -49,19 +75,26 @@ class NotificationPrefs(Strict):
     due_soon_window_hours: int = Field(24, ge=1, le=168)
 
 
+def _whole_number(value: object) -> object:
+    """JSON Schema's ``integer`` includes ``2.0``: take it as 2 (strict mode refuses floats)."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
 class NotificationPrefsPatch(Strict):
     """A partial change of :class:`NotificationPrefs`."""
 
     email_welcome: bool | None = None
     email_due_soon: bool | None = None
     in_app: bool | None = None
-    due_soon_window_hours: int | None = Field(None, ge=1, le=168)
+    due_soon_window_hours: (
+        Annotated[int, Field(ge=1, le=168), BeforeValidator(_whole_number)] | None
+    ) = None
 
 
 class RegisterIn(Strict):
     """``POST /auth/register`` body."""
 
-    email: EmailStr
+    email: NewEmail
     password: Password
     name: Name
 
@@ -129,8 +162,9 @@ def _oid(user_id: str) -> ObjectId:
 
 
 def normalize_email(email: str) -> str:
-    """Emails are compared case-insensitively."""
-    return email.strip().lower()
+    """The one form an email is stored and looked up in, on every path (register, login,
+    admin bootstrap): see :func:`core.account_rules.canonical_email`."""
+    return account_rules.canonical_email(email)
 
 
 async def get_user(ctx: Context, user_id: str) -> Doc:
@@ -178,29 +212,57 @@ async def register(ctx: Context, body: RegisterIn, *, client: str) -> TokenPair:
 
 
 async def login(ctx: Context, body: LoginIn, *, address: str, client: str) -> TokenPair:
-    """Sign in; the same answer and similar timing whether or not the account exists."""
+    """Sign in; the same answer and similar timing whether or not the account exists.
+
+    Failed attempts are counted over ``LOGIN_FAILURE_WINDOW`` seconds in three ways (OWASP
+    Authentication Cheat Sheet), unknown accounts exactly like known ones:
+
+    - per account *and* address: after ``LOGIN_MAX_FAILURES``, that address gets 429 (with
+      ``Retry-After``) for that account; a successful sign-in clears this count;
+    - per address, over every account: after ``LOGIN_MAX_FAILURES_PER_ADDRESS``, 429;
+    - per account, over every address: never a refusal, so nobody can lock an owner out by
+      failing on purpose. After ``LOGIN_MAX_FAILURES`` such failures every attempt on the
+      account waits before its password is checked, 0.25 s doubling per further failure up to
+      3 s (:data:`SLOWDOWN_FIRST`, :data:`SLOWDOWN_MAX`); the right password still signs in.
+
+    With Redis away nothing is throttled (fail open: an outage must not lock users out).
+    """
     email = normalize_email(body.email)
-    counters = [
-        (ctx.key("login-fail", "acct", _digest(email)), ctx.settings.login_max_failures),
-        (ctx.key("login-fail", "addr", address), ctx.settings.login_max_failures_per_address),
-    ]
-    await _check_throttle(ctx, counters)
+    account = _digest(email)
+    pair_key = ctx.key("login-fail", "pair", account, address)
+    addr_key = ctx.key("login-fail", "addr", address)
+    acct_key = ctx.key("login-fail", "acct", account)
+    counts = await _failure_counts(ctx, [pair_key, addr_key, acct_key])
+    if counts is not None:
+        (pair, pair_ttl), (per_addr, addr_ttl), (per_acct, _) = counts
+        limits = (
+            (pair, pair_ttl, ctx.settings.login_max_failures),
+            (per_addr, addr_ttl, ctx.settings.login_max_failures_per_address),
+        )
+        for count, ttl, limit in limits:
+            if count >= limit:
+                raise RateLimited("Too many failed sign-in attempts; try again later", ttl)
+        await asyncio.sleep(_slowdown(per_acct, ctx.settings.login_max_failures))
     user = await ctx.store["users"].find_one({"email": email})
     ok = await verify_password(user["password_hash"] if user else None, body.password)
     if not ok or user is None:
-        await _count_failure(ctx, counters)
+        await _count_failure(ctx, [pair_key, addr_key, acct_key])
         raise Unauthorized("Incorrect email or password", error="invalid_grant")
-    await _forget_failures(ctx, counters[0][0])
+    await _forget_failures(ctx, pair_key)
     user_id = str(user["_id"])
     # Feeds cache warm-up: the worker precomputes what this user reads next.
     await events.record(
         ctx.store, [events.new_event("user.logged_in", user_id=user_id, subject_id=user_id)], None
     )
     if needs_rehash(user["password_hash"]):
-        new_hash = await hash_password(body.password)
-        await ctx.store["users"].update_one(
-            {"_id": user["_id"]}, {"$set": {"password_hash": new_hash}}
-        )
+        try:
+            new_hash = await hash_password(body.password)
+        except Overloaded:  # upgrading the hash can wait for the next sign-in
+            log.info("auth.rehash_deferred", user_id=user_id)
+        else:
+            await ctx.store["users"].update_one(
+                {"_id": user["_id"]}, {"$set": {"password_hash": new_hash}}
+            )
     return await _start_login(ctx, user, client=client)
 
 
@@ -281,22 +343,107 @@ async def update_me(ctx: Context, user_id: str, patch: MePatch) -> Doc:
     return doc
 
 
-async def ensure_admin(ctx: Context, email: str, password: str) -> tuple[Doc, bool]:
-    """Create an admin, or promote the existing account with that email (password kept).
+#: What :func:`ensure_admin` did.
+AdminOutcome = Literal["created", "promoted", "exists"]
 
-    Returns the user and whether it was created.
+
+async def ensure_admin(
+    ctx: Context, email: str, password: str, *, promote_existing: bool = False
+) -> tuple[Doc, AdminOutcome]:
+    """Make sure an admin with this email exists; returns the user and what was done.
+
+    - No account has the email: an admin is created with ``password`` (``"created"``).
+    - An account has it and ``promote_existing``: it becomes admin, its password becomes
+      ``password`` and every one of its logins is revoked (:func:`revoke_user_logins`), so
+      whoever registered the address before the operator is locked out (``"promoted"``).
+    - An account has it otherwise: nothing is changed (``"exists"``); the caller decides
+      (``admin create`` refuses, the start-up bootstrap warns unless it is an admin already).
+      Promoting an account while keeping its password would make admin whoever registered
+      the address first.
+
+    The email and password must pass registration's rules (:class:`RegisterIn`), else
+    :class:`~core.errors.Invalid`.
     """
-    existing = await ctx.store["users"].find_one_and_update(
-        {"email": normalize_email(email)},
-        {"$set": {"role": "admin", "updated_at": utcnow()}},
+    from pydantic import ValidationError
+
+    from core.errors import FieldError, Invalid
+
+    existing = await ctx.store["users"].find_one({"email": normalize_email(email)})
+    if existing is not None and not promote_existing:
+        return existing, "exists"
+    try:
+        body = RegisterIn.model_validate(
+            {"email": email, "password": password, "name": "Administrator"}
+        )
+    except ValidationError as exc:
+        errors = [
+            FieldError(field=".".join(map(str, e["loc"])) or "body", message=e["msg"])
+            for e in exc.errors()
+        ]
+        raise Invalid("Not a valid admin account", errors) from exc
+    if existing is None:
+        try:
+            user = await create_user(ctx, str(body.email), body.password, body.name, role="admin")
+            return user, "created"
+        except Conflict:  # created concurrently (another replica's bootstrap, a sign-up)
+            existing = await ctx.store["users"].find_one({"email": normalize_email(email)})
+            if existing is None:
+                raise
+            if not promote_existing:
+                return existing, "exists"
+    promoted = await ctx.store["users"].find_one_and_update(
+        {"_id": existing["_id"]},
+        {
+            "$set": {
+                "role": "admin",
+                "password_hash": await hash_password(body.password),
+                "updated_at": utcnow(),
+            }
+        },
         return_document=ReturnDocument.AFTER,
     )
-    if existing is not None:
-        return existing, False
+    if promoted is None:
+        raise NotFound("No such user")
+    revoked = await revoke_user_logins(ctx, str(promoted["_id"]))
+    log.warning("admin.promoted_existing", user_id=str(promoted["_id"]), logins_revoked=revoked)
+    return promoted, "promoted"
+
+
+async def revoke_user_logins(ctx: Context, user_id: str) -> int:
+    """End every login of ``user_id`` at once; returns how many were ended.
+
+    Each login's access tokens are refused from their next request on (the per-login
+    denylist in Redis that :func:`authenticate` reads), then the logins are marked revoked in
+    MongoDB, so their refresh tokens are refused too (and :func:`authenticate` refuses them
+    from MongoDB while Redis is away). Redis is written first: if it cannot be reached,
+    nothing is marked and :class:`~core.errors.Unavailable` is raised, so repeating the call
+    revokes everything. A login started after the call is not affected.
+    """
+    from core.errors import Unavailable
+
+    logins = [
+        doc["_id"]
+        async for doc in ctx.store["logins"].find(
+            {"user_id": user_id, "revoked": False}, {"_id": 1}
+        )
+    ]
+    if not logins:
+        return 0
     try:
-        return await create_user(ctx, email, password, "Administrator", role="admin"), True
-    except Conflict:  # created concurrently by another replica: promote it
-        return await ensure_admin(ctx, email, password)
+        async with ctx.redis.pipeline(transaction=False) as pipe:
+            for login_id in logins:
+                pipe.set(ctx.key("deny", "login", login_id), b"1", ex=ctx.settings.access_token_ttl)
+            await pipe.execute()
+    except RedisError as exc:
+        log.warning("auth.denylist_unavailable", user_id=user_id, error=str(exc))
+        raise Unavailable(
+            "The token denylist (Redis) is unreachable: no login was revoked; try again"
+        ) from exc
+    await ctx.store["logins"].update_many(
+        {"_id": {"$in": logins}}, {"$set": {"revoked": True, "revoked_at": utcnow()}}
+    )
+    log.info("auth.user_logins_revoked", user_id=user_id, logins=len(logins))
+    return len(logins)
 
 
 async def _start_login(ctx: Context, user: Doc, *, client: str) -> TokenPair:
@@ -343,29 +490,33 @@ def _digest(value: str) -> str:
     return hashlib.sha256(value.encode()).hexdigest()[:32]
 
 
-async def _check_throttle(ctx: Context, counters: list[tuple[str, int]]) -> None:
+def _slowdown(failures: int, threshold: int) -> float:
+    """Seconds an attempt on an account with ``failures`` recent failures waits."""
+    if failures < threshold:
+        return 0.0
+    return float(min(SLOWDOWN_MAX, SLOWDOWN_FIRST * 2 ** min(failures - threshold, 16)))
+
+
+async def _failure_counts(ctx: Context, keys: list[str]) -> list[tuple[int, int]] | None:
+    """``(failures, seconds left in the window)`` per counter; ``None`` if Redis is away."""
     try:
         async with ctx.redis.pipeline(transaction=False) as pipe:
-            for key, _ in counters:
+            for key in keys:
                 pipe.get(key)
                 pipe.ttl(key)
             values = await pipe.execute()
     except RedisError:
-        log.warning(
-            "auth.throttle_unavailable"
-        )  # fail open: a Redis outage must not lock users out
-        return
-    for i, (_, limit) in enumerate(counters):
-        count, ttl = values[2 * i], values[2 * i + 1]
-        if count is not None and int(count) >= limit:
-            raise RateLimited("Too many failed sign-in attempts; try again later", max(1, int(ttl)))
+        # Fail open: a Redis outage must not lock users out.
+        log.warning("auth.throttle_unavailable")
+        return None
+    return [(int(values[2 * i] or 0), max(1, int(values[2 * i + 1]))) for i in range(len(keys))]
 
 
-async def _count_failure(ctx: Context, counters: list[tuple[str, int]]) -> None:
+async def _count_failure(ctx: Context, keys: list[str]) -> None:
     window = ctx.settings.login_failure_window
     try:
         async with ctx.redis.pipeline(transaction=False) as pipe:
-            for key, _ in counters:
+            for key in keys:
                 pipe.incr(key)
                 pipe.expire(key, window, nx=True)
             await pipe.execute()

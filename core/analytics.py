@@ -261,9 +261,15 @@ class SummaryQuery(BaseModel):
     from_: Day | None = Field(
         None,
         alias="from",
-        description="First day (YYYY-MM-DD, UTC), inclusive; default 'to' minus 29 days",
+        description="First day (YYYY-MM-DD, UTC), inclusive; default 'to' minus 29 days. "
+        f"Not after 'to', and at most {MAX_DAYS - 1} days before it (a range of at most "
+        f"{MAX_DAYS} days): else 422",
     )
-    to: Day | None = Field(None, description="Last day (YYYY-MM-DD, UTC), inclusive; default today")
+    to: Day | None = Field(
+        None,
+        description="Last day (YYYY-MM-DD, UTC), inclusive; default today (so 'from' alone "
+        f"must be at most {MAX_DAYS - 1} days ago)",
+    )
 
 
 class DayFigures(BaseModel):

@@ -36,6 +36,12 @@ MANIFEST = "manifest.json"
 FORMAT = 1
 ID_RE = re.compile(r"\d{8}T\d{6}Z-[0-9a-f]{6}")
 BATCH = 1000
+#: A backup holds password hashes and emails: its directory and files are the owner's only.
+DIR_MODE = 0o700
+FILE_MODE = 0o600
+#: What a manifest may name as a collection's file: one plain name inside the backup's
+#: directory (as ``core.backups`` writes them), never a path leaving it.
+FILE_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,250}\.bson\.gz")
 #: ``progress(collection, documents done, documents expected)``; called after every batch.
 Progress = Callable[[str, int, int], None]
 
@@ -48,6 +54,15 @@ def locate(settings: Settings, backup_id: str) -> Path:
     if not ID_RE.fullmatch(backup_id):
         raise NotFound(f"No backup {backup_id!r}")
     return Path(settings.backup_dir) / backup_id
+
+
+def member(path: Path, name: object) -> Path:
+    """The file a manifest calls ``name`` inside the backup directory ``path``; ``ValueError``
+    for anything else (absolute paths, ``..``, separators, other kinds of names), so a crafted
+    manifest can never make a verify or restore read outside the backup."""
+    if not isinstance(name, str) or not FILE_RE.fullmatch(name):
+        raise ValueError(f"file name {name!r} is not a file of this backup")
+    return path / name
 
 
 def to_json(value: Any) -> Any:

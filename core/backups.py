@@ -46,7 +46,15 @@ from config.logging import get_logger
 from config.settings import Settings
 
 # ``X as X``: re-exported, callers name them ``backups.locate``, ``backups.verify``, ...
-from core.backup_format import BATCH, FORMAT, MANIFEST, data_collections, to_json
+from core.backup_format import (
+    BATCH,
+    DIR_MODE,
+    FILE_MODE,
+    FORMAT,
+    MANIFEST,
+    data_collections,
+    to_json,
+)
 from core.backup_format import COLLECTION as COLLECTION
 from core.backup_format import ID_RE as ID_RE
 from core.backup_format import Progress as Progress
@@ -285,7 +293,10 @@ class _Sink:
     """A gzip'd file being written, hashed as it goes (the sha256 is of the file's bytes)."""
 
     def __init__(self, path: Path):
-        self.file: IO[bytes] = open(path, "wb")  # noqa: SIM115  (closed by close())
+        # Owner-only (0600): a backup holds password hashes and emails.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
+        os.fchmod(fd, FILE_MODE)
+        self.file: IO[bytes] = os.fdopen(fd, "wb")
         self.sha = hashlib.sha256()
         self.size = 0
         self.gz = gzip.GzipFile(fileobj=self, mode="wb", compresslevel=6, mtime=0)
@@ -347,9 +358,18 @@ async def _dump(
     return done, sink.size, sink.sha.hexdigest()
 
 
+def _make_dir(path: Path) -> None:
+    """``BACKUP_DIR`` (when it does not exist yet) and the backup's directory, owner-only."""
+    path.parent.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+    path.mkdir(mode=DIR_MODE)
+    os.chmod(path, DIR_MODE)
+
+
 def _write_manifest(path: Path, manifest: dict[str, Any]) -> None:
     tmp = path / (MANIFEST + ".tmp")
-    with open(tmp, "w") as out:
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
+    os.fchmod(fd, FILE_MODE)
+    with os.fdopen(fd, "w") as out:
         json.dump(manifest, out, indent=2)
         out.flush()
         os.fsync(out.fileno())
@@ -458,7 +478,7 @@ async def _take(
 ) -> dict[str, Any]:
     """Write every collection, then the manifest; returns the manifest."""
     await asyncio.to_thread(shutil.rmtree, path, True)  # what a failed attempt left
-    await asyncio.to_thread(path.mkdir, parents=True)
+    await asyncio.to_thread(_make_dir, path)
     db = ctx.store.db
     entries: dict[str, Any] = {}
     async with ctx.store.client.start_session(snapshot=True) as snapshot:

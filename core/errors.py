@@ -120,3 +120,24 @@ class Unavailable(AppError):
     status = 503
     title = "Service Unavailable"
     slug = "unavailable"
+
+
+class Overloaded(AppError):
+    """Too busy to take this request now (503) with ``Retry-After``: refused at once, so the
+    work already admitted (and every other route) keeps its pace instead of queueing behind it."""
+
+    status = 503
+    title = "Service Unavailable"
+    slug = "overloaded"
+
+    def __init__(self, detail: str, retry_after: int = 1):
+        super().__init__(detail, headers={"Retry-After": str(max(1, retry_after))})
+        self.retry_after = max(1, retry_after)
+
+
+class UnsupportedMediaType(AppError):
+    """A body in a media type the operation does not take (415), e.g. no ``Content-Type``."""
+
+    status = 415
+    title = "Unsupported Media Type"
+    slug = "unsupported-media-type"

@@ -22,11 +22,11 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
-from typing import Annotated, Literal
+from typing import Literal
 
 from bson import ObjectId
 from bson.errors import InvalidId
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field
 from pymongo import ASCENDING, DESCENDING, ReturnDocument, UpdateOne
 from pymongo.asynchronous.cursor import AsyncCursor
 from pymongo.errors import BulkWriteError
@@ -36,7 +36,7 @@ from core.accounts import NotificationPrefs, get_user
 from core.context import Context
 from core.errors import NotFound, Unavailable
 from core.mail import Mailer
-from core.pagination import decode_cursor, encode_cursor
+from core.pagination import Cursor, decode_cursor, encode_cursor
 from core.store import Doc, utcnow
 
 log = get_logger(__name__)
@@ -67,7 +67,7 @@ class NotificationQuery(BaseModel):
 
     unread: bool | None = None
     limit: int = Field(50, ge=1, le=200)
-    cursor: Annotated[str, StringConstraints(max_length=512)] | None = None
+    cursor: Cursor | None = None
 
 
 class NotificationPublic(BaseModel):

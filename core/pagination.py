@@ -1,5 +1,12 @@
 """Opaque keyset cursors: ``(sort field value, _id)`` of the last item, signed so a client can
-neither forge one nor replay it against another sort."""
+neither forge one nor replay it against another sort.
+
+On the wire a cursor is unpadded base64url (:data:`CURSOR_PATTERN`, at most
+:data:`MAX_CURSOR` characters): the ``next_cursor`` of the previous page of the same list
+(same filters and sort); empty (or left out) asks for the first page. Any other value is
+refused (422) -- the document says so, and its OpenAPI links hand ``next_cursor`` on to the
+next request.
+"""
 
 from __future__ import annotations
 
@@ -8,12 +15,29 @@ import hashlib
 import hmac
 import json
 from datetime import UTC, datetime
-from typing import Any
+from typing import Annotated, Any
 
 from bson import ObjectId
 from bson.errors import InvalidId
+from pydantic import Field, StringConstraints
 
 from core.errors import FieldError, Invalid
+
+MAX_CURSOR = 512
+#: What every cursor of the API looks like (base64url without padding; empty: first page).
+CURSOR_PATTERN = "^[A-Za-z0-9_-]*$"
+#: A list's ``cursor`` query parameter. The pattern is documented, not checked here: a value
+#: that breaks it cannot be a cursor we made, and is refused like any other forged one.
+Cursor = Annotated[
+    str,
+    StringConstraints(max_length=MAX_CURSOR),
+    Field(
+        description="The next_cursor of the previous page of this list (same filters and "
+        "sort), as it was given; empty or left out: the first page. Opaque and signed: any "
+        "other value is refused (422)",
+        json_schema_extra={"pattern": CURSOR_PATTERN},
+    ),
+]
 
 _BAD = Invalid("The cursor is not valid", [FieldError("cursor", "Invalid or expired cursor")])
 

@@ -73,6 +73,10 @@ class Policy:
             raise ValueError(
                 "a rate-limit policy allows at least 1 request in a window of 1 s or more"
             )
+        if self.limit > self.window * 1_000_000:
+            # The script spends window/limit whole microseconds per request: 0 would divide
+            # by zero (config.settings refuses such a RATE_LIMIT at start already).
+            raise ValueError("a rate-limit policy allows at most one request per microsecond")
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Policy:

@@ -14,7 +14,9 @@ import asyncio
 import contextlib
 import gzip
 import hashlib
+import re
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -35,6 +37,7 @@ from core.backup_format import (
     data_collections,
     from_json,
     locate,
+    member,
     read_manifest,
 )
 from core.context import Context
@@ -47,6 +50,11 @@ log = get_logger(__name__)
 _DECODE: CodecOptions[dict[str, Any]] = CodecOptions(
     datetime_conversion=DatetimeConversion.DATETIME_AUTO
 )
+
+
+#: A collection name a restore may create: no system collection, no ``$`` and no NUL
+#: (MongoDB's own rules, plus ``system.``, which a backup never holds).
+COLLECTION_RE = re.compile(r"(?!system\.)[^$\x00]{1,255}")
 
 
 class CorruptBackup(Invalid):
@@ -141,31 +149,73 @@ def verify(path: Path, progress: Progress | None = None) -> VerifyReport:
     counts: dict[str, int] = {}
     if manifest.get("format") != FORMAT or manifest.get("id") != backup_id:
         problems.append("manifest: unknown format or another backup's id")
-    for name, entry in manifest.get("collections", {}).items():
-        file = path / entry["file"]
-        if not file.is_file():
-            problems.append(f"{name}: file {entry['file']} is missing")
+    collections = manifest.get("collections")
+    if not isinstance(collections, dict):
+        return VerifyReport(backup_id, path, [*problems, "manifest: no collections"], {})
+    for name, entry in collections.items():
+        wrong = _check_entry(name, entry)
+        if wrong is None:
+            try:
+                file = member(path, entry["file"])
+            except ValueError as exc:
+                wrong = str(exc)
+        if wrong is not None:
+            problems.append(f"{name}: {wrong}")
             continue
-        if file.stat().st_size != entry["bytes"]:
-            problems.append(f"{name}: {file.stat().st_size} bytes, manifest says {entry['bytes']}")
-        if _sha256(file) != entry["sha256"]:
-            problems.append(f"{name}: sha256 differs from the manifest")
-        done = 0
-        try:
-            with gzip.GzipFile(file, "rb") as stream:
-                while batch := _read_raw(stream, BATCH):
-                    for raw in batch:
-                        bson.decode(raw, _DECODE)
-                    done += len(batch)
-                    if progress is not None:
-                        progress(name, done, entry["documents"])
-        except (OSError, EOFError, BSONError, ValueError) as exc:
-            problems.append(f"{name}: unreadable after {done} documents ({exc})")
-        else:
-            if done != entry["documents"]:
-                problems.append(f"{name}: {done} documents, manifest says {entry['documents']}")
-        counts[name] = done
+        counts[name] = _verify_file(name, file, entry, problems, progress)
     return VerifyReport(backup_id, path, problems, counts)
+
+
+def _check_entry(name: object, entry: object) -> str | None:
+    """What is wrong with one manifest entry's shape (``None``: nothing)."""
+    if not isinstance(name, str) or not COLLECTION_RE.fullmatch(name):
+        return f"{name!r} is not a collection name this platform backs up"
+    if not isinstance(entry, dict):
+        return "manifest entry is not an object"
+    for key, kind in (("file", str), ("bytes", int), ("documents", int), ("sha256", str)):
+        if not isinstance(entry.get(key), kind):
+            return f"manifest entry has no valid {key!r}"
+    return None
+
+
+def _verify_file(
+    name: str,
+    file: Path,
+    entry: dict[str, Any],
+    problems: list[str],
+    progress: Progress | None,
+) -> int:
+    """Check one collection's file; appends what is wrong (naming the file) to ``problems``
+    and returns how many documents were read."""
+    where = f"(file {file.name})"
+    try:
+        if not file.is_file():
+            problems.append(f"{name}: file {file.name} is missing")
+            return 0
+        size = file.stat().st_size
+        if size != entry["bytes"]:
+            problems.append(f"{name}: {size} bytes, manifest says {entry['bytes']} {where}")
+        if _sha256(file) != entry["sha256"]:
+            problems.append(f"{name}: sha256 differs from the manifest {where}")
+    except OSError as exc:
+        problems.append(f"{name}: unreadable ({exc}) {where}")
+        return 0
+    done = 0
+    try:
+        with gzip.GzipFile(file, "rb") as stream:
+            while batch := _read_raw(stream, BATCH):
+                for raw in batch:
+                    bson.decode(raw, _DECODE)
+                done += len(batch)
+                if progress is not None:
+                    progress(name, done, entry["documents"])
+    except (OSError, EOFError, BSONError, ValueError, zlib.error) as exc:
+        # zlib.error is no OSError: a corrupt deflate stream raises it from GzipFile.read.
+        problems.append(f"{name}: unreadable after {done} documents ({exc}) {where}")
+    else:
+        if done != entry["documents"]:
+            problems.append(f"{name}: {done} documents, manifest says {entry['documents']} {where}")
+    return done
 
 
 # -- Restore ---------------------------------------------------------------------------------
@@ -226,7 +276,8 @@ async def restore(
             log.warning("backup.restore_dropped", database=db.name, collections=dropped)
     counts: dict[str, int] = {}
     for name, entry in manifest["collections"].items():
-        counts[name] = await _load(db, name, path / entry["file"], entry, progress, batch_size)
+        file = member(path, entry["file"])  # verified already; never a path outside it
+        counts[name] = await _load(db, name, file, entry, progress, batch_size)
     indexes, conflicts = await _indexes(store, manifest)
     seconds = time.monotonic() - started
     if database is None or database == ctx.settings.mongodb_db:

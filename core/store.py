@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
+import pymongo
 from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, IndexModel
 from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.asynchronous.collection import AsyncCollection
@@ -28,6 +29,10 @@ INDEXES: dict[str, list[IndexModel]] = {
     "events": [
         # The outbox: the relay reads undispatched events in order.
         IndexModel([("pending", ASCENDING), ("_id", ASCENDING)], name="outbox", sparse=True),
+        # Events the relay set aside after repeated failures (core/events.py lists and counts).
+        IndexModel([("set_aside_at", ASCENDING)], name="set_aside", sparse=True),
+        # Receipts: events with messages still awaited, by when the relay's sweep looks again.
+        IndexModel([("recheck_at", ASCENDING)], name="receipts", sparse=True),
         IndexModel([("user_id", ASCENDING), ("_id", DESCENDING)], name="user_events"),
         # A task's activity, newest first.
         IndexModel(
@@ -140,7 +145,12 @@ class Store:
     async def transaction(self, work: Callable[[AsyncClientSession], Awaitable[T]]) -> T:
         """Run ``work`` in a multi-document transaction, retried on transient errors.
 
-        Used wherever a write and its events must land together (the outbox).
+        Used wherever a write and its events must land together (the outbox). Retries stop
+        after twice the server-selection timeout (``MONGODB_TIMEOUT_MS``): PyMongo's own limit
+        is 120 s, and with the server unreachable every error is transient, so a write would
+        hang for two minutes before failing.
         """
+        limit = 2 * self.client.options.server_selection_timeout
         async with self.client.start_session() as session:
-            return await session.with_transaction(work)
+            with pymongo.timeout(limit):
+                return await session.with_transaction(work)

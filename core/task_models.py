@@ -6,19 +6,24 @@ The operations on tasks live in :mod:`core.tasks`, which re-exports these names.
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import (
     AwareDatetime,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
+    Strict,
     StringConstraints,
     field_validator,
     model_validator,
 )
 from pydantic.json_schema import SkipJsonSchema
+
+from core.pagination import Cursor
 
 Status = Literal["todo", "in_progress", "done"]
 Priority = Literal["low", "medium", "high", "urgent"]
@@ -38,6 +43,24 @@ Title = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, ma
 Description = Annotated[str, StringConstraints(max_length=10_000)]
 Tag = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=50)]
 Tags = Annotated[list[Tag], Field(max_length=20)]
+
+
+#: RFC 3339 ``date-time`` (what the document's ``format: date-time`` means): seconds and an
+#: offset required. Pydantic alone would also take ``0.5`` (a Unix time) or a space for ``T``.
+_RFC3339 = re.compile(
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt][0-9]{2}:[0-9]{2}:[0-9]{2}(?:\.[0-9]+)?(?:[Zz]|[+-][0-9]{2}:[0-9]{2})"
+)
+
+
+def _rfc3339(value: object) -> object:
+    if isinstance(value, datetime) or (isinstance(value, str) and _RFC3339.fullmatch(value)):
+        return value
+    raise ValueError("Must be a date-time such as 2025-01-31T09:00:00Z (RFC 3339)")
+
+
+#: A moment with its offset, written as RFC 3339 says. Lax inside strict models: the check
+#: above hands pydantic a Python string, which strict mode would refuse as a datetime.
+Moment = Annotated[AwareDatetime, Strict(False), BeforeValidator(_rfc3339)]
 
 
 class _Strict(BaseModel):
@@ -71,7 +94,7 @@ class TaskCreate(_Strict):
     description: Description = ""
     status: Status = "todo"
     priority: Priority = "medium"
-    due_at: AwareDatetime | None = None
+    due_at: Moment | None = None
     tags: Tags = []
 
     _tags = field_validator("tags")(_unique_tags)
@@ -86,7 +109,7 @@ class TaskUpdate(_Strict):
     description: Description | None = None
     status: Status | SkipJsonSchema[None] = None
     priority: Priority | SkipJsonSchema[None] = None
-    due_at: AwareDatetime | None = None
+    due_at: Moment | None = None
     tags: Tags | SkipJsonSchema[None] = None
 
     _tags = field_validator("tags")(_unique_tags)
@@ -168,12 +191,12 @@ class TaskQuery(BaseModel):
     status: Status | None = None
     priority: Priority | None = None
     tag: Tag | None = None
-    due_before: AwareDatetime | None = None
-    due_after: AwareDatetime | None = None
+    due_before: Moment | None = None
+    due_after: Moment | None = None
     overdue: bool | None = None
     sort: Sort = "-created_at"
     limit: int = Field(50, ge=1, le=200)
-    cursor: Annotated[str, StringConstraints(max_length=512)] | None = None
+    cursor: Cursor | None = None
 
     _due = field_validator("due_before", "due_after")(_utc)
 
@@ -184,7 +207,7 @@ class PageQuery(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     limit: int = Field(50, ge=1, le=200)
-    cursor: Annotated[str, StringConstraints(max_length=512)] | None = None
+    cursor: Cursor | None = None
 
 
 class TaskPublic(BaseModel):

@@ -15,8 +15,29 @@ Deliveries. One record per (event, webhook), ``_id = "<event id>:<webhook id>"``
 that runs twice creates one. A delivery moves ``pending`` → ``succeeded``, or ``failed``
 (retrying with backoff) → ``dead`` when retries are exhausted; a redelivery request puts it
 back to ``pending`` under a new ``generation``, which makes messages of older generations
-stale. An attempt is made under a short lease, so two messages for one delivery never post at
-the same time, and a ``succeeded`` delivery is never sent again by a duplicate message.
+stale. An attempt is made under a lease (:func:`claim`), so two messages for one delivery never
+post at the same time, and a ``succeeded`` delivery is never sent again by a duplicate message.
+The lease names the worker process holding it (:class:`Holder`) and dies with it: once that
+worker's heartbeat is older than ``WORKER_HEARTBEAT_TIMEOUT_MS`` (the rule by which the broker
+redelivers its messages) the next message takes the lease over at once, counting the
+interrupted attempt, instead of waiting out the lease's time bound. A message that meets a
+live lease waits (the worker re-schedules it without spending a retry).
+
+Isolation (one user's slow or broken receiver must not hold back anyone else):
+
+- Deliveries run on their own queue (``webhooks``) and, by default, their own worker pool
+  (``taskmanager run`` starts a separate pool; deployments run ``worker-webhooks``).
+- Per-user cap: at most ``WEBHOOK_MAX_IN_FLIGHT_PER_USER`` of a user's deliveries are being
+  attempted at once, counted in Redis (:func:`take_slot`; each slot expires after the attempt's
+  lease, and sooner with its worker's heartbeat, so a crashed worker cannot keep it). A delivery
+  over the cap waits a moment and tries again without spending a retry.
+- Circuit breaker, per webhook: after ``WEBHOOK_BREAKER_FAILURES`` consecutive failed attempts
+  (any of its deliveries; a success resets the count) the webhook is ``paused``, with
+  ``paused_reason`` and ``paused_at``, as Stripe and Svix disable an endpoint that keeps
+  failing. While paused nothing is sent to it: new and retried deliveries are recorded as
+  ``held`` in its delivery log. ``POST /webhooks/{id}/resume`` makes it ``active`` again and
+  sends its held deliveries again, oldest first (up to :data:`RESUME_REDELIVER_LIMIT`; any
+  delivery can also be sent again on its own with ``.../redeliver``).
 """
 
 from __future__ import annotations
@@ -36,9 +57,10 @@ from bson.errors import InvalidId
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
-from pymongo import DESCENDING, ReturnDocument
+from pymongo import ASCENDING, DESCENDING, ReturnDocument
 from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.errors import DuplicateKeyError, PyMongoError
+from redis.exceptions import RedisError
 
 from config.settings import Settings
 from core import events
@@ -48,7 +70,7 @@ from core.pagination import decode_cursor, encode_cursor
 
 # ``X as X``: the target check is re-exported, callers name it ``webhooks.check_target``, ...
 from core.ssrf import MAX_URL_LENGTH as MAX_URL_LENGTH
-from core.ssrf import Resolver, system_resolve
+from core.ssrf import PORT_RULE, Resolver, system_resolve
 from core.ssrf import Target as Target
 from core.ssrf import TargetRefused as TargetRefused
 from core.ssrf import TargetUnresolvable as TargetUnresolvable
@@ -57,6 +79,7 @@ from core.ssrf import check_url as check_url
 from core.ssrf import refusal as refusal
 from core.store import Doc, utcnow
 from core.task_models import PageQuery
+from core.webhook_url import URL_PATTERN
 
 EventType = Literal["task.created", "task.updated", "task.completed", "task.deleted", "*"]
 #: The event types a webhook can receive ("*" subscribes to all of them).
@@ -72,7 +95,15 @@ EXCERPT_BYTES = 1024
 DELIVERY_RETENTION = timedelta(days=30)
 USER_AGENT = "taskmanager-webhooks/1"
 
-DeliveryStatus = Literal["pending", "failed", "succeeded", "dead"]
+DeliveryStatus = Literal["pending", "failed", "succeeded", "dead", "held"]
+WebhookState = Literal["active", "paused"]
+#: How many held deliveries one ``resume`` sends again (oldest first); call it again for more.
+RESUME_REDELIVER_LIMIT = 1000
+#: Longest ``paused_reason`` kept.
+_REASON_CHARS = 300
+#: The fields of a delivery's lease (cleared when it is given back).
+_LEASE_FIELDS = ("lease_until", "lease_token", "lease_worker", "leased_at")
+_NO_LEASE: Doc = dict.fromkeys(_LEASE_FIELDS, "")
 
 
 class SecretUnreadable(Exception):
@@ -89,7 +120,20 @@ class _Strict(BaseModel):
 class WebhookCreate(_Strict):
     """``POST /webhooks`` body."""
 
-    url: Annotated[str, StringConstraints(min_length=1, max_length=MAX_URL_LENGTH)]
+    url: Annotated[
+        str,
+        StringConstraints(min_length=1, max_length=MAX_URL_LENGTH),
+        Field(
+            description=(
+                "An absolute http or https URL without credentials or fragment, in ASCII "
+                "(xn-- host names); its host must resolve to public addresses only (private, "
+                "loopback, link-local, shared, documentation and other special-purpose ranges "
+                f"are refused, at registration and at every delivery); {PORT_RULE}."
+            ),
+            # The syntax check_url enforces, stated for schema-driven clients.
+            json_schema_extra={"pattern": URL_PATTERN},
+        ),
+    ]
     events: Annotated[list[EventType], Field(min_length=1, max_length=len(EVENT_TYPES) + 1)]
 
     _url = field_validator("url")(check_url)
@@ -107,6 +151,25 @@ class WebhookPublic(BaseModel):
     url: str
     events: list[str]
     created_at: datetime
+    state: Annotated[
+        WebhookState,
+        Field(
+            description=(
+                "paused: the circuit breaker stopped deliveries after repeated failures "
+                "(they are held; POST /webhooks/{id}/resume sends them)"
+            )
+        ),
+    ] = "active"
+    paused_reason: str | None = None
+    paused_at: datetime | None = None
+
+
+class WebhookResumed(WebhookPublic):
+    """The answer to ``POST /webhooks/{id}/resume``."""
+
+    redelivered: Annotated[
+        int, Field(description="Held deliveries sent again by this request (oldest first)")
+    ]
 
 
 class WebhookCreated(WebhookPublic):
@@ -150,7 +213,13 @@ class DeliveryPage(BaseModel):
 def public(doc: Doc) -> WebhookPublic:
     """The public view of a stored webhook."""
     return WebhookPublic(
-        id=str(doc["_id"]), url=doc["url"], events=doc["events"], created_at=doc["created_at"]
+        id=str(doc["_id"]),
+        url=doc["url"],
+        events=doc["events"],
+        created_at=doc["created_at"],
+        state=doc.get("state", "active"),
+        paused_reason=doc.get("paused_reason"),
+        paused_at=doc.get("paused_at"),
     )
 
 
@@ -294,6 +363,8 @@ async def create(
         "url": body.url,
         "events": body.events,
         "secret": seal_secret(ctx.settings, str(webhook_id), secret),
+        "state": "active",
+        "consecutive_failures": 0,
         "created_at": now,
         "updated_at": now,
     }
@@ -361,11 +432,22 @@ async def request_redelivery(ctx: Context, owner: str, webhook_id: str, delivery
     """Put a delivery back to ``pending`` under a new generation and record the request in
     the outbox (the relay routes it to the worker), in one transaction."""
     hook = await get(ctx, owner, webhook_id)
+    doc = await _redeliver(ctx, owner, str(hook["_id"]), delivery_id)
+    if doc is None:
+        raise NotFound("No such delivery")
+    return doc
+
+
+async def _redeliver(
+    ctx: Context, owner: str, webhook_id: str, delivery_id: str, *, only: Doc | None = None
+) -> Doc | None:
+    """:func:`request_redelivery` of a delivery known to be the owner's (``only``: extra
+    conditions on the delivery); ``None`` when it is not there (or no longer matches)."""
     now = utcnow()
 
     async def work(session: AsyncClientSession) -> Doc | None:
         doc = await ctx.store["webhook_deliveries"].find_one_and_update(
-            {"_id": delivery_id, "webhook_id": str(hook["_id"]), "owner": owner},
+            {"_id": delivery_id, "webhook_id": webhook_id, "owner": owner, **(only or {})},
             {
                 "$inc": {"generation": 1},
                 "$set": {
@@ -377,7 +459,7 @@ async def request_redelivery(ctx: Context, owner: str, webhook_id: str, delivery
                     "updated_at": now,
                     "expires_at": now + DELIVERY_RETENTION,
                 },
-                "$unset": {"lease_until": "", "lease_token": "", "dead_at": ""},
+                "$unset": {**_NO_LEASE, "dead_at": "", "held_at": ""},
             },
             return_document=ReturnDocument.AFTER,
             session=session,
@@ -393,10 +475,209 @@ async def request_redelivery(ctx: Context, owner: str, webhook_id: str, delivery
         await events.record(ctx.store, [event], session)
         return doc
 
-    doc = await ctx.store.transaction(work)
+    return await ctx.store.transaction(work)
+
+
+# --- the circuit breaker --------------------------------------------------------------------
+
+
+async def resume(ctx: Context, owner: str, webhook_id: str) -> tuple[Doc, int]:
+    """Make a webhook ``active`` again (idempotent) and send its held deliveries again,
+    oldest first, at most :data:`RESUME_REDELIVER_LIMIT` per call; returns the webhook and how
+    many deliveries were sent again."""
+    hook_id = oid(webhook_id)
+    doc = await ctx.store["webhooks"].find_one_and_update(
+        {"_id": hook_id, "owner": owner},
+        {
+            "$set": {"state": "active", "consecutive_failures": 0, "updated_at": utcnow()},
+            "$unset": {"paused_reason": "", "paused_at": ""},
+        },
+        return_document=ReturnDocument.AFTER,
+    )
     if doc is None:
-        raise NotFound("No such delivery")
-    return doc
+        raise NotFound("No such webhook")
+    held = await (
+        ctx.store["webhook_deliveries"]
+        .find({"webhook_id": str(hook_id), "status": "held"}, {"_id": 1})
+        .sort("event_oid", ASCENDING)
+        .limit(RESUME_REDELIVER_LIMIT)
+        .to_list()
+    )
+    sent = 0
+    for delivery in held:
+        again = await _redeliver(ctx, owner, str(hook_id), delivery["_id"], only={"status": "held"})
+        sent += again is not None
+    return doc, sent
+
+
+async def note_outcome(ctx: Context, hook: Doc, attempt: Attempt) -> bool:
+    """Count an attempt's outcome for the webhook's circuit breaker; ``True`` when this
+    failure paused the webhook (``WEBHOOK_BREAKER_FAILURES`` failed attempts in a row)."""
+    hooks = ctx.store["webhooks"]
+    if attempt.ok:
+        await hooks.update_one(
+            {"_id": hook["_id"], "consecutive_failures": {"$ne": 0}},
+            {"$set": {"consecutive_failures": 0}},
+        )
+        return False
+    counted = await hooks.find_one_and_update(
+        {"_id": hook["_id"]},
+        {"$inc": {"consecutive_failures": 1}},
+        projection={"consecutive_failures": 1, "state": 1},
+        return_document=ReturnDocument.AFTER,
+    )
+    if counted is None:
+        return False
+    failures = int(counted.get("consecutive_failures", 0))
+    if failures < ctx.settings.webhook_breaker_failures or counted.get("state") == "paused":
+        return False
+    now = utcnow()
+    reason = f"{failures} consecutive failed deliveries; last: {attempt.error or 'failed'}"
+    result = await hooks.update_one(
+        {"_id": hook["_id"], "state": {"$ne": "paused"}},
+        {
+            "$set": {
+                "state": "paused",
+                "paused_reason": reason[:_REASON_CHARS],
+                "paused_at": now,
+                "updated_at": now,
+            }
+        },
+    )
+    return result.modified_count == 1
+
+
+def is_paused(hook: Doc) -> bool:
+    """Whether the circuit breaker holds the webhook's deliveries."""
+    return hook.get("state") == "paused"
+
+
+def _held_fields(hook: Doc) -> Doc:
+    now = utcnow()
+    reason = hook.get("paused_reason") or "the webhook is paused"
+    return {
+        "status": "held",
+        "held_at": now,
+        "last_error": f"held: the webhook is paused ({reason})"[:500],
+        "updated_at": now,
+    }
+
+
+async def hold(ctx: Context, hook: Doc, delivery_id: str, token: str) -> bool:
+    """Record a claimed delivery as ``held`` (its webhook is paused) and release the lease;
+    nothing is sent. ``False`` when the lease was lost meanwhile."""
+    result = await ctx.store["webhook_deliveries"].update_one(
+        {"_id": delivery_id, "lease_token": token},
+        {"$set": _held_fields(hook), "$unset": _NO_LEASE},
+    )
+    return result.modified_count == 1
+
+
+async def hold_new(ctx: Context, hook: Doc, delivery_id: str) -> None:
+    """Record a delivery just created for a paused webhook as ``held`` instead of enqueueing
+    it (marked enqueued, so a repeated fan-out leaves it alone)."""
+    fields = _held_fields(hook)
+    await ctx.store["webhook_deliveries"].update_one(
+        {"_id": delivery_id, "status": "pending", "enqueued_at": None},
+        {"$set": {**fields, "enqueued_at": fields["held_at"]}},
+    )
+
+
+# --- who holds a lease or a slot -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Holder:
+    """The worker process attempting a delivery, named in its lease and its slot so that both
+    die with it: ``worker_id`` is its registration id, ``beats_key`` the Redis sorted set in
+    which every worker's last heartbeat is scored in ms (``workers.registry.registry_index``).
+    A worker whose score there is missing or older than ``WORKER_HEARTBEAT_TIMEOUT_MS`` is
+    dead."""
+
+    worker_id: str
+    beats_key: str
+
+
+def _beat_cutoff_ms(ctx: Context) -> int:
+    """Heartbeats older than this (ms since the epoch) are a dead worker's."""
+    return int(time.time() * 1000) - ctx.settings.worker_heartbeat_timeout_ms
+
+
+async def worker_alive(ctx: Context, beats_key: str, worker_id: str) -> bool:
+    """Whether ``worker_id`` beat within ``WORKER_HEARTBEAT_TIMEOUT_MS``; ``True`` when Redis
+    cannot tell (a lease is never taken from a worker that may still be attempting)."""
+    try:
+        score = await ctx.redis.zscore(beats_key, worker_id)
+    except (RedisError, OSError):
+        return True
+    return score is not None and float(score) >= _beat_cutoff_ms(ctx)
+
+
+# --- the per-user cap on deliveries in flight -----------------------------------------------
+
+# KEYS[1] the user's slot set (member: slot token, score: expiry in ms), KEYS[2] the workers'
+# heartbeats; ARGV: now ms, ttl ms, cap, token, heartbeat cutoff ms ('' to skip). Expired slots
+# are dropped first; at the cap, so are the slots of workers that stopped beating (a token
+# ``<worker id>/<hex>`` names its worker).
+_TAKE_SLOT = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+local cap = tonumber(ARGV[3])
+if redis.call('ZCARD', KEYS[1]) >= cap and ARGV[5] ~= '' then
+  for _, member in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+    local worker = string.match(member, '^([^/]+)/')
+    if worker then
+      local beat = redis.call('ZSCORE', KEYS[2], worker)
+      if (not beat) or tonumber(beat) < tonumber(ARGV[5]) then
+        redis.call('ZREM', KEYS[1], member)
+      end
+    end
+  end
+end
+if redis.call('ZCARD', KEYS[1]) >= cap then
+  return 0
+end
+redis.call('ZADD', KEYS[1], tonumber(ARGV[1]) + tonumber(ARGV[2]), ARGV[4])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1
+"""
+
+
+def _slots_key(ctx: Context, owner: str) -> str:
+    return ctx.key("webhooks", "in-flight", owner)
+
+
+def slot_token(holder: Holder | None = None) -> str:
+    """A fresh slot token; one of a :class:`Holder` names its worker, so that the slot dies
+    with the worker's heartbeat rather than only after its ``ttl``."""
+    token = secrets.token_hex(8)
+    return f"{holder.worker_id}/{token}" if holder is not None else token
+
+
+async def take_slot(
+    ctx: Context, owner: str, token: str, ttl: timedelta, *, holder: Holder | None = None
+) -> bool:
+    """Take one of ``owner``'s ``WEBHOOK_MAX_IN_FLIGHT_PER_USER`` delivery slots, held until
+    :func:`free_slot` or for ``ttl`` at most; ``False`` when all are taken. With ``holder``,
+    slots whose worker (named in their :func:`slot_token`) stopped beating are free again."""
+    now_ms = int(time.time() * 1000)
+    ttl_ms = max(1, int(ttl.total_seconds() * 1000))
+    cap = ctx.settings.webhook_max_in_flight_per_user
+    key = _slots_key(ctx, owner)
+    beats, cutoff = (holder.beats_key, str(_beat_cutoff_ms(ctx))) if holder else (key, "")
+    took = await ctx.redis.eval(_TAKE_SLOT, 2, key, beats, now_ms, ttl_ms, cap, token, cutoff)
+    return bool(int(took))
+
+
+async def free_slot(ctx: Context, owner: str, token: str) -> None:
+    """Give a slot back (best effort: it expires by itself)."""
+    with contextlib.suppress(RedisError, OSError):
+        await ctx.redis.zrem(_slots_key(ctx, owner), token)
+
+
+async def slots_in_use(ctx: Context, owner: str) -> int:
+    """How many of ``owner``'s slots are taken now (expired ones aside)."""
+    now_ms = int(time.time() * 1000)
+    return int(await ctx.redis.zcount(_slots_key(ctx, owner), now_ms, "+inf"))
 
 
 # --- fan-out and the delivery log (used by the worker) --------------------------------------
@@ -454,32 +735,88 @@ async def mark_enqueued(ctx: Context, delivery_id: str) -> None:
     )
 
 
+@dataclass(frozen=True)
+class Lease:
+    """The right to attempt a delivery now: the delivery (as leased), the lease's token, and
+    the dead worker (or ``"expired"``) whose interrupted attempt it replaced, if any."""
+
+    delivery: Doc
+    token: str
+    took_over: str | None = None
+
+
 async def claim(
-    ctx: Context, delivery_id: str, generation: int, lease: timedelta
-) -> tuple[Doc, str] | Literal["busy"] | None:
-    """Take the right to attempt a delivery now, under a lease: ``(delivery, lease token)``;
-    ``"busy"`` while another message holds the lease; ``None`` when there is nothing to do
-    (the delivery is gone, already succeeded, or of another generation: a stale message)."""
-    now = utcnow()
-    token = secrets.token_hex(8)
+    ctx: Context,
+    delivery_id: str,
+    generation: int,
+    lease: timedelta,
+    holder: Holder | None = None,
+) -> Lease | Literal["busy"] | None:
+    """Take the right to attempt a delivery now: a :class:`Lease` for at most ``lease``,
+    naming ``holder``'s worker; ``"busy"`` while another message holds a live lease; ``None``
+    when there is nothing to do (the delivery is gone, already succeeded, or of another
+    generation: a stale message).
+
+    A lease is live until its time runs out or, when it names a worker, until that worker's
+    heartbeat is gone (:func:`worker_alive`). A dead lease is taken over (compare-and-set on
+    its token, so only one message wins), and its attempt is logged as interrupted: it may
+    have reached the receiver. It counts in ``attempts`` but not against the circuit breaker.
+    """
     coll = ctx.store["webhook_deliveries"]
     live: Doc = {"_id": delivery_id, "generation": generation, "status": {"$ne": "succeeded"}}
-    doc = await coll.find_one_and_update(
-        {**live, "$or": [{"lease_until": None}, {"lease_until": {"$lt": now}}]},
-        {"$set": {"lease_until": now + lease, "lease_token": token}},
-        return_document=ReturnDocument.AFTER,
-    )
-    if doc is not None:
-        return doc, token
-    return "busy" if await coll.count_documents(live, limit=1) else None
+    for _ in range(3):  # a lease given back or taken meanwhile: look again
+        now = utcnow()
+        token = secrets.token_hex(8)
+        fields: Doc = {
+            "lease_until": now + lease,
+            "lease_token": token,
+            "lease_worker": holder.worker_id if holder is not None else None,
+            "leased_at": now,
+        }
+        doc = await coll.find_one_and_update(
+            {**live, "lease_token": None},
+            {"$set": fields},
+            return_document=ReturnDocument.AFTER,
+        )
+        if doc is not None:
+            return Lease(doc, token)
+        held = await coll.find_one(live, {f: 1 for f in _LEASE_FIELDS})
+        if held is None:
+            return None
+        if held.get("lease_token") is None:
+            continue
+        worker = held.get("lease_worker")
+        expired = held.get("lease_until") is None or held["lease_until"] < now
+        if not expired:
+            if worker is None or holder is None:
+                return "busy"
+            if await worker_alive(ctx, holder.beats_key, str(worker)):
+                return "busy"
+        gone = "expired" if expired else str(worker)
+        reason = "the lease expired" if expired else f"worker {worker} stopped beating"
+        doc = await coll.find_one_and_update(
+            {**live, "lease_token": held["lease_token"]},
+            {
+                "$set": {
+                    **fields,
+                    "last_error": f"interrupted: {reason} during the attempt",
+                    "last_attempt_at": held.get("leased_at") or now,
+                    "updated_at": now,
+                },
+                "$inc": {"attempts": 1},
+            },
+            return_document=ReturnDocument.AFTER,
+        )
+        if doc is not None:
+            return Lease(doc, token, took_over=gone)
+    return "busy"
 
 
 async def release(ctx: Context, delivery_id: str, token: str) -> None:
     """Give a lease back without logging an attempt (the attempt broke off); best effort."""
     with contextlib.suppress(PyMongoError):  # if it fails, the lease runs out by itself
         await ctx.store["webhook_deliveries"].update_one(
-            {"_id": delivery_id, "lease_token": token},
-            {"$unset": {"lease_until": "", "lease_token": ""}},
+            {"_id": delivery_id, "lease_token": token}, {"$unset": _NO_LEASE}
         )
 
 
@@ -513,7 +850,7 @@ async def record_attempt(
         fields["dead_at"] = now
     result = await ctx.store["webhook_deliveries"].update_one(
         {"_id": delivery_id, "lease_token": token},
-        {"$set": fields, "$inc": {"attempts": 1}, "$unset": {"lease_until": "", "lease_token": ""}},
+        {"$set": fields, "$inc": {"attempts": 1}, "$unset": _NO_LEASE},
     )
     return result.modified_count == 1
 

@@ -5,24 +5,30 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from importlib.metadata import version
 
 import aiohttp_cors
 import swagger_ui
 from aiohttp import web
+from pydantic import SecretStr
 
 from config.connections import Connections
 from config.logging import get_logger
 from config.settings import Settings
 from core import accounts
-from core.context import open_context
+from core.context import Context, open_context
+from core.errors import Invalid
 from web.handlers import dashboard
+from web.handlers.ops import READINESS, Readiness
 from web.keys import CONNECTIONS, CONTEXT, OPENAPI, PLATFORM, RELAY, RELAY_WAKE, SETTINGS
-from web.middlewares import problems, real_client, request_context
+from web.middlewares import problems, real_client, request_context, security_headers
 from web.openapi import build_openapi
+from web.outages import OUTAGES, Outages
 from web.routes import ROUTES
-from web.routing import wrap
+from web.routing import add_routes, refuse_other_methods
 from workers.broker import Platform, build_broker
 from workers.relay import Relay
 
@@ -52,20 +58,37 @@ def create_app(
         app.on_cleanup.append(_close_platform)
     app[OPENAPI] = build_openapi(ROUTES, version=version("taskmanager"))
     app[RELAY_WAKE] = asyncio.Event()
+    app[READINESS] = Readiness()
+    app[DRAINING] = Draining()
 
-    for route in ROUTES:
-        app.router.add_route(route.method, route.path, wrap(route), name=route.operation_id)
+    async def ping_mongodb() -> None:
+        await app[CONTEXT].store.ping()
+
+    async def ping_redis() -> None:
+        await app[CONTEXT].redis.ping()
+
+    app[OUTAGES] = Outages(ping_mongodb, ping_redis)
+    app.on_shutdown.append(_stop_probes)
+    app.on_response_prepare.append(security_headers)
+    app.on_response_prepare.append(_close_when_draining)
+
+    add_routes(app.router, ROUTES)
     app.router.add_static(
         "/docs/static", os.path.join(os.path.dirname(swagger_ui.__file__), "static")
     )
     app.router.add_static(dashboard.STATIC_PREFIX, dashboard.STATIC_DIR)
     if settings.cors_origins:
         _setup_cors(app, settings.cors_origins)
+    refuse_other_methods(app.router)  # last: see its docstring
 
     app.cleanup_ctx.append(_context)
     if relay:
         app.cleanup_ctx.append(_relay)
     return app
+
+
+async def _stop_probes(app: web.Application) -> None:
+    await app[OUTAGES].close()
 
 
 async def _close_platform(app: web.Application) -> None:
@@ -77,12 +100,35 @@ async def _context(app: web.Application) -> AsyncIterator[None]:
     async with open_context(settings, app[CONNECTIONS]) as ctx:
         await ctx.store.ensure_indexes()
         if settings.admin_email and settings.admin_password:
-            _, created = await accounts.ensure_admin(
-                ctx, settings.admin_email, settings.admin_password.get_secret_value()
-            )
-            log.info("admin.ensured", email=settings.admin_email, created=created)
+            await _bootstrap_admin(ctx, settings.admin_email, settings.admin_password)
         app[CONTEXT] = ctx
         yield
+
+
+async def _bootstrap_admin(ctx: Context, email: str, password: SecretStr) -> None:
+    """``ADMIN_EMAIL``/``ADMIN_PASSWORD``: create that admin if no account has the email.
+
+    It never promotes an account whose password it did not set: when a non-admin account
+    already has the email (someone registered it first), it logs a warning and changes
+    nothing, and the start carries on (refusing to start would let anyone who registers the
+    address stop the deployment). ``taskmanager admin create --promote-existing`` is the
+    deliberate way to take such an account over. A bad email or password stops the start.
+    """
+    try:
+        user, outcome = await accounts.ensure_admin(ctx, email, password.get_secret_value())
+    except Invalid as exc:
+        problems = "; ".join(f"{e.field}: {e.message}" for e in exc.errors)
+        raise RuntimeError(f"ADMIN_EMAIL/ADMIN_PASSWORD refused: {problems}") from exc
+    if outcome == "exists" and user.get("role") != "admin":
+        log.warning(
+            "admin.bootstrap_not_promoted",
+            email=user["email"],
+            user_id=str(user["_id"]),
+            reason="a non-admin account has ADMIN_EMAIL; it was not promoted (use "
+            "`taskmanager admin create --promote-existing` to take it over)",
+        )
+        return
+    log.info("admin.ensured", email=user["email"], outcome=outcome)
 
 
 async def _relay(app: web.Application) -> AsyncIterator[None]:
@@ -121,3 +167,73 @@ def _setup_cors(app: web.Application, origins: list[str]) -> None:
     cors = aiohttp_cors.setup(app, defaults={origin: options for origin in origins})
     for route in list(app.router.routes()):
         cors.add(route)
+
+
+#: After SIGTERM (or SIGINT): how long connections already open are still served (each answer
+#: then says ``Connection: close``) before the idle ones are closed, and how long requests
+#: under way may take to finish after that.
+DRAIN_SECONDS = 2.0
+SHUTDOWN_TIMEOUT = 15.0
+DRAIN_POLL = 0.05
+
+
+@dataclass
+class Draining:
+    """Whether the process is shutting down (set by :func:`serve`)."""
+
+    active: bool = False
+
+
+DRAINING = web.AppKey("draining", Draining)
+
+
+async def _close_when_draining(request: web.Request, response: web.StreamResponse) -> None:
+    """Once shutdown began, every answer closes its connection, so the client sends its next
+    request elsewhere instead of on a connection about to be closed."""
+    if request.app[DRAINING].active:
+        response.force_close()
+        response.headers["Connection"] = "close"
+
+
+def serve(app: web.Application, *, host: str, port: int) -> None:
+    """Serve ``app`` until SIGTERM or SIGINT, then shut down without dropping a request.
+
+    aiohttp's own ``run_app`` closes idle keep-alive connections at once on SIGTERM, racing
+    requests the clients are sending on them ("server disconnected": was the POST applied?).
+    Here shutdown is: stop accepting connections; for :data:`DRAIN_SECONDS` keep answering
+    what arrives on the open ones, each answer with ``Connection: close`` (a client then opens
+    a new connection, which is refused: clearly never sent); then close the idle connections,
+    let requests under way finish (at most :data:`SHUTDOWN_TIMEOUT`) and run the clean-ups.
+    """
+    asyncio.run(_serve(app, host, port))
+
+
+async def _serve(app: web.Application, host: str, port: int) -> None:
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    # Before start-up, as aiohttp does: a signal while starting stops right after.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await runner.setup()
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+        await stop.wait()
+        app[DRAINING].active = True
+        await site.stop()
+        server = runner.server
+        log.info(
+            "web.draining",
+            connections=len(server.connections) if server else 0,
+            seconds=DRAIN_SECONDS,
+        )
+        for _ in range(round(DRAIN_SECONDS / DRAIN_POLL)):
+            if server is None or not server.connections:
+                break  # every client has gone: no need to wait any longer
+            await asyncio.sleep(DRAIN_POLL)
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        await runner.cleanup()
+        log.info("web.stopped")

@@ -1,4 +1,8 @@
-"""Prometheus metrics of the web process (process-wide registry, as Prometheus expects)."""
+"""Prometheus metrics of the web process (process-wide registry, as Prometheus expects).
+
+Also exposed from the same registry: the outbox relay's (``taskmanager_outbox_*``, declared in
+``workers/relay.py``, which cannot import ``web``) and the cache's (``core/cache.py``).
+"""
 
 from __future__ import annotations
 

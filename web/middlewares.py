@@ -1,4 +1,5 @@
-"""Cross-cutting request behaviour: request id, access log and metrics, problem+json errors."""
+"""Cross-cutting request behaviour: request id, access log and metrics, problem+json errors
+(503 while a store is unreachable: web/outages.py), security headers on every answer."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from config.logging import get_logger
 from core.errors import AppError, PayloadTooLarge
 from web.keys import REQ_ID, SETTINGS
 from web.metrics import HTTP_ERRORS, HTTP_LATENCY, HTTP_REQUESTS
+from web.outages import OUTAGES
 from web.problem import from_app_error, problem_response
 
 log = get_logger("web")
@@ -61,9 +63,16 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
 
 @web.middleware
 async def problems(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Answer every error as problem+json; unexpected ones as a bare 500 that leaks nothing."""
+    """Answer every error as problem+json; unexpected ones as a bare 500 that leaks nothing.
+
+    A store that cannot be reached is a 503 with ``Retry-After``, and while MongoDB is down the
+    API refuses at once (web/outages.py)."""
     request_id = request.get(REQ_ID)
+    outages = request.app.get(OUTAGES)
     try:
+        refusal = outages.refusal(request) if outages is not None else None
+        if refusal is not None:
+            raise refusal
         response = await handler(request)
     except AppError as exc:
         response = from_app_error(exc, request_id=request_id, instance=request.path)
@@ -82,19 +91,35 @@ async def problems(request: web.Request, handler: Handler) -> web.StreamResponse
             instance=request.path,
             headers={k: v for k, v in exc.headers.items() if k in ("Allow",)},
         )
-    except Exception:
-        HTTP_ERRORS.inc()
-        log.exception("http.unhandled_error", method=request.method, path=request.path)
-        response = problem_response(
-            500,
-            "Internal Server Error",
-            "An unexpected error occurred; quote the request id when reporting it",
-            slug="internal",
-            request_id=request_id,
-        )
+    except Exception as exc:
+        unavailable = outages.failed(exc) if outages is not None else None
+        if unavailable is not None:
+            response = from_app_error(unavailable, request_id=request_id, instance=request.path)
+        else:
+            HTTP_ERRORS.inc()
+            log.exception("http.unhandled_error", method=request.method, path=request.path)
+            response = problem_response(
+                500,
+                "Internal Server Error",
+                "An unexpected error occurred; quote the request id when reporting it",
+                slug="internal",
+                request_id=request_id,
+            )
     if request_id:
         response.headers["X-Request-ID"] = request_id
     return response
+
+
+#: What the ``Server`` field says: no framework or language versions.
+SERVER = "taskmanager"
+
+
+async def security_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """Every answer (API, errors, static files, pages): ``Server`` without versions and
+    ``X-Content-Type-Options: nosniff`` (a JSON or text answer is never run as a script or
+    page). The HTML pages add their own Content-Security-Policy and framing rules."""
+    response.headers["Server"] = SERVER
+    response.headers.setdefault("X-Content-Type-Options", "nosniff")
 
 
 def _http_detail(exc: web.HTTPException) -> str:

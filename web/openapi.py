@@ -5,14 +5,21 @@ What a :class:`~web.routing.Route` declares becomes the document as follows:
 
 - ``body`` / ``query`` / ``response``: the request body, the query parameters and the success
   body; every operation also refuses unknown query parameters (422), and one with a body can
-  answer 400 (not JSON) and 413 (too large).
+  answer 400 (not JSON), 413 (too large) and 415 (not sent as application/json).
 - ``headers``: response headers the success answer always carries (name → description).
   A GET whose answer carries ``ETag`` honours ``If-None-Match`` (304); an operation that
-  declares 412 honours ``If-Match``.
+  declares 412 honours ``If-Match``. Both headers follow RFC 9110's grammar
+  (:data:`web.conditional.PRECONDITION_PATTERN`); a malformed one is 400.
 - ``auth``: a bearer token (401 with ``WWW-Authenticate``), and 403 for ``admin``.
 - ``rate_limited``: the ``RateLimit`` / ``RateLimit-Policy`` fields and 429 with
-  ``Retry-After``; ``idempotent``: the ``Idempotency-Key`` header, 409 and 422.
+  ``Retry-After`` (an authenticated route outside it still answers 429 to an address that sent
+  too many bad credentials; ``/metrics`` and this document have a per-address budget);
+  ``idempotent``: the ``Idempotency-Key`` header, 409 and 422.
 - Every answer carries ``X-Request-ID``; every error is ``application/problem+json``.
+- ``links`` (:data:`_LINKS`): where an answer's ids, ETags and cursors may be sent next, so a
+  client (or schemathesis' stateful tests) can chain calls without guessing ids.
+- ``HEAD`` is answered wherever ``GET`` is (the same answer without its body); it is implied
+  rather than listed as operations of its own.
 """
 
 from __future__ import annotations
@@ -24,19 +31,23 @@ from pydantic import BaseModel
 from pydantic.json_schema import GenerateJsonSchema, JsonSchemaValue, models_json_schema
 from pydantic_core import core_schema
 
+from web.conditional import PRECONDITION_PATTERN
 from web.problem import PROBLEM_TYPE, Problem
+from web.ratelimit import OPERATIONS_LIMITED
 from web.routing import Route
 
 _REF = "#/components/schemas/{model}"
 _STATUS_TEXT = {
     304: "Not modified: the resource still has the ETag sent in If-None-Match",
-    400: "The body is not valid JSON",
+    400: "Malformed request: the body is not JSON, or a precondition header (If-Match, "
+    "If-None-Match) is not * or a list of entity tags",
     401: "Missing, invalid, expired or revoked credentials",
     403: "Not allowed for this role",
     404: "Not found (or not yours)",
     409: "Conflict with current state",
     412: "If-Match did not match the current ETag",
     413: "Body too large",
+    415: "The body is not sent as application/json",
     422: "Validation failed (body, query parameters or headers); see errors",
     429: "Rate limited; see Retry-After",
     503: "A dependency is unavailable",
@@ -49,7 +60,8 @@ _TAGS = {
     "webhooks": "Signed HTTP callbacks on task events, and their delivery log",
     "analytics": "Daily figures rolled up by the scheduler",
     "admin": "Operators: queues, dead letters, workers, the schedule (admin role)",
-    "operations": "Health, metrics and this document (no auth, no rate limit)",
+    "operations": "Health, metrics and this document (no auth; only metrics and this "
+    "document are limited, per address and generously)",
 }
 _REQUEST_ID = {
     "description": "The request id: the client's X-Request-ID when it is sane "
@@ -154,6 +166,7 @@ def build_openapi(routes: tuple[Route, ...], *, version: str) -> dict[str, Any]:
     paths: dict[str, dict[str, Any]] = {}
     for route in routes:
         paths.setdefault(route.path, {})[route.method.lower()] = _operation(route, refs)
+    _add_links(paths, routes)
     used_tags = list(dict.fromkeys(route.tag for route in routes))
     return {
         "openapi": "3.1.0",
@@ -161,7 +174,8 @@ def build_openapi(routes: tuple[Route, ...], *, version: str) -> dict[str, Any]:
             "title": "Task Manager API",
             "version": version,
             "description": "Tasks, accounts, notifications and operations. Errors are "
-            "application/problem+json (RFC 9457).",
+            "application/problem+json (RFC 9457). HEAD is answered wherever GET is. Links "
+            "say where the ids, ETags and cursors of an answer may be sent next.",
         },
         "servers": [{"url": "/"}],
         "tags": [
@@ -175,6 +189,112 @@ def build_openapi(routes: tuple[Route, ...], *, version: str) -> dict[str, Any]:
             },
         },
     }
+
+
+_ID = "$response.body#/id"
+_FIRST_ID = "$response.body#/items/0/id"
+_ETAG = "$response.header.ETag"
+_NEXT = "$response.body#/next_cursor"
+
+
+def _to(operation_id: str, description: str, **parameters: str) -> dict[str, Any]:
+    # ``header_If_Match`` stands for the qualified name ``header.If-Match``.
+    names = {
+        (k.replace("header_", "header.", 1).replace("_", "-") if k.startswith("header_") else k): v
+        for k, v in parameters.items()
+    }
+    return {"operationId": operation_id, "parameters": names, "description": description}
+
+
+def _task_links() -> dict[str, Any]:
+    return {
+        "GetTask": _to("get_task", "Read the task", id=_ID),
+        "GetTaskIfChanged": _to(
+            "get_task", "Read it again, 304 while unchanged", id=_ID, header_If_None_Match=_ETAG
+        ),
+        "PatchTask": _to(
+            "patch_task", "Change it unless changed meanwhile", id=_ID, header_If_Match=_ETAG
+        ),
+        "DeleteTask": _to(
+            "delete_task", "Delete it unless changed meanwhile", id=_ID, header_If_Match=_ETAG
+        ),
+        "TaskActivity": _to("task_activity", "Its history", id=_ID),
+    }
+
+
+def _next_page(operation_id: str, **same: str) -> dict[str, Any]:
+    return {"NextPage": _to(operation_id, "The next page (same filters)", cursor=_NEXT, **same)}
+
+
+#: Links of each operation's success answer (by operationId): where its ids, ETags and cursors
+#: may be sent next. A link to an operation the table does not have is left out.
+_LINKS: dict[str, dict[str, Any]] = {
+    "create_task": _task_links(),
+    "get_task": _task_links(),
+    "patch_task": _task_links(),
+    "list_tasks": {
+        "GetFirstTask": _to("get_task", "Read the first task listed", id=_FIRST_ID),
+        **_next_page("list_tasks", sort="$request.query.sort"),
+    },
+    "task_activity": _next_page("task_activity", id="$request.path.id"),
+    "create_webhook": {
+        "GetWebhook": _to("get_webhook", "Read the webhook", id=_ID),
+        "DeleteWebhook": _to("delete_webhook", "Delete it", id=_ID),
+        "WebhookDeliveries": _to("list_webhook_deliveries", "Its delivery log", id=_ID),
+        "ResumeWebhook": _to("resume_webhook", "Resume its deliveries", id=_ID),
+    },
+    "list_webhooks": {
+        "GetFirstWebhook": _to("get_webhook", "Read the first webhook listed", id=_FIRST_ID),
+        **_next_page("list_webhooks"),
+    },
+    "list_webhook_deliveries": {
+        "Redeliver": _to(
+            "redeliver_webhook_delivery",
+            "Send the first delivery listed again",
+            id="$request.path.id",
+            delivery_id=_FIRST_ID,
+        ),
+        **_next_page("list_webhook_deliveries", id="$request.path.id"),
+    },
+    "list_notifications": {
+        "ReadFirst": _to("read_notification", "Mark the first one read", id=_FIRST_ID),
+        **_next_page("list_notifications", unread="$request.query.unread"),
+    },
+    "list_queues": {
+        "FirstQueueDead": _to(
+            "list_dead", "The first queue's dead letters", queue="$response.body#/items/0/queue"
+        ),
+        "RetryFirstQueue": _to(
+            "retry_dead", "Replay its dead letters", queue="$response.body#/items/0/queue"
+        ),
+        "PurgeFirstQueue": _to(
+            "purge_dead", "Purge its dead letters", queue="$response.body#/items/0/queue"
+        ),
+    },
+    "list_dead": _next_page("list_dead", queue="$request.path.queue"),
+    "list_schedules": {
+        "RunFirstJob": _to(
+            "run_schedule", "Fire the first job now", name="$response.body#/items/0/name"
+        ),
+    },
+    "start_backup": {"GetBackup": _to("get_backup", "Follow the backup", id=_ID)},
+    "list_backups": {
+        "GetFirstBackup": _to("get_backup", "The first backup listed", id=_FIRST_ID),
+        **_next_page("list_backups"),
+    },
+}
+
+
+def _add_links(paths: dict[str, dict[str, Any]], routes: tuple[Route, ...]) -> None:
+    known = {route.operation_id for route in routes}
+    for route in routes:
+        links = {
+            name: link
+            for name, link in _LINKS.get(route.operation_id, {}).items()
+            if link["operationId"] in known
+        }
+        if links:
+            paths[route.path][route.method.lower()]["responses"][str(route.status)]["links"] = links
 
 
 def _conditional_get(route: Route) -> bool:
@@ -210,14 +330,16 @@ def _parameters(route: Route) -> list[dict[str, Any]]:
         qschema = route.query.model_json_schema(ref_template=_REF, schema_generator=_Generator)
         required = set(qschema.get("required", []))
         for name, prop in qschema.get("properties", {}).items():
+            param_schema = _query_schema(prop)
             param: dict[str, Any] = {
                 "name": name,
                 "in": "query",
                 "required": name in required,
-                "schema": _query_schema(prop),
+                "schema": param_schema,
             }
-            if "description" in prop:
-                param["description"] = prop["description"]
+            description = prop.get("description") or param_schema.pop("description", None)
+            if description:
+                param["description"] = description
             params.append(param)
     if _conditional_get(route):
         params.append(
@@ -225,8 +347,9 @@ def _parameters(route: Route) -> list[dict[str, Any]]:
                 "name": "If-None-Match",
                 "in": "header",
                 "required": False,
-                "description": "ETags the client holds (or *): 304 when one is current",
-                "schema": {"type": "string"},
+                "description": "ETags the client holds (or *): 304 when one is current "
+                "(weak comparison); 400 when not * or a list of entity tags",
+                "schema": {"type": "string", "pattern": PRECONDITION_PATTERN},
             }
         )
     if 412 in route.errors:
@@ -236,8 +359,9 @@ def _parameters(route: Route) -> list[dict[str, Any]]:
                 "in": "header",
                 "required": False,
                 "description": "Change only if the resource still has one of these strong "
-                "ETags (or *); otherwise 412",
-                "schema": {"type": "string"},
+                "ETags (or *); otherwise 412. Weak tags (W/) never match. 400 when not * or a "
+                "list of entity tags",
+                "schema": {"type": "string", "pattern": PRECONDITION_PATTERN},
             }
         )
     if route.idempotent:
@@ -341,8 +465,12 @@ def _error_codes(route: Route) -> set[int]:
     if route.auth == "admin":
         codes.add(403)
     if route.body is not None:
-        codes.update({400, 413})
-    if route.rate_limited:
+        codes.update({400, 413, 415})
+    if _conditional_get(route) or 412 in route.errors:
+        codes.add(400)  # a malformed If-None-Match / If-Match
+    if route.rate_limited or route.auth != "none" or route.path in OPERATIONS_LIMITED:
+        # Outside RATE_LIMIT, bad credentials still spend the address's budget, and the
+        # public operations routes have a budget of their own (web/ratelimit.py).
         codes.add(429)
     if route.idempotent:
         codes.add(409)

@@ -78,19 +78,82 @@ def from_app_error(exc: AppError, *, request_id: str | None, instance: str) -> w
 
 
 def invalid_from_pydantic(exc: ValidationError, *, where: str) -> Invalid:
-    """Turn pydantic's errors into ours, one ``{field, message}`` per problem."""
+    """Turn pydantic's errors into ours, one ``{field, message}`` per problem, in the API's
+    words (:func:`field_message`), never pydantic's or Python's."""
     errors: list[FieldError] = []
     for err in exc.errors(include_url=False):
         loc = [str(part) for part in err["loc"]]
         field = ".".join(loc) or where
-        errors.append(FieldError(field=field, message=_message(err)))
+        errors.append(FieldError(field=field, message=field_message(err)))
     return Invalid(f"The {where} is not valid", errors)
 
 
-def _message(err: Any) -> str:
-    kind = err.get("type", "")
-    if kind == "extra_forbidden":
-        return "Unknown field"
-    if kind == "missing":
-        return "Field required"
-    return str(err.get("msg", "Invalid value"))
+_TYPE_NAMES = {
+    "string": "a string",
+    "int": "an integer",
+    "float": "a number",
+    "decimal": "a number",
+    "bool": "true or false",
+    "list": "an array",
+    "tuple": "an array",
+    "set": "an array",
+    "dict": "an object",
+    "model": "an object",
+    "model_attributes": "an object",
+    "dataclass": "an object",
+    "datetime": "a date-time such as 2025-01-31T09:00:00Z (RFC 3339)",
+    "date": "a date such as 2025-01-31",
+}
+#: pydantic error type -> message; ``{name}`` takes the error's context.
+_MESSAGES = {
+    "missing": "Field required",
+    "extra_forbidden": "Unknown field",
+    "int_from_float": "Must be an integer",
+    "int_parsing_size": "Number too large",
+    "finite_number": "Must be a finite number",
+    "greater_than": "Must be greater than {gt}",
+    "greater_than_equal": "Must be at least {ge}",
+    "less_than": "Must be less than {lt}",
+    "less_than_equal": "Must be at most {le}",
+    "multiple_of": "Must be a multiple of {multiple_of}",
+    "string_too_short": "Must have at least {min_length} character(s)",
+    "string_too_long": "Must have at most {max_length} characters",
+    "string_pattern_mismatch": "Must match the pattern {pattern}",
+    "too_short": "Must have at least {min_length} item(s)",
+    "too_long": "Must have at most {max_length} items",
+    "literal_error": "Must be one of {expected}",
+    "enum": "Must be one of {expected}",
+    "timezone_aware": "Must have a time zone offset (Z or +hh:mm)",
+    "timezone_naive": "Must not have a time zone offset",
+    "datetime_from_date_parsing": "Must be " + _TYPE_NAMES["datetime"],
+    "date_from_datetime_inexact": "Must be a date without a time",
+    "date_from_datetime_parsing": "Must be " + _TYPE_NAMES["date"],
+    "json_invalid": "Not valid JSON",
+    "json_type": "Not valid JSON",
+    "union_tag_invalid": "Unknown kind",
+    "frozen_field": "Cannot be changed",
+    "is_instance_of": "Has the wrong type",
+}
+#: Prefixes pydantic puts before the message of a validator's own error.
+_PREFIXES = ("Value error, ", "Assertion failed, ")
+
+
+def field_message(err: Any) -> str:
+    """One pydantic error (a dict of ``ValidationError.errors()``) as the API says it."""
+    kind = str(err.get("type", ""))
+    context = err.get("ctx") or {}
+    template = _MESSAGES.get(kind)
+    if template is not None:
+        try:
+            return template.format(**context)
+        except (KeyError, IndexError):
+            return template.split(" {", 1)[0]
+    base, _, suffix = kind.rpartition("_")
+    if suffix in ("type", "parsing") and base in _TYPE_NAMES:
+        return f"Must be {_TYPE_NAMES[base]}"
+    message = str(err.get("msg") or "Invalid value")
+    for prefix in _PREFIXES:
+        if message.startswith(prefix):
+            message = message.removeprefix(prefix)
+            return message[:1].upper() + message[1:]
+    return message

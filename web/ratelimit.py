@@ -4,7 +4,14 @@ The route wrapper (:func:`web.routing.wrap`) keeps one :class:`Budget` per reque
 rate-limited route: it spends one request right after authentication (per user id), or first
 thing on anonymous routes and when authentication fails (per client address), and puts the
 ``RateLimit`` / ``RateLimit-Policy`` fields (draft-ietf-httpapi-ratelimit-headers) on the
-answer, whether a success, an error or the 429 itself.
+answer, whether a success, an error or the 429 itself. Routes outside ``RATE_LIMIT`` (the
+admin routes) still count a request refused for bad credentials against its address
+(:meth:`Budget.on_error`), so tokens cannot be guessed there at full speed either.
+
+``/metrics`` and ``/api/v1/openapi.json`` answer anyone: they spend from a separate, generous
+per-address budget (:data:`OPERATIONS_POLICY`, :func:`spend_operations_budget`) and carry the
+fields on their 429 only. ``/healthz`` and ``/readyz`` are never limited (probes must not be
+throttled); readiness is cached instead (web/handlers/ops.py).
 """
 
 from __future__ import annotations
@@ -44,6 +51,39 @@ def client_address(remote: str | None) -> str:
     return str(ip)
 
 
+#: The per-address budget of the unauthenticated operations routes in
+#: :data:`OPERATIONS_LIMITED`: far above what a scraper or a docs page needs.
+OPERATIONS_POLICY = ratelimit.Policy(600, 60, "operations")
+OPERATIONS_LIMITED = frozenset({"/metrics", "/api/v1/openapi.json"})
+
+
+async def spend_operations_budget(request: web.Request) -> None:
+    """Count an operations request against its address (:data:`OPERATIONS_POLICY`)."""
+    ctx = request.app[CONTEXT]
+    caller = f"addr:{client_address(request.remote)}"
+    decision = await ratelimit.hit(
+        ctx.redis, ctx.key("ratelimit", "operations", caller), OPERATIONS_POLICY
+    )
+    _refuse_if_spent(decision, "address")
+
+
+def _refuse_if_spent(decision: ratelimit.Decision, kind: str) -> None:
+    """Count the decision; raise the 429 (with the fields) when the budget is spent."""
+    if decision.degraded:
+        RATELIMIT_FAILOPEN.inc()
+        return
+    if not decision.allowed:
+        RATELIMIT_REJECTED.labels(kind).inc()
+        policy = decision.policy
+        exc = RateLimited(
+            f"Rate limit of {policy.limit} requests per {policy.window} s reached;"
+            f" retry in {decision.reset} s",
+            decision.reset,
+        )
+        exc.headers.update(headers_for(decision))
+        raise exc
+
+
 def headers_for(decision: ratelimit.Decision) -> dict[str, str]:
     """The draft's fields for one decision. When Redis could not be asked only the (static)
     policy is sent: the current service limit is unknown and is not made up."""
@@ -66,19 +106,7 @@ class Budget:
         caller, kind = caller_of(self.request, claims)
         decision = await ratelimit.check(self.request.app[CONTEXT], caller)
         self.headers = headers_for(decision)
-        if decision.degraded:
-            RATELIMIT_FAILOPEN.inc()
-            return
-        if not decision.allowed:
-            RATELIMIT_REJECTED.labels(kind).inc()
-            policy = decision.policy
-            exc = RateLimited(
-                f"Rate limit of {policy.limit} requests per {policy.window} s reached;"
-                f" retry in {decision.reset} s",
-                decision.reset,
-            )
-            exc.headers.update(self.headers)
-            raise exc
+        _refuse_if_spent(decision, kind)
 
     async def on_error(self, exc: AppError) -> None:
         """Put the fields on an error answer. A request refused before it was counted (bad

@@ -37,7 +37,7 @@ ROUTES: tuple[Route, ...] = (
         body=accounts.RegisterIn,
         response=accounts.TokenPair,
         status=201,
-        errors=(409, 422, 429),
+        errors=(409, 422, 429, 503),
         headers={"Location": "The new account's profile URL"},
         idempotent=True,
     ),
@@ -50,7 +50,7 @@ ROUTES: tuple[Route, ...] = (
         auth="none",
         body=accounts.LoginIn,
         response=accounts.TokenPair,
-        errors=(401, 422, 429),
+        errors=(401, 422, 429, 503),
     ),
     Route(
         "POST",
@@ -267,6 +267,15 @@ ROUTES: tuple[Route, ...] = (
         status=202,
         errors=(404,),
     ),
+    Route(
+        "POST",
+        f"{API}/webhooks/{{id}}/resume",
+        wh.resume_webhook,
+        "Resume a paused webhook and send its held deliveries again",
+        "webhooks",
+        response=webhooks.WebhookResumed,
+        errors=(404,),
+    ),
     # Analytics (from the hourly rollups)
     Route(
         "GET",
@@ -335,6 +344,17 @@ ROUTES: tuple[Route, ...] = (
         rate_limited=False,
         response=adm.WorkerList,
         errors=(401, 403, 503),
+    ),
+    Route(
+        "POST",
+        f"{API}/admin/users/{{user_id}}/revoke-sessions",
+        adm.revoke_sessions,
+        "End every login of a user now (access and refresh tokens)",
+        "admin",
+        auth="admin",
+        rate_limited=False,
+        status=204,
+        errors=(401, 403, 404, 503),
     ),
     Route(
         "GET",

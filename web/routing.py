@@ -5,7 +5,7 @@ and what the OpenAPI document describes, so the two can never disagree.
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
@@ -13,9 +13,17 @@ from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
 from core import accounts
-from core.errors import AppError, BadRequest, FieldError, Forbidden, Invalid, Unauthorized
+from core.errors import (
+    AppError,
+    FieldError,
+    Forbidden,
+    Invalid,
+    NotFound,
+    Unauthorized,
+)
 from core.security import TokenClaims
 from web.idempotency import idempotent
+from web.jsonbody import read_json
 from web.keys import CONTEXT, RELAY_WAKE, REQ_BODY, REQ_CLAIMS, REQ_QUERY
 from web.problem import invalid_from_pydantic
 from web.ratelimit import Budget
@@ -62,6 +70,9 @@ def wrap(route: Route) -> Handler:
         except AppError as exc:
             if budget is not None:
                 await budget.on_error(exc)
+            elif isinstance(exc, Unauthorized):
+                # Routes outside RATE_LIMIT (admin) still count bad credentials per address.
+                await Budget(request).on_error(exc)
             raise
         if budget is not None:
             budget.on_response(response)
@@ -72,8 +83,8 @@ def wrap(route: Route) -> Handler:
             claims = await _authenticate(request)
             if budget is not None:
                 await budget.spend(claims)
-            if route.auth == "admin" and claims.role != "admin":
-                raise Forbidden("This operation needs the admin role")
+            if route.auth == "admin":
+                await _require_admin(request, claims)
             request[REQ_CLAIMS] = claims
         elif budget is not None:
             await budget.spend(None)
@@ -90,13 +101,27 @@ def wrap(route: Route) -> Handler:
             response = await idempotent(request, route.handler)
         else:
             response = await route.handler(request)
-        if request.method != "GET":
+        if request.method not in ("GET", "HEAD"):
             # A write may have recorded events: let the outbox relay move them now.
             request.app[RELAY_WAKE].set()
         return response
 
     handle.__name__ = route.operation_id
     return handle
+
+
+async def _require_admin(request: web.Request, claims: TokenClaims) -> None:
+    """Admin routes believe the stored role, not only the token's: an admin demoted (or
+    deleted) since the token was issued loses admin at once, not when it expires. They are
+    rare enough for the extra read."""
+    if claims.role == "admin":
+        try:
+            user = await accounts.get_user(request.app[CONTEXT], claims.subject)
+        except NotFound:
+            user = {}
+        if user.get("role") == "admin":
+            return
+    raise Forbidden("This operation needs the admin role")
 
 
 async def _authenticate(request: web.Request) -> TokenClaims:
@@ -119,16 +144,9 @@ def _parse_query(request: web.Request, model: type[M]) -> M:
 
 
 async def _parse_body(request: web.Request, model: type[M]) -> M:
-    if request.content_type != "application/json":
-        raise Invalid(
-            "Send a JSON body with 'Content-Type: application/json'",
-            [FieldError(field="body", message="Expected application/json")],
-        )
-    raw = await request.read()
-    try:
-        json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BadRequest(f"Body is not valid JSON: {exc}") from exc
+    """The body, read and checked once (415 without a JSON content type; 400 for what is not
+    JSON, too deep, ``NaN`` or a repeated key: see web/jsonbody.py), then the model (422)."""
+    raw = await read_json(request)
     try:
         return model.model_validate_json(raw)
     except ValidationError as exc:
@@ -168,3 +186,37 @@ def json_response(
     else:
         text = json.dumps(payload, separators=(",", ":"), default=str)
     return web.Response(text=text, status=status, content_type="application/json", headers=headers)
+
+
+def add_routes(router: web.UrlDispatcher, routes: Iterable[Route]) -> None:
+    """Register the table: one resource per path, in the table's order, and ``HEAD`` wherever
+    there is ``GET`` (the GET handler answers it; aiohttp leaves the body out, RFC 9110 9.3.2).
+    ``HEAD`` is implied, not documented as an operation of its own."""
+    resources: dict[str, web.Resource] = {}
+    for route in routes:
+        resource = resources.get(route.path)
+        if resource is None:
+            resource = resources[route.path] = router.add_resource(route.path)
+        handler = wrap(route)
+        resource.add_route(route.method, handler)
+        if route.method == "GET":
+            resource.add_route("HEAD", handler)
+
+
+def refuse_other_methods(router: web.UrlDispatcher) -> None:
+    """Make every resource answer the methods it lacks with 405 and its own ``Allow``.
+
+    Otherwise the router goes on to the next path that matches too: ``PATCH /tasks/stats``
+    would reach ``PATCH /tasks/{id}`` with the id ``stats``, and a 405 would advertise the
+    methods of every matching path (``/tasks/{id}``'s on ``/tasks/bulk``). Call it last, once
+    CORS has added its ``OPTIONS`` routes: nothing can be added to a resource after this."""
+    for resource in router.resources():
+        if isinstance(resource, web.Resource) and all(r.method != "*" for r in resource):
+            resource.add_route("*", _method_not_allowed({r.method for r in resource}))
+
+
+def _method_not_allowed(allowed: set[str]) -> Handler:
+    async def method_not_allowed(request: web.Request) -> web.StreamResponse:
+        raise web.HTTPMethodNotAllowed(request.method, allowed)
+
+    return method_not_allowed

@@ -1,5 +1,11 @@
 """The broker, built in this one module: Redis by default, RabbitMQ for ``amqp://`` URLs,
-fakeredis when no Redis is configured (the all-in-one default)."""
+fakeredis when no Redis is configured (the all-in-one default).
+
+Queues are split into two pools: :data:`WEBHOOK_QUEUES` (deliveries, whose latency depends on
+other people's servers) and :func:`general_queues` (everything else). ``taskmanager run`` gives
+each its own threads (:mod:`workers.pools`); deployments run one ``worker`` process per pool
+(Procfile, docker-compose.yml, deploy/k8s).
+"""
 
 from __future__ import annotations
 
@@ -9,15 +15,20 @@ from typing import Any
 import dramatiq
 from dramatiq.brokers.rabbitmq import RabbitmqBroker
 from dramatiq.brokers.redis import RedisBroker
+from dramatiq.common import q_name
 from dramatiq.middleware.asyncio import AsyncIO
 
 from config.connections import Connections
 from workers.actors import declare_actors
 from workers.dead_letter_notes import DeadLetterNotes
 from workers.heartbeat import WorkerHeartbeat
-from workers.middleware import MessageContext
+from workers.middleware import MessageContext, OutboxReceipts
 from workers.ops import QueueInspector, build_inspector
 from workers.resources import WorkerResources
+from workers.webhooks import QUEUES as WEBHOOK_QUEUES
+from workers.webhooks import RetryRefund
+
+__all__ = ["WEBHOOK_QUEUES", "Platform", "build_broker", "general_queues"]
 
 
 class Platform:
@@ -64,8 +75,17 @@ def build_broker(connections: Connections) -> Platform:
     broker.add_middleware(resources)
     broker.add_middleware(WorkerHeartbeat(connections))
     broker.add_middleware(DeadLetterNotes(connections))
+    broker.add_middleware(RetryRefund())
+    # Last: its after_worker_shutdown (hooks run in reverse) flushes receipts before the
+    # resources close the MongoDB client and AsyncIO stops the event loop.
+    broker.add_middleware(OutboxReceipts(resources))
     actors = declare_actors(broker, resources)
     return Platform(broker, resources, actors)
+
+
+def general_queues(broker: dramatiq.Broker) -> set[str]:
+    """Every declared queue but the webhook ones (delay and dead-letter names aside)."""
+    return {q_name(q) for q in broker.get_declared_queues()} - WEBHOOK_QUEUES
 
 
 def _redis_options(connections: Connections) -> dict[str, Any]:

@@ -1,9 +1,26 @@
 """The outbox relay: moves events recorded with writes to the broker.
 
-Events are claimed in batches with a lease (so several relays — one per web replica — share
-the work without blocking each other, and a relay that dies mid-batch loses nothing: its lease
-expires and another takes over), enqueued through Dramatiq's synchronous ``send`` on a thread
-(never on the event loop), then marked dispatched. Delivery is at least once; actors dedupe.
+Events are claimed in batches with a lease (several relays — one per web replica — share the
+work; a relay that dies mid-batch loses nothing: its lease expires and another takes over),
+sent through Dramatiq's synchronous API on a thread (never on the event loop), one message per
+(event, actor), and settled one by one:
+
+- sent: marked dispatched, even when a later event of the batch failed;
+- failed (its payload cannot be built or encoded, an actor it routes to is not declared, or the
+  broker refused its message while other events went through): ``attempts`` is counted and it
+  waits ``next_attempt_at`` (exponential backoff); after ``max_attempts`` it is set aside
+  (``pending`` cleared, ``set_aside_at`` set), counted in ``taskmanager_outbox_set_aside_total``
+  and left for ``taskmanager outbox replay``;
+- broker outage (``outage_after`` sends in a row failed): the rest of the batch is released at
+  once, attempts uncharged, and :meth:`Relay.run` backs off.
+
+A dispatched event awaits one receipt per (event, actor) pair (``core/events.py``, receipts;
+written by the workers' ``OutboxReceipts`` middleware). Every ``sweep_interval`` the relay also
+sweeps: each awaited message not finished by its due time (sent, or last retried, more than
+``OUTBOX_REDELIVER_AFTER_S`` before, past its retry's eta) is sent again, so a broker that lost
+its memory delays side effects without dropping them.
+
+Delivery is at least once; actors dedupe.
 """
 
 from __future__ import annotations
@@ -11,19 +28,52 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
+import time
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
 import dramatiq
+from bson import ObjectId
+from prometheus_client import Counter, Gauge
 from pymongo.errors import PyMongoError
 
 from config.logging import get_logger
+from core import events as outbox
 from core.context import Context
-from core.events import public_event
+from core.events import outbox_lag, public_event
 from core.store import Doc, utcnow
 from workers.routing import actors_for
 
 log = get_logger(__name__)
+
+SET_ASIDE_TOTAL = Counter(
+    "taskmanager_outbox_set_aside", "Events the relay set aside after repeated send failures"
+)
+OUTBOX_EVENTS = Gauge(
+    "taskmanager_outbox_events", "Events in the outbox (state: pending, set_aside)", ["state"]
+)
+RESENT_TOTAL = Counter(
+    "taskmanager_outbox_resent",
+    "Messages of outbox events sent again because they did not finish in time",
+    ["actor"],
+)
+OUTBOX_OLDEST_AGE = Gauge(
+    "taskmanager_outbox_oldest_pending_age_seconds",
+    "Age of the oldest pending event (0 when none is pending)",
+)
+#: The longest error text stored on an event.
+ERROR_CHARS = 500
+
+
+@dataclass
+class Outcome:
+    """What sending one claimed batch did, filled in as the sends go."""
+
+    sent: list[ObjectId] = field(default_factory=list)
+    failed: dict[ObjectId, str] = field(default_factory=dict)
+    #: The error that stopped the batch as a broker outage (the unsettled rest is released).
+    outage: BaseException | None = None
 
 
 class Relay:
@@ -38,6 +88,13 @@ class Relay:
         poll_interval: float = 1.0,
         lease_seconds: float = 30.0,
         max_backoff: float = 4.0,
+        max_attempts: int = 5,
+        retry_backoff: float = 1.0,
+        max_retry_backoff: float = 60.0,
+        outage_after: int = 3,
+        lag_interval: float = 1.0,
+        redeliver_after: float | None = None,
+        sweep_interval: float | None = None,
     ):
         self.ctx = ctx
         self.broker = broker
@@ -47,8 +104,32 @@ class Relay:
         #: While the broker is down the relay retries with backoff up to this many seconds, so
         #: side effects resume within that long after it returns.
         self.max_backoff = max_backoff
+        #: An event that failed this many sends is set aside.
+        self.max_attempts = max_attempts
+        #: Wait after an event's n-th failure: ``retry_backoff * 2**(n-1)``, at most
+        #: ``max_retry_backoff`` seconds.
+        self.retry_backoff = retry_backoff
+        self.max_retry_backoff = max_retry_backoff
+        #: This many failed sends in a row (with none succeeding in between) is a broker outage.
+        self.outage_after = outage_after
+        #: The lag gauges are refreshed at most this often (seconds).
+        self.lag_interval = lag_interval
+        #: An awaited message not finished this long after it was sent (or after its last
+        #: retry's eta) is sent again (``OUTBOX_REDELIVER_AFTER_S`` unless given).
+        self.redeliver_after = timedelta(
+            seconds=ctx.settings.outbox_redeliver_after_s
+            if redeliver_after is None
+            else redeliver_after
+        )
+        #: How often the sweep runs (seconds): a quarter of the bound, from 0.25 to 5 s.
+        self.sweep_interval = (
+            sweep_interval
+            if sweep_interval is not None
+            else max(0.25, min(5.0, self.redeliver_after.total_seconds() / 4))
+        )
         self.wake = asyncio.Event()
-        self.relayed = 0
+        self._lag_read_at = -float("inf")
+        self._swept_at = -float("inf")
 
     async def run(self) -> None:
         """Drain forever: immediately when woken, else every ``poll_interval`` seconds."""
@@ -66,6 +147,8 @@ class Relay:
                 failures += 1
                 moved = 0
                 log.exception("relay.error", failures=failures)
+            await self.refresh_lag()
+            await self._sweep_when_due()
             if moved >= self.batch_size:
                 continue
             backoff = min(self.max_backoff, 0.25 * 2**failures)
@@ -73,11 +156,34 @@ class Relay:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.wake.wait(), delay)
 
+    async def refresh_lag(self, *, force: bool = False) -> None:
+        """Update the outbox gauges (at most every ``lag_interval`` seconds unless ``force``)."""
+        if not force and time.monotonic() - self._lag_read_at < self.lag_interval:
+            return
+        self._lag_read_at = time.monotonic()
+        try:
+            lag = await outbox_lag(self.ctx)
+        except PyMongoError:
+            log.warning("relay.lag_unreadable", exc_info=True)
+            return
+        OUTBOX_EVENTS.labels("pending").set(lag.pending)
+        OUTBOX_EVENTS.labels("set_aside").set(lag.set_aside)
+        OUTBOX_OLDEST_AGE.set(lag.oldest_pending_age_seconds or 0.0)
+
     async def drain_once(self) -> int:
-        """Claim, enqueue and mark one batch; returns how many events it moved."""
+        """Claim, send and settle one batch; returns how many events it settled or released.
+
+        Raises the broker's error after releasing the unsent rest when the broker is down.
+        """
         events = self.ctx.store["events"]
         now = utcnow()
-        free = {"pending": True, "$or": [{"lease_until": None}, {"lease_until": {"$lt": now}}]}
+        free = {
+            "pending": True,
+            "$and": [
+                {"$or": [{"lease_until": None}, {"lease_until": {"$lt": now}}]},
+                {"$or": [{"next_attempt_at": None}, {"next_attempt_at": {"$lte": now}}]},
+            ],
+        }
         candidates = (
             await events.find(free, {"_id": 1}).sort("_id", 1).limit(self.batch_size).to_list()
         )
@@ -93,30 +199,189 @@ class Relay:
         )
         if not claimed:
             return 0
+        outcome = Outcome()
         try:
-            await asyncio.to_thread(self._enqueue, claimed)
-        except Exception:
-            # The broker is down: give the batch back now, so the next round (within
-            # max_backoff of the broker's return) retries it instead of waiting out the lease.
-            # Messages sent before the failure go again then; actors dedupe.
+            await asyncio.to_thread(self._enqueue, claimed, outcome)
+        except Exception as exc:
+            outcome.outage = exc
+        await self._settle(token, claimed, outcome)
+        if outcome.outage is not None:
+            raise outcome.outage
+        return len(claimed)
+
+    def _enqueue(self, claimed: list[Doc], outcome: Outcome) -> None:
+        """Send each event's messages in order, recording each event's fate in ``outcome``."""
+        suspects: dict[ObjectId, str] = {}
+        refused: Exception | None = None
+        for event in claimed:
+            try:
+                messages = self._messages(event)
+            except Exception as exc:
+                outcome.failed[event["_id"]] = _describe(exc)
+                continue
+            if not messages:  # an activity-only event: nothing to send, no news of the broker
+                outcome.sent.append(event["_id"])
+                continue
+            try:
+                for message in messages:
+                    self.broker.enqueue(message)
+            except Exception as exc:
+                # The broker refused: this event's fault if a later send goes through, an
+                # outage if ``outage_after`` sends in a row fail.
+                suspects[event["_id"]] = _describe(exc)
+                refused = exc
+                if len(suspects) >= self.outage_after:
+                    outcome.outage = exc
+                    return
+                continue
+            outcome.failed.update(suspects)
+            suspects.clear()
+            outcome.sent.append(event["_id"])
+        if suspects:
+            # Nothing after them went through: the broker may be down; charge no one.
+            outcome.outage = refused
+
+    def _messages(self, event: Doc) -> list[dramatiq.Message[Any]]:
+        """The event's message for each actor it routes to, encoded once as a check."""
+        payload: dict[str, Any] = public_event(event)
+        actors = [self.broker.get_actor(name) for name in actors_for(event["type"])]
+        messages = [actor.message(payload) for actor in actors]
+        if messages:
+            messages[0].encode()  # the payload is the same in each
+        return messages
+
+    async def _settle(self, token: str, claimed: list[Doc], outcome: Outcome) -> None:
+        events = self.ctx.store["events"]
+        by_id = {e["_id"]: e for e in claimed}
+        # One update per route (events of one type await the same actors' receipts).
+        routes: dict[tuple[str, ...], list[ObjectId]] = {}
+        for event_id in outcome.sent:
+            routes.setdefault(actors_for(str(by_id[event_id].get("type"))), []).append(event_id)
+        now = utcnow()
+        for actors, ids in routes.items():
+            update: Doc = {
+                "$unset": {
+                    "pending": "",
+                    "lease_until": "",
+                    "lease_owner": "",
+                    "next_attempt_at": "",
+                },
+                "$set": {"dispatched_at": now},
+            }
+            if actors:
+                due = now + self.redeliver_after
+                awaited = outbox.receipt(
+                    (), [outbox.Expected(outbox.awaited_key(a), a, due) for a in actors]
+                )
+                for op, fields in awaited.items():
+                    update.setdefault(op, {}).update(fields)
+            await events.update_many({"_id": {"$in": ids}, "lease_owner": token}, update)
+        for event_id, error in outcome.failed.items():
+            await self._charge(token, by_id[event_id], error)
+        if outcome.outage is not None:
+            # Give the unsettled rest back now, so the next round (within max_backoff of the
+            # broker's return) retries it instead of waiting out the lease.
             with contextlib.suppress(PyMongoError):
                 await events.update_many(
                     {"lease_owner": token, "pending": True},
                     {"$unset": {"lease_until": "", "lease_owner": ""}},
                 )
-            raise
-        await events.update_many(
-            {"_id": {"$in": [e["_id"] for e in claimed]}, "lease_owner": token},
-            {
-                "$unset": {"pending": "", "lease_until": "", "lease_owner": ""},
-                "$set": {"dispatched_at": utcnow()},
-            },
-        )
-        self.relayed += len(claimed)
-        return len(claimed)
 
-    def _enqueue(self, claimed: list[Doc]) -> None:
-        for event in claimed:
-            payload: dict[str, Any] = public_event(event)
-            for name in actors_for(event["type"]):
-                self.broker.get_actor(name).send(payload)
+    async def _sweep_when_due(self) -> None:
+        if time.monotonic() - self._swept_at < self.sweep_interval:
+            return
+        self._swept_at = time.monotonic()
+        try:
+            looked_at = await self.sweep_once()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("relay.sweep_error")
+            return
+        if looked_at >= self.batch_size:
+            self._swept_at = -float("inf")  # more are due: sweep again next round
+
+    async def sweep_once(self) -> int:
+        """Send again the awaited messages that did not finish in time; returns how many events
+        were looked at. Claims come first (so of several relays one resends each message);
+        what the broker refuses is given back, due again after ``max_backoff`` seconds."""
+        now = utcnow()
+        claimed, looked_at = await outbox.claim_overdue(
+            self.ctx, now, self.redeliver_after, limit=self.batch_size
+        )
+        if claimed:
+            unsent, error = await asyncio.to_thread(self._resend, claimed)
+            if unsent:
+                retry_at = utcnow() + timedelta(seconds=self.max_backoff)
+                with contextlib.suppress(PyMongoError):
+                    await outbox.release(self.ctx, unsent, retry_at)
+                log.warning("relay.resend_deferred", count=len(unsent), error=error)
+        return looked_at
+
+    def _resend(self, claimed: list[outbox.Resend]) -> tuple[list[outbox.Resend], str | None]:
+        """Send each claimed message again; returns those left unsent by a broker failure."""
+        for index, item in enumerate(claimed):
+            fields = {
+                "event_id": str(item.event["_id"]),
+                "key": item.key,
+                "actor": item.actor,
+                "resends": item.resends,
+            }
+            try:
+                message = self._resend_message(item)
+            except Exception as exc:  # the actor is gone, or the body cannot be read
+                log.error("relay.resend_unbuildable", error=_describe(exc), **fields)
+                continue
+            try:
+                self.broker.enqueue(message)
+            except Exception as exc:
+                return claimed[index:], _describe(exc)
+            RESENT_TOTAL.labels(item.actor).inc()
+            log.warning("relay.resent", **fields)
+        return [], None
+
+    def _resend_message(self, item: outbox.Resend) -> dramatiq.Message[Any]:
+        message: dramatiq.Message[Any]
+        if item.message is not None:  # a follow-up: its stored body, as it was sent
+            message = dramatiq.Message.decode(item.message.encode())
+        else:  # a routed pair: rebuilt from the event
+            message = self.broker.get_actor(item.actor).message(public_event(item.event))
+        if item.retries:
+            message = message.copy(options={"retries": item.retries})
+        return message
+
+    async def _charge(self, token: str, event: Doc, error: str) -> None:
+        """Count a failed send against ``event``: retry later, or set it aside."""
+        attempts = int(event.get("attempts", 0)) + 1
+        now = utcnow()
+        release = {"lease_until": "", "lease_owner": ""}
+        if attempts >= self.max_attempts:
+            update: Doc = {
+                "$set": {"attempts": attempts, "last_error": error, "set_aside_at": now},
+                "$unset": {**release, "pending": "", "next_attempt_at": ""},
+            }
+        else:
+            wait = min(self.max_retry_backoff, self.retry_backoff * 2 ** (attempts - 1))
+            update = {
+                "$set": {
+                    "attempts": attempts,
+                    "last_error": error,
+                    "next_attempt_at": now + timedelta(seconds=wait),
+                },
+                "$unset": release,
+            }
+        result = await self.ctx.store["events"].update_one(
+            {"_id": event["_id"], "lease_owner": token}, update
+        )
+        if not result.modified_count:
+            return  # our lease expired and another relay holds the event now
+        fields = {"event_id": str(event["_id"]), "type": event.get("type"), "attempts": attempts}
+        if attempts >= self.max_attempts:
+            SET_ASIDE_TOTAL.inc()
+            log.error("relay.event_set_aside", error=error, **fields)
+        else:
+            log.warning("relay.event_failed", error=error, **fields)
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:ERROR_CHARS]

@@ -9,6 +9,24 @@ run out the message goes to the dead-letter queue and Dramatiq's ``on_retry_exha
 sends ``webhook_delivery_exhausted``, which marks the delivery ``dead``. A redelivery request
 (API) is an outbox event routed to ``redeliver_webhook``, which enqueues a new attempt.
 
+Isolation (see :mod:`core.webhooks`). Every actor here is on the ``webhooks`` queue, which runs
+in a pool of its own (``taskmanager run``: :mod:`workers.pools`; deployments: the
+``worker-webhooks`` process), so slow receivers never take the threads of search, cache,
+notifications or analytics. Before an attempt the delivery takes one of its owner's in-flight
+slots; when they are all taken it raises :class:`Deferred` and comes back after
+:data:`DEFER_MS` (plus jitter) without spending a retry (:class:`RetryRefund`). A paused
+webhook (circuit breaker) gets nothing: its deliveries are recorded as ``held``.
+
+Leases. An attempt holds the delivery's lease (:func:`core.webhooks.claim`), which names this
+worker process (its heartbeat registration, :mod:`workers.heartbeat`), and so does its slot.
+A message that meets a live lease (a duplicate, or a redelivery while the attempt is still
+running) is :class:`Deferred` for :data:`LEASE_WAIT_MS` (plus jitter), again without spending a
+retry. When the worker holding the lease dies, its heartbeat stops; after
+``WORKER_HEARTBEAT_TIMEOUT_MS`` the broker hands its message to another worker
+(:mod:`workers.heartbeat`), which finds the lease dead, takes it over and attempts at once: a
+delivery interrupted by a crash resumes about ``WORKER_HEARTBEAT_TIMEOUT_MS`` + 2 s later (12 s
+with the defaults), whatever ``WEBHOOK_TIMEOUT`` and ``WEBHOOK_MAX_RETRIES`` are.
+
 Connections. Each attempt re-checks the target (:func:`core.webhooks.check_target`: one DNS
 lookup, every address validated) and then connects only to those validated addresses: the
 session's resolver is a :class:`PinnedResolver` that answers aiohttp with them instead of
@@ -22,6 +40,7 @@ connect), and at most :data:`core.webhooks.EXCERPT_BYTES` of the answer are read
 from __future__ import annotations
 
 import asyncio
+import random
 import socket
 import time
 from datetime import timedelta
@@ -36,13 +55,24 @@ from bson import ObjectId
 from config.logging import get_logger
 from config.settings import Settings
 from core import webhooks
+from core.context import Context
 from core.ssrf import Target, TargetRefused, TargetUnresolvable
 from core.store import Doc
 from core.webhooks import Attempt, SecretUnreadable
 from workers.actors import PERMANENT, DeclareOne, Event, bind_event
+from workers.heartbeat import WorkerHeartbeat
+from workers.registry import registry_index
 from workers.resources import WorkerResources
 
 QUEUE = "webhooks"
+#: The queues of this concern: the pool that serves them is kept apart from the others.
+QUEUES: frozenset[str] = frozenset({QUEUE})
+#: How long a delivery over its owner's in-flight cap waits before it tries again (ms), plus
+#: up to as much again of jitter.
+DEFER_MS = 500
+#: How long a message that meets a live lease on its delivery waits before it looks again
+#: (ms), plus up to half as much again of jitter.
+LEASE_WAIT_MS = 1000
 log = get_logger(__name__)
 
 
@@ -52,6 +82,33 @@ class DeliveryFailed(Exception):
 
 class DeliveryRefused(Exception):
     """A delivery that must not be attempted (target refused, secret unreadable): no retry."""
+
+
+class Deferred(dramatiq.Retry):
+    """Not now (the owner's in-flight cap is reached, or another message holds the delivery's
+    live lease): try again after ``delay`` ms, without spending a retry (:class:`RetryRefund`
+    gives it back)."""
+
+
+class RetryRefund(dramatiq.Middleware):
+    """Gives back the retry that Dramatiq's ``Retries`` middleware counts for a
+    :class:`Deferred` message, so waiting for a slot never uses up a delivery's retries.
+
+    ``after_*`` hooks run in reverse order of the middleware list, and this one is added after
+    ``Retries`` (a default middleware), so it runs first.
+    """
+
+    def after_process_message(
+        self,
+        broker: dramatiq.Broker,
+        message: dramatiq.broker.MessageProxy,
+        *,
+        result: Any = None,
+        exception: BaseException | None = None,
+    ) -> None:
+        """Pre-pay the retry that ``Retries`` is about to count."""
+        if isinstance(exception, Deferred):
+            message.options["retries"] = int(message.options.get("retries", 0)) - 1
 
 
 class PinnedResolver(AbstractResolver):
@@ -141,9 +198,14 @@ async def attempt_delivery(settings: Settings, hook: Doc, delivery: Doc) -> Atte
     try:
         secret = webhooks.open_secret(settings, str(hook["_id"]), hook["secret"])
         target = await webhooks.check_target(hook["url"], settings.webhook_allow_hosts)
-    except (SecretUnreadable, TargetRefused) as exc:
+    except SecretUnreadable as exc:
+        raise DeliveryRefused(str(exc)) from exc
+    except TargetRefused as exc:
+        # The user sees only "not allowed"; the operator's log says what the name resolved to.
+        log.warning("webhook.target_refused", reason=exc.reason)
         raise DeliveryRefused(str(exc)) from exc
     except TargetUnresolvable as exc:
+        log.info("webhook.target_unresolvable", reason=exc.reason)
         return Attempt(ok=False, error=str(exc))
     timestamp = int(time.time())
     headers = webhooks.request_headers(delivery, secret, timestamp)
@@ -152,9 +214,21 @@ async def attempt_delivery(settings: Settings, hook: Doc, delivery: Doc) -> Atte
     )
 
 
+def lease_holder(broker: dramatiq.Broker | None) -> webhooks.Holder | None:
+    """This worker process as the holder of delivery leases and slots: its heartbeat
+    registration, once it has booted (``None`` without one: leases then die only with time)."""
+    if broker is None:
+        return None
+    for middleware in broker.middleware:
+        if isinstance(middleware, WorkerHeartbeat) and middleware.state in ("running", "stopping"):
+            return webhooks.Holder(middleware.worker_id, registry_index(middleware.prefix))
+    return None
+
+
 def declare(declare_one: DeclareOne, res: WorkerResources) -> None:
     """Declare this concern's actors."""
     settings = res.settings
+    # A lease's time bound: a backstop, since the lease dies with its worker's heartbeat.
     lease = timedelta(seconds=settings.webhook_timeout + 20)
 
     async def enqueue(actor_name: str, *args: Any) -> None:
@@ -170,25 +244,53 @@ def declare(declare_one: DeclareOne, res: WorkerResources) -> None:
         ctx = await res.context()
         for hook in await webhooks.matching(ctx, event["user_id"], event["type"]):
             delivery, needs_enqueue = await webhooks.ensure_delivery(ctx, hook, event)
-            if needs_enqueue:
+            if needs_enqueue and webhooks.is_paused(hook):
+                await webhooks.hold_new(ctx, hook, delivery["_id"])
+                log.info("webhook.held", delivery_id=delivery["_id"])
+            elif needs_enqueue:
                 await enqueue("deliver_webhook", delivery["_id"], delivery["generation"])
                 await webhooks.mark_enqueued(ctx, delivery["_id"])
                 log.info("webhook.enqueued", delivery_id=delivery["_id"])
 
     async def deliver_webhook(delivery_id: str, generation: int = 0) -> None:
-        """POST one delivery; raises :class:`DeliveryFailed` (retried) when it fails."""
+        """POST one delivery; raises :class:`DeliveryFailed` (retried) when it fails, and
+        :class:`Deferred` when its owner already has as many deliveries in flight as allowed
+        or another message holds the delivery's live lease."""
         structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(delivery_id=delivery_id, generation=generation)
         ctx = await res.context()
-        claimed = await webhooks.claim(ctx, delivery_id, generation, lease)
+        head = await ctx.store["webhook_deliveries"].find_one({"_id": delivery_id}, {"owner": 1})
+        if head is None:
+            log.info("webhook.skipped", reason="gone")
+            return
+        owner = str(head["owner"])
+        holder = lease_holder(res.broker)
+        slot = webhooks.slot_token(holder)
+        if not await webhooks.take_slot(ctx, owner, slot, lease, holder=holder):
+            delay = DEFER_MS + random.randint(0, DEFER_MS)  # noqa: S311 (jitter, not secrets)
+            log.debug("webhook.deferred", owner=owner, delay_ms=delay)
+            raise Deferred("the owner's deliveries in flight are at the cap", delay=delay)
+        try:
+            await _deliver(ctx, delivery_id, generation, holder)
+        finally:
+            await webhooks.free_slot(ctx, owner, slot)
+
+    async def _deliver(
+        ctx: Context, delivery_id: str, generation: int, holder: webhooks.Holder | None
+    ) -> None:
+        claimed = await webhooks.claim(ctx, delivery_id, generation, lease, holder)
         if claimed == "busy":
-            # Another message is attempting it right now; look again after a backoff, when
-            # it has finished (or its lease has run out because its worker died).
-            raise dramatiq.Retry("delivery is being attempted by another message")
+            # Another message is attempting it right now (its worker is beating): look again
+            # when it has likely finished; waiting spends no retry.
+            delay = LEASE_WAIT_MS + random.randint(0, LEASE_WAIT_MS // 2)  # noqa: S311
+            log.debug("webhook.lease_wait", delay_ms=delay)
+            raise Deferred("the delivery is being attempted by another message", delay=delay)
         if claimed is None:
             log.info("webhook.skipped", reason="gone, stale or already succeeded")
             return
-        delivery, token = claimed
+        delivery, token = claimed.delivery, claimed.token
+        if claimed.took_over is not None:
+            log.warning("webhook.lease_taken_over", interrupted=claimed.took_over)
         try:
             hook = await ctx.store["webhooks"].find_one(
                 {"_id": ObjectId(delivery["webhook_id"]), "owner": delivery["owner"]}
@@ -196,6 +298,10 @@ def declare(declare_one: DeclareOne, res: WorkerResources) -> None:
             if hook is None:
                 await webhooks.forget(ctx, delivery_id)
                 log.info("webhook.gone")
+                return
+            if webhooks.is_paused(hook):
+                await webhooks.hold(ctx, hook, delivery_id, token)
+                log.info("webhook.held")
                 return
             attempt = await attempt_delivery(ctx.settings, hook, delivery)
         except DeliveryRefused as exc:
@@ -212,6 +318,8 @@ def declare(declare_one: DeclareOne, res: WorkerResources) -> None:
             log.info("webhook.superseded", status=status)
             return
         log.info("webhook.attempted", status=status, response_code=attempt.response_code)
+        if await webhooks.note_outcome(ctx, hook, attempt):
+            log.warning("webhook.paused", webhook_id=str(hook["_id"]), error=attempt.error)
         if not attempt.ok:
             raise DeliveryFailed(f"delivery {delivery_id}: {attempt.error}")
 

@@ -120,3 +120,25 @@ def test_verify_fails_on_a_damaged_backup(env: Path, db: Any) -> None:
 
     unknown = invoke("verify", "nope")
     assert unknown.exit_code == 1 and "No backup 'nope'" in unknown.output
+
+
+def test_verify_reports_a_corrupt_deflate_stream_naming_the_file(env: Path, db: Any) -> None:
+    """A file whose deflate data is garbage raises zlib.error (no OSError) while reading:
+    the report names the collection and its file, no traceback, exit 1."""
+    db["tasks"].insert_many([{"title": f"t{i}"} for i in range(50)])
+    created = invoke("create")
+    assert created.exit_code == 0, created.output
+    backup_id = created.stdout.split()[1].rstrip(":")
+    tasks_file = env / backup_id / "tasks.bson.gz"
+    gzip_header = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"
+    tasks_file.write_bytes(gzip_header + b"\xff" * 200)
+
+    verified = invoke("verify", backup_id)
+    assert verified.exit_code == 1, verified.output
+    assert isinstance(verified.exception, SystemExit), verified.exception
+    assert "Traceback" not in verified.output
+    problems = [line for line in verified.stderr.splitlines() if line.startswith("problem: ")]
+    assert any(
+        p.startswith("problem: tasks: unreadable") and "tasks.bson.gz" in p for p in problems
+    ), problems
+    assert f"backup {backup_id}: " in verified.stdout and "problem(s)" in verified.stdout

@@ -134,7 +134,7 @@ def test_outage_warning_repeats_while_it_lasts() -> None:
 
 
 def test_policy_from_settings_and_refuses_zero() -> None:
-    settings = Settings(app_env="development", rate_limit="250/hour")
+    settings = Settings(app_env="development", rate_limit="250/hour", jwt_secret="k" * 40)
     assert Policy.from_settings(settings) == Policy(250, 3600)
     with pytest.raises(ValueError, match="at least 1"):
         Policy(0, 60)

@@ -30,7 +30,8 @@ NGINX_CONF = REPO / "deploy" / "nginx" / "nginx.conf"
 DASHBOARD = REPO / "deploy" / "grafana" / "taskmanager-dashboard.json"
 
 WEB_SERVICES = ("web1", "web2")
-APP_SERVICES = (*WEB_SERVICES, "worker", "scheduler")
+WORKER_SERVICES = ("worker", "worker-webhooks")
+APP_SERVICES = (*WEB_SERVICES, *WORKER_SERVICES, "scheduler")
 WEB_PORT = 8000
 # What every app process needs to find its peers and run in production.
 REQUIRED_ENV = (
@@ -307,6 +308,32 @@ def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
     return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
 
 
+def queues_of(argv: list[str]) -> set[str]:
+    """The queues a `taskmanager worker` command line names (`--queues Q` / `-Q Q`)."""
+    return {argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg in ("--queues", "-Q")}
+
+
+@cache
+def app_queues() -> tuple[frozenset[str], frozenset[str]]:
+    """The broker's declared queues (delay and dead-letter queues aside), split as the
+    processes split them: (general queues, webhook queues)."""
+    from config.connections import Connections
+    from config.settings import Settings
+    from workers.broker import WEBHOOK_QUEUES, build_broker, general_queues
+
+    settings = Settings(app_env="development", redis_prefix="tm:", jwt_secret="k" * 40)
+    platform = build_broker(Connections(settings))
+    try:
+        declared = {
+            q for q in platform.broker.get_declared_queues() if not q.endswith((".DQ", ".XQ"))
+        }
+        general = frozenset(general_queues(platform.broker))
+        assert general | WEBHOOK_QUEUES == declared
+        return general, frozenset(WEBHOOK_QUEUES)
+    finally:
+        platform.close()
+
+
 def autoscaled() -> dict[str, str]:
     """Deployment name -> what scales it (HPA or KEDA ScaledObject)."""
     targets: dict[str, str] = {}
@@ -533,16 +560,25 @@ def test_app_urls_point_at_compose_services() -> None:
 def test_app_commands_name_the_taskmanager_subcommands() -> None:
     for name in WEB_SERVICES:
         assert services()[name]["command"] == ["taskmanager", "web"]
-    worker = services()["worker"]["command"]
-    assert worker[:2] == ["taskmanager", "worker"]
-    assert "--processes" in worker
-    assert "--threads" in worker
+    for name in WORKER_SERVICES:
+        worker = services()[name]["command"]
+        assert worker[:2] == ["taskmanager", "worker"]
+        assert "--processes" in worker
+        assert "--threads" in worker
     assert services()["scheduler"]["command"] == ["taskmanager", "scheduler"]
+
+
+def test_webhook_deliveries_run_in_their_own_worker_service() -> None:
+    """A slow receiver must never hold the threads of the other actors: the general worker
+    serves every queue but the webhook ones, worker-webhooks exactly those."""
+    general, hooks = app_queues()
+    assert queues_of(services()["worker"]["command"]) == general
+    assert queues_of(services()["worker-webhooks"]["command"]) == hooks
 
 
 def test_non_web_app_services_override_the_http_healthcheck() -> None:
     # The image's HEALTHCHECK polls :8000/healthz, which only `taskmanager web` serves.
-    for name in ("worker", "scheduler"):
+    for name in (*WORKER_SERVICES, "scheduler"):
         check = services()[name].get("healthcheck")
         assert check, f"{name} would inherit the image's HTTP healthcheck"
         assert check.get("disable") or "/healthz" not in json.dumps(check.get("test"))
@@ -601,11 +637,12 @@ def test_long_running_services_restart_with_a_valid_policy() -> None:
 
 
 def test_worker_gets_time_to_finish_messages() -> None:
-    grace = services()["worker"]["stop_grace_period"]
-    match = re.fullmatch(r"(\d+)([sm])", grace)
-    assert match, grace
-    seconds = int(match.group(1)) * (60 if match.group(2) == "m" else 1)
-    assert seconds >= 30
+    for name in WORKER_SERVICES:
+        grace = services()[name]["stop_grace_period"]
+        match = re.fullmatch(r"(\d+)([sm])", grace)
+        assert match, grace
+        seconds = int(match.group(1)) * (60 if match.group(2) == "m" else 1)
+        assert seconds >= 30, name
 
 
 # --------------------------------------------------------------------------------------------
@@ -687,7 +724,12 @@ def test_kustomization_lists_every_manifest_except_the_secret_example() -> None:
 
 def test_deployments_select_their_own_pods() -> None:
     deployments = of_kind("Deployment")
-    assert {"taskmanager-web", "taskmanager-worker", "taskmanager-scheduler"} <= deployments.keys()
+    assert {
+        "taskmanager-web",
+        "taskmanager-worker",
+        "taskmanager-worker-webhooks",
+        "taskmanager-scheduler",
+    } <= deployments.keys()
     for name, dep in deployments.items():
         selector = dep["spec"]["selector"]["matchLabels"]
         labels = dep["spec"]["template"]["metadata"]["labels"]
@@ -717,7 +759,12 @@ def test_deployments_run_the_right_subcommand() -> None:
 
     assert command("taskmanager-web") == ["taskmanager", "web"]
     assert command("taskmanager-worker")[:2] == ["taskmanager", "worker"]
+    assert command("taskmanager-worker-webhooks")[:2] == ["taskmanager", "worker"]
     assert command("taskmanager-scheduler") == ["taskmanager", "scheduler"]
+    # Webhook deliveries have their own pods; the general workers serve every other queue.
+    general, hooks = app_queues()
+    assert queues_of(command("taskmanager-worker")) == general
+    assert queues_of(command("taskmanager-worker-webhooks")) == hooks
 
 
 def test_k8s_references_resolve() -> None:
@@ -807,6 +854,7 @@ def test_autoscalers_target_deployments_that_leave_replicas_to_them() -> None:
     assert targets == {
         "taskmanager-web": "HorizontalPodAutoscaler",
         "taskmanager-worker": "ScaledObject",
+        "taskmanager-worker-webhooks": "ScaledObject",
     }
     deployments = of_kind("Deployment")
     for name in targets:
@@ -824,29 +872,28 @@ def test_web_hpa_scales_on_cpu() -> None:
     assert metric["resource"]["name"] == "cpu"
 
 
-def test_worker_keda_scales_on_the_dramatiq_queue() -> None:
-    [scaled] = of_kind("ScaledObject").values()
-    assert scaled["apiVersion"] == "keda.sh/v1alpha1"
-    redis = [t["metadata"] for t in scaled["spec"]["triggers"] if t["type"] == "redis"]
-    # One trigger per queue the actors really use (a trigger on a queue nobody sends to
-    # would never scale anything).
-    assert {t["listName"] for t in redis} == {WORKER_QUEUE_KEY.format(q) for q in _app_queues()}
-    assert all(int(t["listLength"]) > 0 for t in redis)
-    assert scaled["spec"]["minReplicaCount"] >= 1
-
-
-def _app_queues() -> set[str]:
-    """The queues our broker declares (delay and dead-letter queues aside)."""
-    from config.connections import Connections
-    from config.settings import Settings
-    from workers.broker import build_broker
-
-    settings = Settings(app_env="development", redis_prefix="tm:")
-    platform = build_broker(Connections(settings))
-    try:
-        return {q for q in platform.broker.get_declared_queues() if not q.endswith((".DQ", ".XQ"))}
-    finally:
-        platform.close()
+def test_worker_keda_scales_on_the_dramatiq_queues() -> None:
+    """Each worker Deployment is scaled on the queues it serves: one trigger per queue its
+    --queues names (a trigger on a queue nobody sends to would never scale anything, and one
+    on another pool's queue would scale the wrong pods)."""
+    deployments = of_kind("Deployment")
+    scaled_objects = of_kind("ScaledObject")
+    assert len(scaled_objects) == 2
+    served: set[str] = set()
+    for name, scaled in scaled_objects.items():
+        assert scaled["apiVersion"] == "keda.sh/v1alpha1"
+        target = deployments[scaled["spec"]["scaleTargetRef"]["name"]]
+        [container] = pod_spec(target)["containers"]
+        queues = queues_of(container.get("command", []) + container.get("args", []))
+        redis = [t["metadata"] for t in scaled["spec"]["triggers"] if t["type"] == "redis"]
+        assert {t["listName"] for t in redis} == {WORKER_QUEUE_KEY.format(q) for q in queues}, name
+        assert len(redis) == len(queues), name
+        assert all(int(t["listLength"]) > 0 for t in redis)
+        assert scaled["spec"]["minReplicaCount"] >= 1
+        assert not served & queues, f"{name}: a queue served by two Deployments"
+        served |= queues
+    general, hooks = app_queues()
+    assert served == general | hooks
 
 
 def test_worker_and_scheduler_settings() -> None:

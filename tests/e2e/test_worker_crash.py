@@ -104,8 +104,12 @@ class Workers:
         self.procs: list[Proc] = []
         self.redis = redis.Redis.from_url(settings.redis_url or "")
 
-    def start(self) -> Proc:
-        proc = start(["worker", "--processes", "1", "--threads", "1"], worker_env(self.settings))
+    def start(self, *args: str, **env: str) -> Proc:
+        """``taskmanager worker --processes 1 --threads 1 [args]``, with ``env`` added."""
+        proc = start(
+            ["worker", "--processes", "1", "--threads", "1", *args],
+            {**worker_env(self.settings), **env},
+        )
         self.procs.append(proc)
         return proc
 

@@ -241,9 +241,11 @@ async def test_unknown_accounts_cost_one_password_verification_too(
     assert all(h.startswith("$argon2id$v=19$m=19456,t=2,p=1$") for h in verified)
 
 
-async def test_failed_logins_are_throttled_per_account(
+async def test_failed_logins_are_throttled_per_account_and_address(
     make_settings: Any, aiohttp_client: Any
 ) -> None:
+    """The same address failing on one account is refused (the whole account never is: see
+    tests/security/test_login_throttle.py)."""
     from web.app import create_app
 
     client = await aiohttp_client(create_app(make_settings(login_max_failures=3)))

@@ -11,6 +11,10 @@ queue and schedule names, cursors) are mixed into the drawn requests, so each op
 exercised beyond 401 and 404; what a JSON schema cannot say (an email must be deliverable, a
 webhook target must resolve to an allowed address) is filled in for the valid cases only.
 
+Besides this per-operation run, ``test_schemathesis_run_with_every_check_finds_nothing`` runs
+schemathesis' engine as ``st run --checks all`` does (coverage, fuzzing and stateful phases,
+the document's links chaining calls); :class:`FillIn` lists what it fills into valid requests.
+
 A new route is fuzzed as soon as it is in the table. If its success needs a resource that
 cannot be drawn, give it one in ``Fuzz._resources``; if its input obeys a rule a JSON schema
 cannot state, fill that in (valid cases only) in ``Fuzz._fill_in``; otherwise the test says the
@@ -20,6 +24,7 @@ operation "never succeeded".
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
 import time
 import uuid
@@ -28,6 +33,7 @@ from collections.abc import Coroutine, Iterator
 from contextlib import contextmanager
 from datetime import UTC, date, datetime, timedelta
 from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 import requests
@@ -38,6 +44,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.errors import HypothesisWarning
 from schemathesis import Case, CheckContext, GenerationMode, Response
+from schemathesis.engine import Status, events
+from schemathesis.engine.events import PhaseFinished
 from schemathesis.specs.openapi.checks import ignored_auth
 
 from config.settings import Settings
@@ -59,6 +67,19 @@ CONFIG = schemathesis.Config.from_str(
 expected-statuses = ["2xx", "3xx", "401", "403", "404", "409", "412", "429"]
 """
 )
+
+
+def _too_common(password: Any) -> bool:
+    """Whether registration refuses ``password`` by a rule the document cannot state."""
+    from core.account_rules import check_password
+
+    if not isinstance(password, str):
+        return False
+    try:
+        check_password(password)
+    except ValueError:
+        return True
+    return False
 
 
 class LiveServer:
@@ -127,7 +148,9 @@ class Live:
         self.user_id = str(pair["user"]["id"])
         self.user = self.bearer(pair)
         admin = {"email": ADMIN_EMAIL, "password": PASSWORD}
-        self.admin = self.bearer(self.call("POST", "/auth/login", None, admin, 200))
+        signed_in = self.call("POST", "/auth/login", None, admin, 200)
+        self.admin = self.bearer(signed_in)
+        self.admin_id = str(signed_in["user"]["id"])
         self._names: dict[str, list[str]] = {}
 
     def credentials(self) -> dict[str, str]:
@@ -198,6 +221,19 @@ class Live:
         assert self.server.run(create_notifications(self.server.app[CONTEXT], [item])) == 1
         return str(self.call("GET", "/notifications", self.user)["items"][0]["id"])
 
+    def victim(self) -> str:
+        """Another user's id, for operations on users (revoking the fuzzing user's own logins
+        would end the run)."""
+        if "victim" not in self._names:
+            body = {
+                "email": f"victim-{uuid.uuid4().hex[:8]}@example.com",
+                "password": PASSWORD + " victim",
+                "name": "Victim",
+            }
+            pair = self.call("POST", "/auth/register", None, body, 201)
+            self._names["victim"] = [str(pair["user"]["id"])]
+        return self._names["victim"][0]
+
     def backup(self) -> str:
         """A backup's id (one is started once; another is refused while it runs)."""
         if "backup" not in self._names:
@@ -254,14 +290,15 @@ def serving(settings: Settings) -> Iterator[Live]:
 
 @pytest.fixture
 def live(make_settings: Any) -> Iterator[Live]:
-    """The app on loopback with limits high enough that fuzzing is not throttled into 429s."""
+    """The app on loopback with limits high enough that fuzzing is not throttled into 429s,
+    and webhook targets checked without DNS (:func:`offline_webhook_targets`)."""
     settings = make_settings(
         rate_limit="1000000/minute",
         login_max_failures=1_000_000,
         login_max_failures_per_address=1_000_000,
         **COMMON,
     )
-    with serving(settings) as live:
+    with offline_webhook_targets(), serving(settings) as live:
         yield live
 
 
@@ -337,7 +374,7 @@ class Fuzz:
         positive = case.meta is not None and case.meta.generation.mode.is_positive
         if positive:
             self._fill_in(case, data)
-        headers.update(self._resources(case, data))
+        headers.update(self._resources(case, data, positive))
         if positive:
             self._cursor(case)
         repeat = False
@@ -389,6 +426,8 @@ class Fuzz:
         if isinstance(body, dict):
             if self.op_id == "register":
                 case.body = {**body, "email": f"{uuid.uuid4().hex[:10]}@example.com"}
+                if _too_common(body.get("password")):  # a list no schema states
+                    case.body["password"] = PASSWORD
             elif self.op_id == "create_webhook":
                 case.body = {**body, "url": HOOK_URL}
             elif self.op_id == "login" and data.draw(st.booleans(), "real login"):
@@ -422,8 +461,9 @@ class Fuzz:
         else:
             case.query = {**query, "cursor": cursor}
 
-    def _resources(self, case: Case, data: st.DataObject) -> dict[str, str]:
-        """Sometimes point the path at real resources; returns conditional headers to send."""
+    def _resources(self, case: Case, data: st.DataObject, positive: bool) -> dict[str, str]:
+        """Sometimes point the path at real resources; returns conditional headers to send
+        (valid cases only: a drawn invalid one must reach the server as drawn)."""
         params = case.path_parameters or {}
         if not params or not data.draw(st.booleans(), "real resources"):
             return {}
@@ -434,7 +474,7 @@ class Fuzz:
             task_id, etag = live.new_task()
             real["id"] = task_id
             for name in ("If-Match", "If-None-Match"):
-                if any(p.name == name for p in case.operation.iter_parameters()):
+                if positive and any(p.name == name for p in case.operation.iter_parameters()):
                     choice = data.draw(st.sampled_from(["drawn", "current", "*", "stale"]), name)
                     value = {"current": etag, "*": "*", "stale": f'"{task_id}.0"'}.get(choice)
                     if value is not None:
@@ -451,6 +491,8 @@ class Fuzz:
             real["id"] = live.backup()
         elif path.startswith(f"{API}/admin/schedules/"):
             real["name"] = data.draw(st.sampled_from(live.names("/admin/schedules", "name")))
+        elif "user_id" in params:
+            real["user_id"] = live.victim()
         case.path_parameters = {**params, **real}
         return headers
 
@@ -519,3 +561,228 @@ def test_edge_values_are_refused_as_documented(live: Live) -> None:
         body = {"ids": [task_id], "set": {field: None}}
         assert answer("POST", "/tasks/bulk", headers=live.user, body=body) == 422
     assert live.call("GET", f"/tasks/{task_id}", live.user)["status"] == "todo"
+
+
+# --- The whole run: every phase, every check -------------------------------------------------
+
+#: Statuses a schema-valid request may still get for the state it meets, besides schemathesis'
+#: defaults (2xx, 3xx, 401, 403, 404, 409, 429): 412 where If-Match is honoured (a current ETag
+#: cannot be drawn; RFC 9110 says a stale or weak one fails the precondition).
+ENGINE_CONFIG = {
+    "seed": 20240607,
+    "workers": 1,
+    "request-timeout": 30,
+    "continue-on-failure": True,
+    "checks": {"enabled": True},
+    "generation": {"max-examples": 8, "deterministic": True},
+    "phases": {"stateful": {"max-steps": 6}},
+    "operations": [
+        {
+            "include-operation-id": ["patch_task", "delete_task"],
+            "checks": {
+                "positive_data_acceptance": {
+                    "expected-statuses": ["2xx", "3xx", "401", "403", "404", "409", "412", "429"]
+                }
+            },
+        }
+    ],
+}
+
+
+class FillIn:
+    """What a JSON schema cannot say, put into valid (positive) requests just before they are
+    sent; schemathesis then re-checks that each is still valid. Negative requests go as drawn.
+
+    - a cursor is signed: a drawn one is forged, so a real cursor of the same list (or none);
+    - ``from``/``to`` of the analytics summary: at most 366 days, ``from`` first (a rule across
+      two parameters);
+    - a webhook target must resolve to an allowed address: the drawn URL is sent to loopback;
+    - a new account needs an address nobody has and a password not among the commonest;
+    - an Idempotency-Key already used with another body is refused (422): a fresh key;
+    - revoking every login of the fuzzing user (or admin) would end the run: another user's;
+    - schemathesis 4.32's coverage phase draws header values from ``[A-Za-z0-9]`` only, so for a
+      header whose pattern needs other characters (If-Match's quotes) it labels a value that
+      breaks the pattern as valid; such a header is left out.
+    """
+
+    def __init__(self, live: Live):
+        self.live = live
+
+    def __call__(self, context: Any, case: Case, kwargs: dict[str, Any]) -> None:
+        if case.meta is None or not case.meta.generation.mode.is_positive:
+            return
+        op_id = case.operation.definition.raw["operationId"]
+        self._headers(case)
+        body = case.body
+        if op_id == "register" and isinstance(body, dict):
+            case.body = {
+                **body,
+                "email": f"{uuid.uuid4().hex[:12]}@example.com",
+                "password": f"fuzz {uuid.uuid4().hex}",
+            }
+        elif (
+            op_id == "create_webhook"
+            and isinstance(body, dict)
+            and isinstance(body.get("url"), str)
+        ):
+            parts = urlsplit(body["url"])
+            case.body = {**body, "url": urlunsplit(("http", "127.0.0.1:9", *parts[2:4], ""))}
+        elif op_id == "revoke_sessions":
+            params = case.path_parameters or {}
+            if params.get("user_id") in (self.live.user_id, self.live.admin_id):
+                case.path_parameters = {**params, "user_id": self.live.victim()}
+        query = case.query or {}
+        if op_id == "analytics_summary":
+            case.query = self._range(query)
+        if query.get("cursor"):
+            self._cursor(case, op_id)
+
+    def _headers(self, case: Case) -> None:
+        headers = case.headers or {}
+        if "Idempotency-Key" in headers:
+            case.headers = {**headers, "Idempotency-Key": uuid.uuid4().hex}
+        for param in case.operation.iter_parameters():
+            value = headers.get(param.name)
+            pattern = param.definition.get("schema", {}).get("pattern")
+            drawn_wrong = isinstance(value, str) and pattern and not re.search(pattern, value)
+            if param.location == "header" and drawn_wrong:
+                case.headers = {k: v for k, v in (case.headers or {}).items() if k != param.name}
+
+    def _range(self, query: dict[str, Any]) -> dict[str, Any]:
+        today = datetime.now(UTC).date()
+        if "from" in query and "to" in query:
+            start = date.fromisoformat(query["from"])
+            days = int(uuid.uuid4().int % 366)
+            end = start + timedelta(days=min(days, (date.max - start).days))
+            return {**query, "to": end.isoformat()}
+        if "from" in query:
+            return {**query, "from": (today - timedelta(days=uuid.uuid4().int % 366)).isoformat()}
+        return query
+
+    def _cursor(self, case: Case, op_id: str) -> None:
+        """Keep a cursor the list accepts (one a link handed on), else use a real one."""
+        live, query = self.live, dict(case.query or {})
+        auth = live.admin if ROUTE_BY_ID[op_id].auth == "admin" else live.user
+        url = live.base + case.formatted_path
+        probe = live.http.get(url, params=query, headers=auth, timeout=30)
+        if probe.status_code == 200:
+            return
+        first = {**{k: v for k, v in query.items() if k != "cursor"}, "limit": 1}
+        page = live.http.get(url, params=first, headers=auth, timeout=30)
+        cursor = page.json().get("next_cursor") if page.status_code == 200 else None
+        query.pop("cursor")
+        case.query = {**query, "cursor": cursor} if cursor else query
+
+
+ROUTE_BY_ID = {route.operation_id: route for route in ROUTES}
+
+
+@schemathesis.check
+def answers_problem_details(ctx: CheckContext, response: Response, case: Case) -> bool | None:
+    """The engine's run of :func:`problem_details`."""
+    return problem_details(ctx, response, case)
+
+
+@contextmanager
+def offline_webhook_targets() -> Iterator[None]:
+    """Webhook targets are checked without DNS: a name resolves to nothing (refused), so no
+    drawn host name leaves the machine; loopback literals stay allowed by the allow list."""
+    from core import ssrf, webhooks
+
+    async def no_dns(host: str, port: int) -> list[tuple[int, str]]:
+        raise OSError(f"no DNS in tests ({host})")
+
+    async def check_target(url: str, allow_hosts: list[str], **kwargs: Any) -> Any:
+        kwargs["resolve"] = no_dns
+        return await ssrf.check_target(url, allow_hosts, **kwargs)
+
+    real = webhooks.check_target
+    webhooks.check_target = check_target  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        webhooks.check_target = real  # type: ignore[assignment]
+
+
+@pytest.mark.timeout(900)
+def test_schemathesis_run_with_every_check_finds_nothing(live: Live) -> None:
+    """What ``st run --checks all`` does, in the suite: the examples, coverage, fuzzing and
+    stateful phases (the document's links hand ids, ETags and cursors from one call to the
+    next) over every operation, each answer held to every built-in check and to RFC 9457.
+    A failure prints schemathesis' report of it, with a curl command to replay it."""
+    schema = schemathesis.openapi.from_url(
+        f"{live.base}{API}/openapi.json",
+        config=schemathesis.Config.from_dict(ENGINE_CONFIG),
+        timeout=30,
+    )
+    # Every operation, except the one serving the document itself, which schemathesis skips.
+    assert {op.definition.raw["operationId"] for op in _operations(schema)} == set(ROUTE_BY_ID) - {
+        "openapi"
+    }
+
+    @schema.auth(refresh_interval=None)
+    class Tokens:
+        def get(self, case: Case, ctx: Any) -> str | None:
+            route = ROUTE_BY_ID[case.operation.definition.raw["operationId"]]
+            if route.auth == "none":
+                return None
+            if route.operation_id == "logout":  # ends the login it is sent with
+                return str(live.login()["access_token"])
+            return (live.admin if route.auth == "admin" else live.user)["Authorization"][7:]
+
+        def set(self, case: Case, data: str, ctx: Any) -> None:
+            case.headers = {**(case.headers or {}), "Authorization": f"Bearer {data}"}
+
+    fill_in = schemathesis.hook("before_call")(FillIn(live))
+    failures: list[str] = []
+    phases: set[str] = set()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings(
+                "ignore", message="Do not use the `random` module", category=HypothesisWarning
+            )
+            for event in schemathesis.engine.from_schema(schema).execute():
+                failures.extend(_failures_of(event))
+                if isinstance(event, PhaseFinished) and event.status != Status.SKIP:
+                    phases.add(event.phase.name.value)
+    finally:
+        schemathesis.hooks.unregister(fill_in)
+    assert not failures, "\n\n".join(failures)
+    # The document has no examples, so that phase has nothing to do; the others must run.
+    assert {"coverage", "fuzzing", "stateful"} <= phases, phases
+
+
+def _operations(schema: Any) -> list[Any]:
+    return [result.ok() for result in schema.get_all_operations()]
+
+
+def _failures_of(event: Any) -> list[str]:
+    """Readable reports of what an engine event says went wrong (nothing for the rest)."""
+    out: list[str] = []
+    if isinstance(event, events.ScenarioFinished) and event.status in (
+        Status.FAILURE,
+        Status.ERROR,
+    ):
+        recorder = event.recorder
+        for case_id, checks in recorder.checks.items():
+            for check in checks:
+                if check.failure_info is None:
+                    continue
+                failure = check.failure_info.failure
+                interaction = recorder.interactions.get(case_id)
+                answer = interaction.response if interaction is not None else None
+                got = (
+                    f"{answer.status_code} {answer.content[:300]!r}" if answer is not None else "-"
+                )
+                out.append(
+                    f"{recorder.label} [{event.phase.value}] {check.name}: {failure.title}\n"
+                    f"{failure.message}\nanswer: {got}\n"
+                    f"{recorder.cases[case_id].value.as_curl_command()}"
+                )
+        if not out:
+            out.append(f"{recorder.label} [{event.phase.value}]: {event.status.value}")
+    elif isinstance(event, events.NonFatalError | events.FatalError):
+        out.append(f"{type(event).__name__}: {getattr(event, 'info', event)}")
+    elif isinstance(event, events.EngineFinished):
+        out.extend(f"{f.title}: {f.message}" for f in event.failures)
+    return out

@@ -18,7 +18,11 @@ from typing import Any
 import pytest
 from pydantic import BaseModel
 
+from core.pagination import CURSOR_PATTERN
+from core.webhook_url import URL_PATTERN
+from web.conditional import PRECONDITION_PATTERN
 from web.openapi import build_openapi
+from web.ratelimit import OPERATIONS_LIMITED
 from web.routes import ROUTES
 from web.routing import Route
 
@@ -124,7 +128,10 @@ def test_auth_and_rate_limit_refusals(route: Route) -> None:
                 assert "RateLimit-Policy" in response["headers"], code
                 assert "RateLimit" in response["headers"], code
     else:
-        assert "429" not in responses
+        # Bad credentials spend the address's budget on any route; the public /metrics and
+        # document have a per-address budget of their own (the 429 carries the fields).
+        limited = route.auth != "none" or route.path in OPERATIONS_LIMITED
+        assert ("429" in responses) is limited
         assert all("RateLimit" not in r["headers"] for r in responses.values())
 
 
@@ -132,14 +139,17 @@ def test_auth_and_rate_limit_refusals(route: Route) -> None:
 def test_body_refusals(route: Route) -> None:
     responses = _op(route)["responses"]
     assert "422" in responses  # unknown query parameters, at least
+    # 400: a body that is not JSON, or a malformed If-Match / If-None-Match.
+    preconditions = {"If-Match", "If-None-Match"} & set(_params(route, "header"))
+    assert ("400" in responses) is (route.body is not None or bool(preconditions))
     if route.body is None:
         assert "requestBody" not in _op(route)
-        assert "400" not in responses and "413" not in responses
+        assert "413" not in responses and "415" not in responses
         return
     body = _op(route)["requestBody"]
     assert body["required"] is True
     assert list(body["content"]) == ["application/json"]
-    assert {"400", "413"} <= set(responses)
+    assert {"400", "413", "415"} <= set(responses)
     # Unknown fields in a body are refused (422), and the document says so.
     assert _resolve(body["content"]["application/json"]["schema"])["additionalProperties"] is False
 
@@ -165,6 +175,9 @@ def test_conditional_and_idempotent_requests(route: Route) -> None:
         assert ok["headers"]["Idempotent-Replayed"]["required"] is False
     for param in headers.values():
         assert param["required"] is False, param["name"]
+    for name in ("If-Match", "If-None-Match"):
+        if name in headers:
+            assert headers[name]["schema"] == {"type": "string", "pattern": PRECONDITION_PATTERN}
 
 
 def _mentions_datetime(annotation: Any) -> bool:
@@ -224,3 +237,78 @@ def test_problem_schema() -> None:
     problem = SCHEMAS["Problem"]
     assert set(problem["required"]) == {"type", "title", "status", "detail"}
     assert "null" not in str(problem["properties"])
+
+
+@pytest.mark.parametrize(
+    ("value", "valid"),
+    [
+        ("*", True),
+        ('"a"', True),
+        ('W/"a"', True),
+        ('"a", W/"b" ,"c"', True),
+        ('"a",,"b",', True),
+        ('""', True),
+        ("", False),
+        ("garbage", False),
+        ('"a" "b"', False),
+        ('*, "a"', False),
+        ('"a"b', False),
+        ('w/"a"', False),
+    ],
+)
+def test_precondition_grammar(value: str, valid: bool) -> None:
+    """RFC 9110's ``If-Match``/``If-None-Match``: ``*`` or a list of entity tags."""
+    assert (re.fullmatch(PRECONDITION_PATTERN, value) is not None) is valid
+
+
+def test_links_name_operations_and_parameters_that_exist() -> None:
+    """Every link leads to an operation of the document, fills only parameters it declares
+    (qualified ``header.X`` names included), from a 2xx answer; creations link onwards."""
+    by_id = {op["operationId"]: op for ops in DOC["paths"].values() for op in ops.values()}
+    linked = set()
+    for ops in DOC["paths"].values():
+        for op in ops.values():
+            for code, response in op["responses"].items():
+                for name, link in response.get("links", {}).items():
+                    assert code.startswith("2"), (op["operationId"], name)
+                    target = by_id[link["operationId"]]
+                    declared = {(p["in"], p["name"]) for p in target["parameters"]}
+                    for key, expression in link["parameters"].items():
+                        where, _, pname = key.rpartition(".")
+                        if where:
+                            assert (where, pname) in declared, (name, key)
+                        else:
+                            assert any(n == pname for _, n in declared), (name, key)
+                        assert expression.startswith(("$response.", "$request.")), expression
+                    linked.add((op["operationId"], link["operationId"]))
+    for source, target in [
+        ("create_task", "get_task"),
+        ("create_task", "patch_task"),
+        ("create_task", "delete_task"),
+        ("create_task", "task_activity"),
+        ("create_webhook", "get_webhook"),
+        ("create_webhook", "delete_webhook"),
+        ("create_webhook", "list_webhook_deliveries"),
+        ("list_webhook_deliveries", "redeliver_webhook_delivery"),
+        ("list_notifications", "read_notification"),
+        ("start_backup", "get_backup"),
+        ("list_tasks", "list_tasks"),
+    ]:
+        assert (source, target) in linked, (source, target)
+
+
+def test_what_the_server_enforces_is_in_the_document() -> None:
+    """The rules a schema-driven client would otherwise break (tests/web/test_fuzz.py holds
+    the running server to them): cursors, webhook URLs, date-times, the analytics range."""
+    for route in ROUTES:
+        cursor = _params(route, "query").get("cursor")
+        if cursor is not None:
+            assert cursor["schema"]["pattern"] == CURSOR_PATTERN, route.path
+            assert "next_cursor" in cursor["description"]
+    url = _resolve({"$ref": "#/components/schemas/WebhookCreate"})["properties"]["url"]
+    assert url["pattern"] == URL_PATTERN
+    tasks = _params(next(r for r in ROUTES if r.operation_id == "list_tasks"), "query")
+    assert tasks["due_before"]["schema"] == {"type": "string", "format": "date-time"}
+    summary = _params(next(r for r in ROUTES if r.operation_id == "analytics_summary"), "query")
+    assert "366" in summary["from"]["description"]
+    assert summary["from"]["schema"]["format"] == "date"

@@ -45,14 +45,30 @@ async def test_secret_is_shown_once(allowing: Any) -> None:
     )
     assert resp.status == 201
     created = await resp.json()
-    assert set(created) == {"id", "url", "events", "created_at", "secret"}
+    assert set(created) == {
+        "id",
+        "url",
+        "events",
+        "created_at",
+        "state",
+        "paused_reason",
+        "paused_at",
+        "secret",
+    }
+    assert (created["state"], created["paused_reason"], created["paused_at"]) == (
+        "active",
+        None,
+        None,
+    )
     assert resp.headers["Location"] == f"{W}/{created['id']}"
     assert resp.headers["Cache-Control"] == "no-store"
     assert created["events"] == ["task.created", "task.completed"]
     assert len(created["secret"]) >= 43
 
     listed = await (await allowing.get(W, headers=auth)).json()
-    assert [set(item) for item in listed["items"]] == [{"id", "url", "events", "created_at"}]
+    assert [set(item) for item in listed["items"]] == [
+        {"id", "url", "events", "created_at", "state", "paused_reason", "paused_at"}
+    ]
     one = await (await allowing.get(f"{W}/{created['id']}", headers=auth)).json()
     assert "secret" not in one
     assert one["url"] == LOOP

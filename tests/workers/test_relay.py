@@ -1,4 +1,6 @@
-"""The outbox relay: claims, enqueues, marks; gives a batch back when the broker fails."""
+"""The outbox relay: claims, enqueues, marks; gives a batch back when the broker fails.
+
+Per-event failures, set-aside events and the outbox lag: test_relay_poison.py."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import pytest
 from config.connections import Connections
 from core import events
 from workers.broker import build_broker
-from workers.relay import Relay
+from workers.relay import Outcome, Relay
 
 
 async def _pending(ctx: Any, n: int) -> list[Any]:
@@ -43,17 +45,19 @@ async def test_a_failed_send_gives_the_batch_back_at_once(settings: Any, ctx: An
         await _pending(ctx, 2)
         relay = Relay(ctx, platform.broker, lease_seconds=300)
 
-        def broken(claimed: Any) -> None:
+        def broken(message: Any, **options: Any) -> None:
             raise ConnectionError("broker down")
 
-        relay._enqueue = broken  # type: ignore[method-assign]
+        platform.broker.enqueue = broken  # type: ignore[method-assign]
         with pytest.raises(ConnectionError):
             await relay.drain_once()
         left = await ctx.store["events"].find({"pending": True}).to_list()
         assert len(left) == 2
         assert all("lease_owner" not in e and "lease_until" not in e for e in left)
+        # An outage charges no event.
+        assert all("attempts" not in e and "next_attempt_at" not in e for e in left)
         # Without the release, the 300 s lease would hide them from the next round.
-        del relay._enqueue
+        del platform.broker.enqueue
         assert await relay.drain_once() == 2
     finally:
         platform.close()
@@ -65,8 +69,13 @@ async def test_concurrent_relays_claim_each_event_once(settings: Any, ctx: Any) 
         await _pending(ctx, 40)
         sent: list[str] = []
         relays = [Relay(ctx, platform.broker, batch_size=10) for _ in range(3)]
+
+        def record(claimed: list[Any], outcome: Outcome) -> None:
+            sent.extend(str(e["_id"]) for e in claimed)
+            outcome.sent.extend(e["_id"] for e in claimed)
+
         for relay in relays:
-            relay._enqueue = lambda claimed: sent.extend(str(e["_id"]) for e in claimed)  # type: ignore[method-assign]
+            relay._enqueue = record  # type: ignore[method-assign]
         while await ctx.store["events"].count_documents({"pending": True}):
             await asyncio.gather(*(r.drain_once() for r in relays))
         assert len(sent) == 40

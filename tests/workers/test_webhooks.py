@@ -10,6 +10,7 @@ import socket
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -20,11 +21,12 @@ from dramatiq.brokers.redis import RedisBroker
 from config.connections import Connections
 from core import webhooks
 from core.events import public_event
-from core.store import Doc
+from core.store import Doc, utcnow
 from core.webhooks import Target
 from tests.conftest import bearer, register
 from web.app import CONTEXT, PLATFORM, create_app
 from workers.broker import build_broker
+from workers.registry import registry_index
 from workers.webhooks import DeliveryRefused, attempt_delivery, post
 
 W = "/api/v1/webhooks"
@@ -387,7 +389,8 @@ async def test_target_is_checked_again_at_delivery(
     finally:
         await settle(strict.broker)
         await asyncio.to_thread(worker.stop)
-    assert "loopback address (127.0.0.1)" in dead["last_error"]
+    assert "not allowed" in dead["last_error"]
+    assert "127.0.0.1" not in dead["last_error"]
     assert dead["attempts"] == 1
     assert dead["response_code"] is None
     assert receiver.hits == []
@@ -467,6 +470,197 @@ async def test_delivery_check_uses_the_name_not_the_address(
         "secret": webhooks.seal_secret(settings, "65f0c0ffee00000000000001", "s"),
     }
     delivery = {"_id": "e:w", "event_id": "e", "event": "task.created", "body": "{}"}
-    with pytest.raises(DeliveryRefused, match="loopback"):
+    with pytest.raises(DeliveryRefused, match="not allowed"):
         await attempt_delivery(settings, hook, delivery)
     assert receiver.hits == []
+
+
+# --- leases: a redelivered message waits for a live lease, and a lease dies with its worker --
+
+
+async def pending_delivery(app: Any, client: Any, auth: dict[str, str], url: str) -> str:
+    """A delivery created and marked enqueued as the fan-out does, before any worker runs
+    (so the fan-out, when a worker starts, leaves it alone); its id."""
+    await add_hook(client, auth, url, ["task.created"])
+    await add_task(client, auth)
+    ctx = app[CONTEXT]
+    event = await ctx.store["events"].find_one({"type": "task.created"})
+    hook_doc = await ctx.store["webhooks"].find_one({})
+    delivery, _ = await webhooks.ensure_delivery(ctx, hook_doc, public_event(event))
+    await webhooks.mark_enqueued(ctx, delivery["_id"])
+    return str(delivery["_id"])
+
+
+async def lease_to(app: Any, delivery_id: str, worker: str, *, seconds: float = 30.0) -> None:
+    """Give the delivery's lease to ``worker``, as its claim would, mid-attempt."""
+    now = utcnow()
+    await (
+        app[CONTEXT]
+        .store["webhook_deliveries"]
+        .update_one(
+            {"_id": delivery_id},
+            {
+                "$set": {
+                    "lease_until": now + timedelta(seconds=seconds),
+                    "lease_token": "held-by-" + worker,
+                    "lease_worker": worker,
+                    "leased_at": now - timedelta(seconds=2),
+                }
+            },
+        )
+    )
+
+
+async def beat(app: Any, worker: str, *, age_ms: int = 0) -> None:
+    """Record a heartbeat of ``worker`` in the registry, ``age_ms`` ago."""
+    ctx = app[CONTEXT]
+    now = int(time.time() * 1000)
+    await ctx.redis.zadd(registry_index(ctx.settings.redis_prefix), {worker: now - age_ms})
+
+
+async def test_a_message_meeting_a_live_lease_waits_without_spending_retries(
+    brokers: list[Any], make_settings: Any, aiohttp_client: Any, run_worker: Any, receiver: Receiver
+) -> None:
+    """Another worker, beating, holds the lease: the message waits (no retries at all are
+    allowed, and it is not dead-lettered) and attempts once the lease is given back."""
+    app, client, auth = await setup(
+        brokers, make_settings, aiohttp_client, None, webhook_max_retries=0
+    )
+    delivery_id = await pending_delivery(app, client, auth, receiver.url())
+    await lease_to(app, delivery_id, "peer")
+    deliver = app[PLATFORM].actors["deliver_webhook"]
+    await asyncio.to_thread(deliver.send, delivery_id, 0)
+    run_worker(app)
+    coll = app[CONTEXT].store["webhook_deliveries"]
+    deadline = time.monotonic() + 3.5  # several lease waits (1 to 1.5 s each)
+    while time.monotonic() < deadline:
+        await beat(app, "peer")
+        doc = await coll.find_one({"_id": delivery_id})
+        assert (doc["status"], doc["attempts"]) == ("pending", 0)
+        await asyncio.sleep(0.2)
+    assert receiver.hits == []
+    assert await dead_lettered(app) == []
+
+    await webhooks.release(app[CONTEXT], delivery_id, "held-by-peer")
+    done = await wait_delivery(app, _hook_of(delivery_id), lambda d: d["status"] != "pending")
+    assert (done["status"], done["attempts"], done["last_error"]) == ("succeeded", 1, None)
+    await join(app)
+    assert len(receiver.hits) == 1
+    assert await dead_lettered(app) == []
+
+
+def _hook_of(delivery_id: str) -> str:
+    return delivery_id.split(":", 1)[1]
+
+
+@pytest.mark.parametrize("heartbeat", ["none", "stale"])
+async def test_a_lease_dies_with_its_worker(
+    brokers: list[Any],
+    make_settings: Any,
+    aiohttp_client: Any,
+    run_worker: Any,
+    receiver: Receiver,
+    heartbeat: str,
+) -> None:
+    """The worker holding a 30 s lease died (its registration is gone, or its heartbeat is
+    older than WORKER_HEARTBEAT_TIMEOUT_MS): the next message takes the lease over at once,
+    and the interrupted attempt is counted."""
+    app, client, auth = await setup(
+        brokers, make_settings, aiohttp_client, None, webhook_max_retries=0
+    )
+    delivery_id = await pending_delivery(app, client, auth, receiver.url())
+    await lease_to(app, delivery_id, "crashed")
+    if heartbeat == "stale":
+        await beat(app, "crashed", age_ms=app[CONTEXT].settings.worker_heartbeat_timeout_ms + 500)
+    deliver = app[PLATFORM].actors["deliver_webhook"]
+    began = time.monotonic()
+    await asyncio.to_thread(deliver.send, delivery_id, 0)
+    run_worker(app)
+    done = await wait_delivery(app, _hook_of(delivery_id), lambda d: d["status"] != "pending")
+    assert time.monotonic() - began < 10, "waited for the lease's time bound"
+    assert (done["status"], done["attempts"], done["last_error"]) == ("succeeded", 2, None)
+    assert "lease_token" not in done
+    assert "lease_worker" not in done
+    await join(app)
+    assert len(receiver.hits) == 1
+    assert await dead_lettered(app) == []
+
+
+async def seed_delivery(ctx: Any, delivery_id: str = "e1:w1") -> str:
+    now = utcnow()
+    await ctx.store["webhook_deliveries"].insert_one(
+        {
+            "_id": delivery_id,
+            "webhook_id": "w1",
+            "owner": "u1",
+            "status": "pending",
+            "attempts": 0,
+            "generation": 0,
+            "created_at": now,
+        }
+    )
+    return delivery_id
+
+
+async def test_claim_takes_over_a_dead_workers_lease_once(ctx: Any) -> None:
+    """Of many messages meeting a dead worker's lease at once, exactly one takes it over;
+    a live worker's lease is left alone; a lease without a worker dies only with time."""
+    key = registry_index(ctx.settings.redis_prefix)
+    me = webhooks.Holder("me", key)
+    delivery_id = await seed_delivery(ctx)
+    lease = timedelta(seconds=30)
+
+    first = await webhooks.claim(ctx, delivery_id, 0, lease, webhooks.Holder("w-live", key))
+    assert isinstance(first, webhooks.Lease)
+    assert first.delivery["lease_worker"] == "w-live"
+    await ctx.redis.zadd(key, {"w-live": int(time.time() * 1000)})
+    assert await webhooks.claim(ctx, delivery_id, 0, lease, me) == "busy"
+
+    await ctx.redis.zrem(key, "w-live")  # it died (or deregistered)
+    rivals = [webhooks.Holder(f"m{n}", key) for n in range(6)]
+    await ctx.redis.zadd(key, {h.worker_id: int(time.time() * 1000) for h in rivals})
+    won = await asyncio.gather(*(webhooks.claim(ctx, delivery_id, 0, lease, h) for h in rivals))
+    leases = [c for c in won if isinstance(c, webhooks.Lease)]
+    assert len(leases) == 1
+    assert won.count("busy") == 5
+    [taken] = leases
+    assert taken.took_over == "w-live"
+    assert taken.delivery["attempts"] == 1
+    assert (
+        taken.delivery["last_error"]
+        == "interrupted: worker w-live stopped beating during the attempt"
+    )
+
+    await webhooks.release(ctx, delivery_id, taken.token)
+    anonymous = await webhooks.claim(ctx, delivery_id, 0, lease, None)
+    assert isinstance(anonymous, webhooks.Lease)
+    assert await webhooks.claim(ctx, delivery_id, 0, lease, me) == "busy"
+    await ctx.store["webhook_deliveries"].update_one(
+        {"_id": delivery_id}, {"$set": {"lease_until": utcnow() - timedelta(seconds=1)}}
+    )
+    expired = await webhooks.claim(ctx, delivery_id, 0, lease, me)
+    assert isinstance(expired, webhooks.Lease)
+    assert expired.took_over == "expired"
+    assert expired.delivery["attempts"] == 2
+
+
+async def test_a_dead_workers_slot_is_free_again(ctx: Any) -> None:
+    """A user's slots taken by a worker that stopped beating are dropped when the cap is
+    reached; those of a live worker, and those naming no worker, only lapse with their ttl."""
+    key = registry_index(ctx.settings.redis_prefix)
+    cap = ctx.settings.webhook_max_in_flight_per_user
+    ttl = timedelta(seconds=30)
+    live, dead, me = (webhooks.Holder(w, key) for w in ("w-live", "w-dead", "me"))
+    now = int(time.time() * 1000)
+    await ctx.redis.zadd(key, {"w-live": now, "me": now})
+    for n in range(cap):
+        holder = dead if n % 2 else live
+        token = webhooks.slot_token(holder if n < cap - 1 else None)
+        assert await webhooks.take_slot(ctx, "u1", token, ttl, holder=holder)
+    assert await webhooks.slots_in_use(ctx, "u1") == cap
+    dead_slots = len([n for n in range(cap - 1) if n % 2])
+    for _ in range(dead_slots):
+        assert await webhooks.take_slot(ctx, "u1", webhooks.slot_token(me), ttl, holder=me)
+    assert not await webhooks.take_slot(ctx, "u1", webhooks.slot_token(me), ttl, holder=me)
+    assert not await webhooks.take_slot(ctx, "u1", "plain", ttl)
+    assert await webhooks.slots_in_use(ctx, "u1") == cap

@@ -20,9 +20,11 @@ from prometheus_client.registry import Collector
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from config.logging import get_logger
+from core import accounts
 from core.errors import Unavailable
-from web.keys import CONNECTIONS, PLATFORM
-from web.routing import body, json_response, query
+from core.pagination import Cursor
+from web.keys import CONNECTIONS, CONTEXT, PLATFORM
+from web.routing import body, claims, json_response, query
 from workers import ops
 
 log = get_logger(__name__)
@@ -66,7 +68,7 @@ class DeadQuery(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     limit: int = Field(50, ge=1, le=200)
-    cursor: Annotated[str, StringConstraints(max_length=512)] | None = None
+    cursor: Cursor | None = None
 
 
 class RetryIn(BaseModel):
@@ -113,6 +115,22 @@ class WorkerList(BaseModel):
     items: list[WorkerOut]
 
 
+async def revoke_sessions(request: web.Request) -> web.Response:
+    """End every login of a user now: its access tokens are refused from the next request,
+    its refresh tokens too (404 for an unknown user; 503 if the denylist is unreachable, in
+    which case nothing was revoked and the call can be repeated)."""
+    ctx = request.app[CONTEXT]
+    user = await accounts.get_user(ctx, request.match_info["user_id"])
+    count = await accounts.revoke_user_logins(ctx, str(user["_id"]))
+    log.info(
+        "admin.sessions_revoked",
+        user_id=str(user["_id"]),
+        by=claims(request).subject,
+        logins=count,
+    )
+    return web.Response(status=204)
+
+
 def _inspector(request: web.Request) -> ops.QueueInspector:
     return request.app[PLATFORM].inspector
 
@@ -142,7 +160,10 @@ async def list_dead(request: web.Request) -> web.Response:
     """A page of a queue's dead letters, oldest first."""
     q = query(request, DeadQuery)
     page = await _call(
-        _inspector(request).dead, request.match_info["queue"], limit=q.limit, cursor=q.cursor
+        _inspector(request).dead,
+        request.match_info["queue"],
+        limit=q.limit,
+        cursor=q.cursor or None,  # empty: the first page, as for every list
     )
     return json_response(
         DeadList(

@@ -25,7 +25,8 @@ def location(backup_id: str) -> str:
 async def list_backups(request: web.Request) -> web.Response:
     """Backups, newest first: queued, running, succeeded, failed and pruned ones."""
     q = query(request, PageQuery)
-    return json_response(await backups.page(request.app[CONTEXT], q.limit, q.cursor))
+    # An empty cursor asks for the first page, as on every list.
+    return json_response(await backups.page(request.app[CONTEXT], q.limit, q.cursor or None))
 
 
 async def get_backup(request: web.Request) -> web.Response:

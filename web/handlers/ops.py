@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
+import re
+import time
 from collections.abc import Awaitable
+from dataclasses import dataclass
+from functools import cache
 from importlib.resources import files
 
 from aiohttp import web
@@ -13,9 +19,15 @@ from pydantic import BaseModel
 from core.errors import Unavailable
 from web.handlers.admin import refresh_queue_metrics
 from web.keys import CONTEXT, OPENAPI
+from web.ratelimit import spend_operations_budget
 from web.routing import json_response
 
 READY_TIMEOUT = 2.0
+#: How long one readiness answer is reused (seconds). ``/readyz`` is unauthenticated and
+#: unlimited (probes must never be throttled), so a flood of it must not become a flood of
+#: pings to MongoDB and Redis: every caller within this window gets the same answer, and
+#: callers arriving while a check runs wait for that one check.
+READY_CACHE_SECONDS = 1.0
 
 
 class Health(BaseModel):
@@ -30,8 +42,20 @@ async def healthz(request: web.Request) -> web.Response:
     return json_response(Health(status="ok"))
 
 
-async def readyz(request: web.Request) -> web.Response:
-    """Readiness: MongoDB and Redis answer; 503 naming what failed."""
+@dataclass
+class Readiness:
+    """An app's last readiness result and the check under way, if any (see
+    :data:`READY_CACHE_SECONDS`); ``create_app`` gives each app one."""
+
+    checked_at: float = float("-inf")
+    checks: dict[str, str] | None = None
+    running: asyncio.Task[dict[str, str]] | None = None
+
+
+READINESS = web.AppKey("readiness", Readiness)
+
+
+async def _check_dependencies(request: web.Request) -> dict[str, str]:
     ctx = request.app[CONTEXT]
     checks: dict[str, str] = {}
 
@@ -43,6 +67,32 @@ async def readyz(request: web.Request) -> web.Response:
             checks[name] = f"unreachable: {type(exc).__name__}"
 
     await asyncio.gather(check("mongodb", ctx.store.ping()), check("redis", ctx.redis.ping()))
+    return checks
+
+
+async def _readiness(request: web.Request) -> dict[str, str]:
+    """The dependencies' state, at most :data:`READY_CACHE_SECONDS` old, one check at a time."""
+    state = request.app[READINESS]
+    if state.checks is not None and time.monotonic() - state.checked_at < READY_CACHE_SECONDS:
+        return state.checks
+    task = state.running
+    if task is None:
+        task = state.running = asyncio.create_task(_check_dependencies(request))
+
+        def record(done: asyncio.Task[dict[str, str]]) -> None:
+            state.running = None
+            if not done.cancelled() and done.exception() is None:
+                state.checks, state.checked_at = done.result(), time.monotonic()
+
+        task.add_done_callback(record)
+    # Shielded: a caller that goes away does not cancel the check the others wait for.
+    return await asyncio.shield(task)
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Readiness: MongoDB and Redis answer; 503 naming what failed. The answer may be up to
+    :data:`READY_CACHE_SECONDS` old (see there)."""
+    checks = await _readiness(request)
     failed = [name for name, state in checks.items() if state != "ok"]
     if failed:
         raise Unavailable(f"Not ready: {', '.join(failed)} unreachable")
@@ -50,7 +100,10 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    """Prometheus exposition (queue depths read on a thread first, see handlers/admin.py)."""
+    """Prometheus exposition (queue depths read on a thread first, see handlers/admin.py).
+
+    Public, so limited per address (generously: web/ratelimit.py ``OPERATIONS_POLICY``)."""
+    await spend_operations_budget(request)
     await refresh_queue_metrics(request.app)
     response = web.Response(body=generate_latest())
     response.content_type = CONTENT_TYPE_LATEST.split(";")[0]
@@ -58,11 +111,53 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 async def openapi(request: web.Request) -> web.Response:
-    """The OpenAPI 3.1 document of this API."""
+    """The OpenAPI 3.1 document of this API (limited per address, as ``/metrics``)."""
+    await spend_operations_budget(request)
     return json_response(request.app[OPENAPI])
+
+
+def _inline_script_hashes(page: str) -> str:
+    """CSP sources allowing exactly the page's inline scripts (``'sha256-…'``)."""
+    return " ".join(
+        f"'sha256-{base64.b64encode(hashlib.sha256(body.encode()).digest()).decode()}'"
+        for body in re.findall(r"<script>(.*?)</script>", page, flags=re.DOTALL)
+    )
+
+
+@cache
+def docs_page() -> tuple[str, dict[str, str]]:
+    """The Swagger UI page and its security headers.
+
+    Scripts run only from this server, the page's own inline start-up script by its hash;
+    Swagger UI's inline styles and its ``data:`` icons are allowed, nothing else is. The page
+    cannot be framed, is not sniffed, sends no referrer, and (``persistAuthorization: false``)
+    keeps a token typed into "Authorize" in memory only, never in localStorage.
+    """
+    page = files("web").joinpath("static/docs.html").read_text(encoding="utf-8")
+    policy = "; ".join(
+        (
+            "default-src 'self'",
+            f"script-src 'self' {_inline_script_hashes(page)}",
+            "style-src 'self' 'unsafe-inline'",
+            "img-src 'self' data:",
+            "connect-src 'self'",
+            "object-src 'none'",
+            "base-uri 'none'",
+            "form-action 'self'",
+            "frame-ancestors 'none'",
+        )
+    )
+    headers = {
+        "Content-Security-Policy": policy,
+        "X-Frame-Options": "DENY",
+        "X-Content-Type-Options": "nosniff",
+        "Referrer-Policy": "no-referrer",
+        "Cache-Control": "no-cache",
+    }
+    return page, headers
 
 
 async def docs(request: web.Request) -> web.Response:
     """Swagger UI, served from the swagger-ui-bundle package (no network fetch)."""
-    page = files("web").joinpath("static/docs.html").read_text()
-    return web.Response(text=page, content_type="text/html")
+    page, headers = docs_page()
+    return web.Response(text=page, content_type="text/html", headers=headers)

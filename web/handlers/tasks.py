@@ -6,6 +6,7 @@ from aiohttp import web
 
 from core import tasks
 from core.store import Doc
+from web.conditional import precondition
 from web.keys import CONTEXT
 from web.routing import body, claims, json_response, query
 
@@ -38,14 +39,26 @@ async def list_tasks(request: web.Request) -> web.Response:
 
 async def get_task(request: web.Request) -> web.Response:
     """One task; ``If-None-Match`` with its current ETag answers 304."""
+    inm = precondition(request, "If-None-Match")
     doc = await tasks.get(request.app[CONTEXT], claims(request).subject, request.match_info["id"])
     tag = tasks.etag(doc)
-    inm = request.headers.get("If-None-Match")
-    if inm is not None and (
-        inm.strip() == "*" or tag in [t.strip().removeprefix("W/") for t in inm.split(",")]
-    ):
+    if inm is not None and inm.weak_match(tag):
         return web.Response(status=304, headers={"ETag": tag})
     return _task_response(doc)
+
+
+def _if_match(request: web.Request) -> str | None:
+    """``If-Match`` for :mod:`core.tasks` (400 when malformed): ``*``, or the strong tags that
+    could equal a task's ETag. Weak tags never match (strong comparison) and ours hold no
+    comma, so both are dropped; when nothing is left, ``""`` (an ETag no task has) makes the
+    request fail its precondition (412) as RFC 9110 says."""
+    parsed = precondition(request, "If-Match")
+    if parsed is None:
+        return None
+    if parsed.any:
+        return "*"
+    strong = [t for t in parsed.tags if not t.startswith("W/") and "," not in t]
+    return ", ".join(strong) or '""'
 
 
 async def patch_task(request: web.Request) -> web.Response:
@@ -55,7 +68,7 @@ async def patch_task(request: web.Request) -> web.Response:
         claims(request).subject,
         request.match_info["id"],
         body(request, tasks.TaskUpdate).changes(),
-        request.headers.get("If-Match"),
+        _if_match(request),
     )
     return _task_response(doc)
 
@@ -66,7 +79,7 @@ async def delete_task(request: web.Request) -> web.Response:
         request.app[CONTEXT],
         claims(request).subject,
         request.match_info["id"],
-        request.headers.get("If-Match"),
+        _if_match(request),
     )
     return web.Response(status=204)
 

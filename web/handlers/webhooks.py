@@ -66,3 +66,13 @@ async def redeliver_webhook_delivery(request: web.Request) -> web.Response:
         request.match_info["delivery_id"],
     )
     return json_response(webhooks.delivery_public(doc), status=202)
+
+
+async def resume_webhook(request: web.Request) -> web.Response:
+    """Make a webhook the circuit breaker paused ``active`` again (idempotent) and send its
+    held deliveries again, oldest first (up to 1,000 per request; call again for more)."""
+    doc, sent = await webhooks.resume(
+        request.app[CONTEXT], claims(request).subject, request.match_info["id"]
+    )
+    resumed = webhooks.WebhookResumed(**webhooks.public(doc).model_dump(), redelivered=sent)
+    return json_response(resumed)
