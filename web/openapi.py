@@ -32,6 +32,7 @@ from pydantic.json_schema import GenerateJsonSchema, JsonSchemaValue, models_jso
 from pydantic_core import core_schema
 
 from web.conditional import PRECONDITION_PATTERN
+from web.outages import API_PREFIX, NEEDS_NO_STORE
 from web.problem import PROBLEM_TYPE, Problem
 from web.ratelimit import OPERATIONS_LIMITED
 from web.routing import Route
@@ -50,7 +51,8 @@ _STATUS_TEXT = {
     415: "The body is not sent as application/json",
     422: "Validation failed (body, query parameters or headers); see errors",
     429: "Rate limited; see Retry-After",
-    503: "A dependency is unavailable",
+    503: "A store (MongoDB, or Redis where the operation cannot do without it) is "
+    "unreachable, or the server is too busy to check a password; see Retry-After",
 }
 _TAGS = {
     "auth": "Registration, sign-in and tokens",
@@ -444,7 +446,7 @@ def _responses(route: Route, refs: dict[Any, Any]) -> dict[str, Any]:
             headers = {"X-Request-ID": _REQUEST_ID}
         if code == 401:
             headers["WWW-Authenticate"] = _WWW_AUTHENTICATE
-        if code == 429:
+        if code in (429, 503):
             headers["Retry-After"] = _RETRY_AFTER
         if route.idempotent and (code == 409 or code in route.errors):
             # What the handler refused is the stored outcome of the key, replayed as such.
@@ -474,4 +476,6 @@ def _error_codes(route: Route) -> set[int]:
         codes.add(429)
     if route.idempotent:
         codes.add(409)
+    if route.path.startswith(API_PREFIX) and route.path not in NEEDS_NO_STORE:
+        codes.add(503)  # a store is unreachable (web/outages.py)
     return codes
