@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test lint typecheck pytest bench clean browser
+.PHONY: install run test lint typecheck pytest bench clean browser promtool
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,6 +20,7 @@ run: install
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 typecheck: install
 	$(BIN)/mypy
@@ -38,7 +39,21 @@ browser:
 	    "(tests/web/test_dashboard.py fails without it)"; \
 	fi
 
-pytest: install browser
+# The alert rules (deploy/prometheus) are checked and unit-tested by promtool, from Debian's
+# prometheus package (tests/deploy/test_manifests.py fails without it).
+PROMTOOL := /usr/bin/promtool
+
+promtool:
+	@if [ -x $(PROMTOOL) ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "make: installing Debian's prometheus (for promtool)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
+	else \
+	  echo "make: $(PROMTOOL) is missing and this is not root: run 'sudo apt-get install prometheus'" \
+	    "(tests/deploy/test_manifests.py fails without it)"; \
+	fi
+
+pytest: install browser promtool
 	$(BIN)/pytest
 
 test: lint typecheck pytest

@@ -1324,7 +1324,7 @@ KEY_FUNCTIONS = [
     ("web/routing.py", "_parse_query", "query validation"),
     ("web/routing.py", "_parse_body", "body parse + validation"),
     ("web/routing.py", "json_response", "response: model_dump_json + Response"),
-    ("core/tasks.py", "list_page", "tasks.list_page"),
+    ("core/tasks.py", "_query_page", "tasks list page (keyset_page)"),
     ("core/tasks.py", "public", "tasks.public (TaskPublic per doc)"),
     ("core/tasks.py", "get", "tasks.get"),
     ("core/tasks.py", "create", "tasks.create"),

@@ -32,6 +32,7 @@ from config.logging import get_logger, setup_logging
 from config.settings import Settings
 from core import tasks
 from core.security import Tokens
+from core.task_models import Stats, TaskPage
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -106,12 +107,12 @@ def measure(calls: int, rounds: int = 7) -> list[tuple[str, float, str]]:
     options = {"require": ["exp", "iat", "iss", "aud", "sub", "jti", "sid", "type"]}
 
     docs = first_page()
-    page = tasks.TaskPage(items=[tasks.public(d) for d in docs], next_cursor="c" * 64)
+    page = TaskPage(items=[tasks.public(d) for d in docs], next_cursor="c" * 64)
     page_blob = json.dumps(
         {"gen": 3, "until": time.time() + 3600, "value": page.model_dump(mode="json")}
     )
     page_value = json.loads(page_blob)["value"]
-    stats = tasks.Stats(
+    stats = Stats(
         total=500,
         by_status={"todo": 250, "in_progress": 125, "done": 125},
         by_priority={"low": 100, "medium": 200, "high": 100, "urgent": 100},
@@ -125,11 +126,11 @@ def measure(calls: int, rounds: int = 7) -> list[tuple[str, float, str]]:
 
     def page_hit() -> bytes:
         entry = json.loads(page_blob)
-        return tasks.TaskPage.model_validate(entry["value"]).model_dump_json().encode()
+        return TaskPage.model_validate(entry["value"]).model_dump_json().encode()
 
     def stats_hit() -> bytes:
         entry = json.loads(stats_blob)
-        return tasks.Stats.model_validate(entry["value"]).model_dump_json().encode()
+        return Stats.model_validate(entry["value"]).model_dump_json().encode()
 
     def request_id() -> None:
         structlog.contextvars.clear_contextvars()
@@ -178,14 +179,14 @@ def measure(calls: int, rounds: int = 7) -> list[tuple[str, float, str]]:
         ("  json.loads", cost_us(lambda: json.loads(page_blob), big), "of the cached entry"),
         (
             "  TaskPage.model_validate",
-            cost_us(lambda: tasks.TaskPage.model_validate(page_value), big),
+            cost_us(lambda: TaskPage.model_validate(page_value), big),
             "50 TaskPublic, datetimes parsed again",
         ),
         ("  TaskPage.model_dump_json", cost_us(page.model_dump_json, big), "the response body"),
         (
             "first page from MongoDB docs",
             cost_us(
-                lambda: tasks.TaskPage(
+                lambda: TaskPage(
                     items=[tasks.public(d) for d in docs], next_cursor=None
                 ).model_dump_json(),
                 big,

@@ -13,19 +13,19 @@ from typing import Any, TypeVar
 
 import click
 
+from cli.common import echo_table, load_settings, run_async
 from config.connections import Connections
 from config.logging import setup_logging
 from config.settings import Settings
-from core import backups
+from core import backup_format, backups, restore
 from core.context import Context, open_context
 from core.errors import AppError
+from core.pagination import PageQuery
 
 T = TypeVar("T")
 
 
 def _settings() -> Settings:
-    from cli.main import load_settings
-
     settings = load_settings()
     setup_logging(settings, process="cli")
     return settings
@@ -33,8 +33,6 @@ def _settings() -> Settings:
 
 def load_settings_for_files() -> Settings:
     """Settings for commands that only read ``BACKUP_DIR`` (no database needed)."""
-    from cli.main import load_settings
-
     settings = load_settings(need_services=False)
     setup_logging(settings, process="cli")
     return settings
@@ -42,7 +40,6 @@ def load_settings_for_files() -> Settings:
 
 def _run(settings: Settings, work: Callable[[Context], Awaitable[T]]) -> T:
     """Run ``work`` with a context on a fresh loop; domain errors become readable exits."""
-    from cli.main import run_async
 
     async def go() -> T:
         async with open_context(settings, Connections(settings)) as ctx:
@@ -55,7 +52,7 @@ def _run(settings: Settings, work: Callable[[Context], Awaitable[T]]) -> T:
 
 
 @contextmanager
-def _bars(verb: str = "") -> Iterator[backups.Progress]:
+def _bars(verb: str = "") -> Iterator[backup_format.Progress]:
     """A progress callback drawing one tqdm bar per collection on stderr."""
     from tqdm import tqdm  # type: ignore[import-untyped]
 
@@ -121,12 +118,10 @@ def backup_list(limit: int, as_json: bool) -> None:
     """Backups, newest first: the catalogue, plus directories found in BACKUP_DIR."""
     import json
 
-    from cli.main import _table
-
     settings = _settings()
 
     async def work(ctx: Context) -> list[backups.BackupPublic]:
-        return (await backups.page(ctx, limit)).items
+        return (await backups.page(ctx, PageQuery(limit=limit))).items
 
     records = {r.id: r for r in _run(settings, work)}
     disk = {d.id: d for d in backups.scan(settings)}
@@ -140,7 +135,7 @@ def backup_list(limit: int, as_json: bool) -> None:
     if not rows:
         click.echo(f"no backups (BACKUP_DIR={settings.backup_dir})")
         return
-    _table(
+    echo_table(
         ["ID", "STATUS", "STARTED", "SIZE", "DOCUMENTS", "COLLECTIONS", "ON DISK"],
         [
             [
@@ -191,11 +186,11 @@ def backup_verify(backup_id: str) -> None:
     """Check a backup's files against its manifest (exit 1 on any problem)."""
     settings = load_settings_for_files()
     try:
-        path = backups.locate(settings, backup_id)
+        path = backup_format.locate(settings, backup_id)
     except AppError as exc:
         raise click.ClickException(exc.detail) from exc
     with _bars("verify") as progress:
-        report = backups.verify(path, progress)
+        report = restore.verify(path, progress)
     if not report.ok:
         for problem in report.problems:
             click.echo(f"problem: {problem}", err=True)
@@ -208,28 +203,47 @@ def backup_verify(backup_id: str) -> None:
 
 
 @backup.command("restore")
-@click.argument("backup_id", metavar="ID")
+@click.argument("backup_id", metavar="[ID]", required=False)
 @click.option(
     "--drop",
     is_flag=True,
     help="Drop every collection of the target database first (needed when it holds data).",
 )
 @click.option("--database", default=None, help="Restore into this database (default MONGODB_DB).")
+@click.option("--at", "at", default=None, help="Point in time (ISO 8601) instead of an ID.")
+@click.option("--into", default=None, help="With --at: the target database (default MONGODB_DB).")
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
-def backup_restore(backup_id: str, drop: bool, database: str | None, yes: bool) -> None:
-    """Restore a backup into the database (stop web, workers and scheduler first)."""
+def backup_restore(
+    backup_id: str | None,
+    drop: bool,
+    database: str | None,
+    at: str | None,
+    into: str | None,
+    yes: bool,
+) -> None:
+    """Restore a backup (ID) or the database as it was at a moment (--at, from a full backup
+    and the archive); stop web, workers, scheduler and archiver first."""
+    if at is not None:
+        from cli.archive import restore_at
+
+        if backup_id is not None:
+            raise click.UsageError("give a backup ID or --at, not both")
+        restore_at(at, into or database, drop, yes)
+        return
+    if backup_id is None:
+        raise click.UsageError("give a backup ID or --at")
     settings = _settings()
     target = database or settings.mongodb_db
     try:
-        path = backups.locate(settings, backup_id)
+        path = backup_format.locate(settings, backup_id)
     except AppError as exc:
         raise click.ClickException(exc.detail) from exc
-    manifest = backups.read_manifest(path)
+    manifest = backup_format.read_manifest(path)
     if manifest is None:
         raise click.ClickException(f"backup {backup_id} has no manifest in {path}: not restorable")
 
     async def state(ctx: Context) -> dict[str, int]:
-        return await backups.occupied(ctx, target)
+        return await restore.occupied(ctx, target)
 
     present = _run(settings, state)
     if present and not drop:
@@ -252,9 +266,9 @@ def backup_restore(backup_id: str, drop: bool, database: str | None, yes: bool) 
     if not yes:
         click.confirm("Proceed?", abort=True, err=True)
 
-    async def work(ctx: Context) -> backups.RestoreResult:
+    async def work(ctx: Context) -> restore.RestoreResult:
         with _bars("verify") as verifying, _bars("restore") as progress:
-            return await backups.restore(
+            return await restore.restore(
                 ctx,
                 backup_id,
                 drop=drop,

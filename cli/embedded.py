@@ -21,6 +21,8 @@ from pathlib import Path
 
 import redis
 
+from config.connections import REDIS_PROBE_TIMEOUT, sync_redis
+
 
 def free_port() -> int:
     """A TCP port free on loopback right now."""
@@ -101,8 +103,8 @@ class EmbeddedMongo:
 
 
 def redis_answers(url: str) -> bool:
-    """Whether a Redis server answers PING at ``url``."""
-    client = redis.Redis.from_url(url, socket_connect_timeout=0.5)
+    """Whether a Redis server answers PING at ``url`` within ``REDIS_PROBE_TIMEOUT``."""
+    client = sync_redis(url, timeout=REDIS_PROBE_TIMEOUT)
     try:
         return bool(client.ping())
     except redis.RedisError:

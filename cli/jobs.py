@@ -12,12 +12,13 @@ from typing import Any
 import click
 from aiohttp import web
 
+from cli.common import load_settings, run_async
 from config.connections import Connections
 from config.logging import setup_logging
 from config.sentry import setup_sentry
 from core import jobruns
 from core.context import open_context
-from jobs.schedule import SCHEDULE
+from jobs.schedule import SCHEDULE, by_name
 from jobs.scheduler import Scheduler
 from workers.broker import Platform, build_broker
 from workers.maintenance import enqueue_run
@@ -29,11 +30,13 @@ def in_app(platform: Platform) -> Callable[[web.Application], AsyncIterator[None
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         from web.keys import CONTEXT
 
-        task = asyncio.create_task(Scheduler(app[CONTEXT], platform).run(), name="scheduler")
+        scheduler = Scheduler(app[CONTEXT], platform)
+        task = asyncio.create_task(scheduler.run(), name="scheduler")
         yield
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        # Finish the pass and release the lock, so another replica takes over at once.
+        scheduler.stop()
+        with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+            await asyncio.wait_for(task, 10)
 
     return ctx
 
@@ -41,8 +44,6 @@ def in_app(platform: Platform) -> Callable[[web.Application], AsyncIterator[None
 @click.command()
 def scheduler() -> None:
     """Fire scheduled jobs (safe to run several: one leader fires, each slot once)."""
-    from cli.main import load_settings
-
     settings = load_settings()
     setup_logging(settings, process="scheduler")
     setup_sentry(settings, process="scheduler")
@@ -52,14 +53,13 @@ def scheduler() -> None:
         platform = build_broker(connections)
         async with open_context(settings, connections) as ctx:
             await ctx.store.ensure_indexes()
-            task = asyncio.create_task(Scheduler(ctx, platform).run())
+            scheduler = Scheduler(ctx, platform)
             loop = asyncio.get_running_loop()
+            # A stop finishes the pass in progress and releases the leader lock, so another
+            # replica takes over within a second.
             for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, task.cancel)
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-
-    from cli.main import run_async
+                loop.add_signal_handler(sig, scheduler.stop)
+            await scheduler.run()
 
     run_async(go)
 
@@ -69,10 +69,8 @@ def schedules() -> None:
     """The schedule: each job's trigger, next run, last run and the current leader.
 
     The next run is the one the scheduler computed and stored (``schedules`` collection,
-    written by the leader as APScheduler plans it), so interval jobs show when they really
-    fire; ``-`` until a scheduler has published it."""
-    from cli.main import load_settings, run_async
-
+    written by the leader from the job's trigger and the last slot it fired); ``-`` until a
+    scheduler has published it."""
     settings = load_settings()
 
     async def go() -> list[dict[str, Any]]:
@@ -111,17 +109,13 @@ def _describe(run: dict[str, Any] | None) -> str:
 @click.argument("name", type=click.Choice([job.name for job in SCHEDULE]))
 def run_job(name: str) -> None:
     """Fire one scheduled job now (a worker runs it)."""
-    from cli.main import load_settings
-
     settings = load_settings()
-    job = next(j for j in SCHEDULE if j.name == name)
+    job = by_name(name)
 
     async def go() -> str:
         connections = Connections(settings)
         platform = build_broker(connections)
         async with open_context(settings, connections) as ctx:
             return await enqueue_run(ctx, platform.broker, job.name, job.actor)
-
-    from cli.main import run_async
 
     click.echo(f"enqueued {name} as {run_async(go)}")

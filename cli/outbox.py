@@ -8,6 +8,7 @@ from typing import TypeVar
 
 import click
 
+from cli.common import echo_table, load_settings, or_dash, run_async
 from config.connections import Connections
 from config.logging import setup_logging
 from core import events
@@ -17,8 +18,6 @@ T = TypeVar("T")
 
 
 def _with_context(fn: Callable[[Context], Awaitable[T]]) -> T:
-    from cli.main import load_settings, run_async
-
     settings = load_settings()
     setup_logging(settings, process="cli")
 
@@ -54,8 +53,6 @@ def outbox_status(as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def outbox_list_set_aside(limit: int, as_json: bool) -> None:
     """Events set aside, the earliest first: id, type, attempts, last error."""
-    from cli.main import _opt, _table
-
     items = _with_context(lambda ctx: events.list_set_aside(ctx, limit=limit))
     if as_json:
         click.echo(json.dumps([i.model_dump(mode="json") for i in items], indent=2))
@@ -63,13 +60,13 @@ def outbox_list_set_aside(limit: int, as_json: bool) -> None:
     if not items:
         click.echo("no events set aside")
         return
-    _table(
+    echo_table(
         ["ID", "TYPE", "SUBJECT", "SET ASIDE AT", "ATTEMPTS", "ERROR"],
         [
             [
                 i.id,
-                _opt(i.type),
-                _opt(i.subject_id),
+                or_dash(i.type),
+                or_dash(i.subject_id),
                 i.set_aside_at.isoformat(timespec="seconds"),
                 str(i.attempts),
                 (i.error or "-")[:80],

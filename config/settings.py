@@ -117,6 +117,9 @@ class Settings(BaseSettings):
     #: How long a worker given SIGTERM waits for in-flight messages before exiting; keep it
     #: below the orchestrator's grace period (k8s terminationGracePeriodSeconds: 300).
     worker_shutdown_timeout_ms: int = Field(270_000, ge=1_000)
+    #: Port of a ``taskmanager worker`` group's Prometheus endpoint (``HOST:PORT/metrics``,
+    #: workers/metrics.py); 0 turns it off.
+    worker_metrics_port: int = Field(9191, ge=0, le=65535)
     #: A message of an outbox event not finished this long after it was sent (or after its
     #: last retry's eta) is sent again by the relay (core/events.py, receipts).
     outbox_redeliver_after_s: float = Field(60.0, ge=0.5, le=86_400)
@@ -146,6 +149,8 @@ class Settings(BaseSettings):
     #: Complete backups kept in ``backup_dir``; older ones are pruned after each successful
     #: backup (28 = 7 days of the 6-hourly schedule).
     backup_keep: int = Field(28, ge=1)
+    #: Seconds between two archive segments at most (``taskmanager archiver``): the RPO.
+    archive_interval: float = Field(60, gt=0)
     admin_email: str | None = None
     admin_password: SecretStr | None = None
     webhook_allow_hosts: CommaList = []
@@ -167,7 +172,7 @@ class Settings(BaseSettings):
 
     #: Whether an unset (or placeholder) ``JWT_SECRET`` is replaced by a random one when the
     #: listener is loopback and ``APP_ENV=development``, instead of refused. Only the
-    #: all-in-one ``taskmanager run`` does (``cli.main.DevSettings``): it keeps that secret in
+    #: all-in-one ``taskmanager run`` does (``cli.processes.DevSettings``): it keeps that secret in
     #: its data directory. Separate processes must share one secret, so they are told to set it.
     generate_missing_jwt_secret: ClassVar[bool] = False
     _jwt_secret_generated: bool = PrivateAttr(False)

@@ -191,11 +191,11 @@ async def create_user(
         "updated_at": now,
     }
     user_id = str(doc["_id"])
-    event = events.new_event("user.registered", user_id=user_id, subject_id=user_id)
+    event = events.new_event(events.EventType.USER_REGISTERED, user_id=user_id, subject_id=user_id)
 
     async def work(session: AsyncClientSession) -> None:
         await ctx.store["users"].insert_one(doc, session=session)
-        await events.record(ctx.store, [event], session)
+        await events.record(ctx, [event], session)
 
     try:
         await ctx.store.transaction(work)
@@ -252,7 +252,9 @@ async def login(ctx: Context, body: LoginIn, *, address: str, client: str) -> To
     user_id = str(user["_id"])
     # Feeds cache warm-up: the worker precomputes what this user reads next.
     await events.record(
-        ctx.store, [events.new_event("user.logged_in", user_id=user_id, subject_id=user_id)], None
+        ctx,
+        [events.new_event(events.EventType.USER_LOGGED_IN, user_id=user_id, subject_id=user_id)],
+        None,
     )
     if needs_rehash(user["password_hash"]):
         try:

@@ -24,9 +24,8 @@ from __future__ import annotations
 import re
 import statistics
 from collections import defaultdict
-from collections.abc import Mapping
 from datetime import UTC, date, datetime, timedelta
-from typing import Annotated, Any
+from typing import Annotated
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from pymongo import ReplaceOne
@@ -35,13 +34,14 @@ from pymongo.errors import DuplicateKeyError
 
 from core.context import Context
 from core.errors import FieldError, Invalid
+from core.events import EventType, TaskEvent
 from core.store import Doc, utcnow
 
 #: Which counter each event type increments (other events are not folded).
-COUNTED: dict[str, str] = {
-    "task.created": "created",
-    "task.completed": "completed",
-    "task.deleted": "deleted",
+COUNTED: dict[EventType, str] = {
+    EventType.TASK_CREATED: "created",
+    EventType.TASK_COMPLETED: "completed",
+    EventType.TASK_DELETED: "deleted",
 }
 FIGURES = ("created", "completed", "deleted")
 #: The user id of the figures of everyone together.
@@ -68,13 +68,12 @@ def _utc(value: str | datetime) -> datetime:
     return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
 
 
-def _event_day(event: Mapping[str, Any], counter: str) -> date:
+def _event_day(event: TaskEvent, counter: str) -> date:
     """The UTC day an event counts on: a task's own ``created_at`` / ``completed_at`` for those
     counters (the same instants the rollup's median reads), else when the event happened."""
-    task = (event.get("data") or {}).get("task") or {}
     own = {"created": "created_at", "completed": "completed_at"}.get(counter)
-    moment = task.get(own) if own else None
-    return _utc(moment or event["created_at"]).date()
+    moment = event.data.task.get(own) if own else None
+    return _utc(moment or event.created_at).date()
 
 
 def day_start(day: date) -> datetime:
@@ -82,8 +81,8 @@ def day_start(day: date) -> datetime:
     return datetime(day.year, day.month, day.day, tzinfo=UTC)
 
 
-async def fold_event(ctx: Context, event: Mapping[str, Any]) -> bool:
-    """Fold one task event (its public JSON shape) into its user's counters of its day; returns
+async def fold_event(ctx: Context, event: TaskEvent) -> bool:
+    """Fold one task event into its user's counters of its day; returns
     False when it is not counted or was already folded.
 
     The guard (``analytics_seen``) and the increments commit in one transaction: a redelivered
@@ -91,22 +90,21 @@ async def fold_event(ctx: Context, event: Mapping[str, Any]) -> bool:
     A task created already done counts as created and completed (no ``task.completed`` event
     is emitted for it).
     """
-    counter = COUNTED.get(event["type"])
+    counter = COUNTED.get(event.type)
     if counter is None:
         return False
-    user_id = str(event["user_id"])
-    event_id = str(event["id"])
+    user_id = event.user_id
+    event_id = event.id
     day = _event_day(event, counter).isoformat()
     inc = {counter: 1}
-    task = (event.get("data") or {}).get("task") or {}
-    if event["type"] == "task.created" and task.get("status") == "done":
+    if event.type == EventType.TASK_CREATED and event.data.task.get("status") == "done":
         inc["completed"] = 1
     now = utcnow()
 
     async def work(session: AsyncClientSession) -> None:
         try:
             await ctx.store["analytics_seen"].insert_one(
-                {"_id": event_id, "type": event["type"], "day": day, "at": now}, session=session
+                {"_id": event_id, "type": str(event.type), "day": day, "at": now}, session=session
             )
         except DuplicateKeyError as exc:
             raise _AlreadyFolded from exc

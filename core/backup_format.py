@@ -23,7 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from bson import json_util
+from bson.timestamp import Timestamp
 from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.read_concern import ReadConcern
 
 from config.settings import Settings
 from core.errors import NotFound
@@ -97,3 +99,14 @@ async def data_collections(db: AsyncDatabase[Doc]) -> list[Doc]:
         ),
         key=lambda i: str(i["name"]),
     )
+
+
+async def operation_time(db: AsyncDatabase[Doc]) -> Timestamp | None:
+    """The server's cluster time now, as a majority read sees it (``operationTime`` of a read
+    in a session); ``None`` from a server that reports none (a standalone). A full backup
+    records it before and after its reads, so the archive's change events can be replayed
+    onto it (:mod:`core.archive`)."""
+    coll = db.get_collection(COLLECTION, read_concern=ReadConcern("majority"))
+    async with db.client.start_session(causal_consistency=False) as session:
+        await coll.find_one({"_id": None}, session=session)
+        return session.operation_time

@@ -1,8 +1,7 @@
 """Full logical backups of the database: taking, listing, pruning, and their catalogue.
 
 The format of a backup (a directory of gzip'd BSON files and a manifest) is described in
-:mod:`core.backup_format`; verifying and restoring a backup is :mod:`core.restore`, whose names
-are re-exported here (``backups.verify``, ``backups.restore``, ...).
+:mod:`core.backup_format`; verifying and restoring a backup is :mod:`core.restore`.
 
 Consistency. Reads go through one snapshot session (MongoDB 5.0+ on a replica set: every
 collection read at the same cluster time) when the server accepts it. When it does not, or when
@@ -21,7 +20,6 @@ backed up nor dropped or overwritten by a restore.
 from __future__ import annotations
 
 import asyncio
-import base64
 import gzip
 import hashlib
 import json
@@ -37,37 +35,30 @@ from typing import IO, Any, Literal, cast
 from bson.codec_options import CodecOptions
 from bson.raw_bson import RawBSONDocument
 from pydantic import BaseModel, Field
-from pymongo import DESCENDING
 from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import OperationFailure
 
 from config.logging import get_logger
 from config.settings import Settings
-
-# ``X as X``: re-exported, callers name them ``backups.locate``, ``backups.verify``, ...
 from core.backup_format import (
     BATCH,
+    COLLECTION,
     DIR_MODE,
     FILE_MODE,
     FORMAT,
+    ID_RE,
     MANIFEST,
+    Progress,
     data_collections,
+    locate,
+    operation_time,
+    read_manifest,
     to_json,
 )
-from core.backup_format import COLLECTION as COLLECTION
-from core.backup_format import ID_RE as ID_RE
-from core.backup_format import Progress as Progress
-from core.backup_format import locate as locate
-from core.backup_format import read_manifest as read_manifest
 from core.context import Context
-from core.errors import Conflict, FieldError, Invalid, NotFound
-from core.restore import CorruptBackup as CorruptBackup
-from core.restore import RestoreResult as RestoreResult
-from core.restore import VerifyReport as VerifyReport
-from core.restore import occupied as occupied
-from core.restore import restore as restore
-from core.restore import verify as verify
+from core.errors import Conflict, NotFound
+from core.pagination import Page, PageQuery, keyset_page
 from core.store import Doc, utcnow
 
 log = get_logger(__name__)
@@ -138,11 +129,8 @@ class BackupPublic(BaseModel):
     error: str | None
 
 
-class BackupPage(BaseModel):
+class BackupPage(Page[BackupPublic]):
     """A page of backups, newest first."""
-
-    items: list[BackupPublic]
-    next_cursor: str | None
 
 
 def public(doc: Doc) -> BackupPublic:
@@ -226,6 +214,19 @@ async def request(ctx: Context, *, manual: bool = True) -> Doc:
     return doc
 
 
+async def enqueued(ctx: Context, backup_id: str, fire_key: str) -> None:
+    """Note the message that runs a requested backup (its run claims the record by it)."""
+    await ctx.store[COLLECTION].update_one({"_id": backup_id}, {"$set": {"fire_key": fire_key}})
+
+
+async def not_enqueued(ctx: Context, backup_id: str) -> None:
+    """Mark a requested backup ``failed``: its message could not be sent."""
+    await ctx.store[COLLECTION].update_one(
+        {"_id": backup_id},
+        {"$set": {"status": "failed", "error": "The broker was unreachable: not enqueued"}},
+    )
+
+
 async def get(ctx: Context, backup_id: str) -> Doc:
     """The catalogue record of ``backup_id``; :class:`NotFound` when there is none."""
     locate(ctx.settings, backup_id)
@@ -235,34 +236,10 @@ async def get(ctx: Context, backup_id: str) -> Doc:
     return doc
 
 
-async def page(ctx: Context, limit: int = 50, cursor: str | None = None) -> BackupPage:
+async def page(ctx: Context, q: PageQuery) -> BackupPage:
     """Catalogue records, newest first (ids sort by time), keyset-paginated."""
-    query: Doc = {}
-    if cursor is not None:
-        query = {"_id": {"$lt": _decode_cursor(cursor)}}
-    docs = await (
-        ctx.store[COLLECTION].find(query).sort("_id", DESCENDING).limit(limit + 1).to_list()
-    )
-    more = len(docs) > limit
-    docs = docs[:limit]
-    next_cursor = _encode_cursor(docs[-1]["_id"]) if more else None
-    return BackupPage(items=[public(d) for d in docs], next_cursor=next_cursor)
-
-
-def _encode_cursor(last_id: str) -> str:
-    return base64.urlsafe_b64encode(last_id.encode()).rstrip(b"=").decode()
-
-
-def _decode_cursor(cursor: str) -> str:
-    try:
-        value = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-    except (ValueError, UnicodeDecodeError):
-        value = ""
-    if not ID_RE.fullmatch(value):
-        raise Invalid(
-            "The cursor is not valid", [FieldError("cursor", "Invalid or expired cursor")]
-        )
-    return value
+    docs, cursor = await keyset_page(ctx, COLLECTION, {}, q, scope="backups")
+    return BackupPage(items=[public(d) for d in docs], next_cursor=cursor)
 
 
 async def _claim(ctx: Context, backup_id: str, fire_key: str | None, *, manual: bool) -> Doc | None:
@@ -481,6 +458,9 @@ async def _take(
     await asyncio.to_thread(_make_dir, path)
     db = ctx.store.db
     entries: dict[str, Any] = {}
+    # Where the archive's change events must be replayed from (and up to, at least) for this
+    # dump to become one consistent state: see core.archive.
+    start_ct = await operation_time(db)
     async with ctx.store.client.start_session(snapshot=True) as snapshot:
         session: AsyncClientSession | None = snapshot
         for info in await data_collections(db):
@@ -525,6 +505,7 @@ async def _take(
                 "options": to_json(info.get("options", {})),
                 "indexes": to_json(indexes),
             }
+    consistent_ct = await operation_time(db)
     reads = {e["read"] for e in entries.values()}
     manifest = {
         "format": FORMAT,
@@ -538,6 +519,11 @@ async def _take(
         "bytes": sum(e["bytes"] for e in entries.values()),
         "collections": entries,
     }
+    if start_ct is not None and consistent_ct is not None:
+        manifest["cluster_time"] = {
+            "start": [start_ct.time, start_ct.inc],
+            "consistent": [consistent_ct.time, consistent_ct.inc],
+        }
     await asyncio.to_thread(_write_manifest, path, manifest)
     return manifest
 

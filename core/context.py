@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
 
-from config.connections import Connections
+from config.connections import CLOSE_TIMEOUT, Connections
 from config.settings import Settings
 from core.security import Tokens
 from core.store import Store
@@ -34,10 +34,6 @@ class Context:
     def key(self, *parts: str) -> str:
         """A Redis key under this deployment's prefix."""
         return self.settings.redis_prefix + ":".join(parts)
-
-
-#: Seconds allowed to close each client at shutdown.
-CLOSE_TIMEOUT = 10.0
 
 
 @asynccontextmanager

@@ -1,6 +1,8 @@
-"""Events: what happened to a domain object. One collection is both the activity log and the
-outbox: an event is written in the same transaction as its change with ``pending: True``; the
-relay (``workers/relay.py``) hands it to the broker and clears ``pending``. A crash or a Redis
+"""Events: what happened to a domain object. Every type is an :class:`EventType` with a typed
+payload (:data:`PAYLOADS`), the shape actors receive. One collection is both the activity log
+and the outbox: an event is written in the same transaction as its change with
+``pending: True``; the relay (``workers/relay.py``) hands it to the broker and clears
+``pending``. A crash or a Redis
 outage between write and enqueue therefore delays side effects but never drops them.
 
 Outbox fields the relay maintains on an event: ``lease_until``/``lease_owner`` while a relay
@@ -23,24 +25,144 @@ The relay's sweep sends again every awaited message not finished by its ``due``
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from enum import StrEnum
+from typing import Any, Self
 
 from bson import ObjectId
 from bson.errors import InvalidId
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, model_validator
 from pymongo import ASCENDING, UpdateOne
 from pymongo.asynchronous.client_session import AsyncClientSession
 from structlog.contextvars import get_contextvars
 
 from core.context import Context
-from core.store import Doc, Store, utcnow
+from core.store import Doc, utcnow
+
+# --- The catalogue of event types and their payloads ------------------------------------------
+
+
+class EventType(StrEnum):
+    """Every event type. Each carries the payload model :data:`PAYLOADS` names and is routed to
+    actors by ``workers/catalogue.py``; producers name types only through this enum."""
+
+    USER_REGISTERED = "user.registered"
+    USER_LOGGED_IN = "user.logged_in"
+    TASK_CREATED = "task.created"
+    TASK_UPDATED = "task.updated"
+    TASK_COMPLETED = "task.completed"
+    TASK_DELETED = "task.deleted"
+    WEBHOOK_REDELIVERY_REQUESTED = "webhook.redelivery_requested"
+
+
+class UnknownEventType(ValueError):
+    """An event whose ``type`` is not in :class:`EventType` (an older version reading a newer
+    version's event, or a hand-written one)."""
+
+
+class EventPayload(BaseModel):
+    """What an actor receives for an event: the event's public JSON shape (:meth:`wire`),
+    validated into the model :data:`PAYLOADS` names for its type. The relay builds it from the
+    stored event (:func:`payload`); the worker parses the message back (:func:`parse`)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: str
+    type: EventType
+    user_id: str
+    actor_id: str | None = None
+    subject_id: str | None = None
+    #: When it happened: ISO 8601 in UTC with a ``Z`` (as receivers of webhooks see it).
+    created_at: str
+    request_id: str | None = None
+
+    @model_validator(mode="after")
+    def _of_its_type(self) -> Self:
+        expected = PAYLOADS[self.type]
+        if not isinstance(self, expected):
+            raise ValueError(f"a {self.type} event carries {expected.__name__}")
+        return self
+
+    def wire(self) -> dict[str, Any]:
+        """The JSON shape (as sent to actors): the fields it was built with."""
+        return self.model_dump(exclude_unset=True)
+
+
+class UserEvent(EventPayload):
+    """``user.registered``, ``user.logged_in``: about the account ``user_id`` (no data)."""
+
+    data: dict[str, Any] = {}
+
+
+class TaskData(BaseModel):
+    """A task event's data: the task's public JSON (after the change; as it was, for
+    ``task.deleted``), and for ``task.updated`` the fields that changed, each as
+    ``{"from": old public value, "to": new one}``."""
+
+    model_config = ConfigDict(frozen=True, extra="allow")
+
+    changes: dict[str, dict[str, Any]] | None = None
+    task: dict[str, Any]
+
+
+class TaskEvent(EventPayload):
+    """``task.created``, ``task.updated``, ``task.completed``, ``task.deleted``: about the task
+    ``subject_id`` of the user ``user_id``. Delivered to webhooks as they are."""
+
+    subject_id: str
+    data: TaskData
+
+
+class RedeliveryData(BaseModel):
+    """A redelivery request: the delivery and the generation to attempt."""
+
+    model_config = ConfigDict(frozen=True, extra="allow")
+
+    delivery_id: str
+    generation: int
+
+
+class WebhookRedeliveryEvent(EventPayload):
+    """``webhook.redelivery_requested``: the user ``user_id`` asked for a delivery again."""
+
+    data: RedeliveryData
+
+
+#: The payload model of each event type.
+PAYLOADS: dict[EventType, type[EventPayload]] = {
+    EventType.USER_REGISTERED: UserEvent,
+    EventType.USER_LOGGED_IN: UserEvent,
+    EventType.TASK_CREATED: TaskEvent,
+    EventType.TASK_UPDATED: TaskEvent,
+    EventType.TASK_COMPLETED: TaskEvent,
+    EventType.TASK_DELETED: TaskEvent,
+    EventType.WEBHOOK_REDELIVERY_REQUESTED: WebhookRedeliveryEvent,
+}
+#: The task event types, in declaration order (the ones webhooks can subscribe to).
+TASK_EVENT_TYPES: tuple[EventType, ...] = tuple(t for t in EventType if PAYLOADS[t] is TaskEvent)
+_TYPE_VALUES = frozenset(t.value for t in EventType)
+
+
+def parse(wire: Mapping[str, Any]) -> EventPayload:
+    """Validate an event's JSON shape into its type's payload model; :class:`UnknownEventType`
+    for a type not in the catalogue, pydantic's ``ValidationError`` (a ``ValueError``) for a
+    payload that does not fit it."""
+    raw = wire.get("type")
+    model = PAYLOADS[EventType(raw)] if isinstance(raw, str) and raw in _TYPE_VALUES else None
+    if model is None:
+        raise UnknownEventType(f"{raw!r} is not an event type")
+    return model.model_validate(wire)
+
+
+def payload(event: Doc) -> EventPayload:
+    """The payload of a stored event (``KeyError`` when it lacks an envelope field)."""
+    return parse(public_event(event))
 
 
 def new_event(
-    type_: str,
+    type_: EventType,
     *,
     user_id: str,
     actor_id: str | None = None,
@@ -50,7 +172,7 @@ def new_event(
     """Build an event document (not yet stored); carries the current request id."""
     return {
         "_id": ObjectId(),
-        "type": type_,
+        "type": str(type_),
         "user_id": user_id,
         "actor_id": actor_id or user_id,
         "subject_id": subject_id,
@@ -61,14 +183,14 @@ def new_event(
     }
 
 
-async def record(store: Store, events: list[Doc], session: AsyncClientSession | None) -> None:
+async def record(ctx: Context, events: list[Doc], session: AsyncClientSession | None) -> None:
     """Store events (inside the caller's transaction when ``session`` is given)."""
     if events:
-        await store["events"].insert_many(events, session=session)
+        await ctx.store["events"].insert_many(events, session=session)
 
 
 def public_event(event: Doc) -> dict[str, Any]:
-    """The JSON shape of an event sent to actors and shown in activity lists."""
+    """The JSON shape of a stored event, unvalidated (:func:`payload` validates it)."""
     return {
         "id": str(event["_id"]),
         "type": event["type"],

@@ -1,41 +1,25 @@
 """Idempotency keys: a POST repeated with the same ``Idempotency-Key`` gets the first response.
 
-Where the records live — MongoDB, not Redis. A replayed response is a promise about a write
-that already happened ("this is the task you created"), so it is truth, not cache: it must
-survive a Redis restart or eviction, and a lost record would let a retry create a second task.
-Principle 1 (MongoDB is the truth; Redis holds only what can be rebuilt or is in flight) puts
-it in the ``idempotency`` collection, one document per (caller, key), with a TTL index on
-``expires_at`` reaping it after 24 h.
+Records live in MongoDB (collection ``idempotency``, reaped 24 h after ``expires_at``), one per
+(caller, key), ``_id = "<scope>:<sha256(key)>"``; the scope is the caller (``user:<id>``, or
+``anon:<address>`` on anonymous routes). Per request carrying a key:
 
-The protocol, per request carrying a key:
-
-1. **Claim** atomically: insert ``{_id: "<scope>:<sha256(key)>", state: "in_progress",
-   owner, lease_until, fingerprint, expires_at}``. The unique ``_id`` makes exactly one of any
-   number of concurrent repeats win; the others read the winner's document.
-2. A loser, or a later repeat, compares request fingerprints: a different request under the same
-   key is a client bug (422). Same request: ``done`` → replay the stored response;
-   ``in_progress`` → 409 with ``Retry-After`` — unless the claim's lease has run out (the web
-   process that held it crashed), in which case the newcomer takes the claim over by a
-   compare-and-set on ``owner``.
+1. **Claim** by inserting ``{state: "in_progress", owner, lease_until, fingerprint,
+   expires_at}``: the unique ``_id`` lets one of concurrent repeats win.
+2. A loser or a later repeat compares request fingerprints: another request under the same key
+   is refused (422). The same request: ``done`` → the stored response is replayed;
+   ``in_progress`` → 409 with ``Retry-After``, unless the claim's lease ran out (its process
+   died), in which case the newcomer takes the claim over (compare-and-set on ``owner``).
 3. The winner runs the handler, then **completes** the record with the response (status,
-   selected headers, body) — or **releases** it (deletes it) when the answer was a 5xx, a 429
-   or an exception, so the client can simply retry. Other 4xx answers are stored and replayed,
-   as Stripe does: they describe this request, not a passing condition.
+   selected headers, body), or **releases** it (deletes it) after a 5xx, a 429 or an exception,
+   so the client can retry. Other 4xx answers are stored and replayed.
 
-Scope is the caller (``user:<id>``, or ``anon:<address>`` on anonymous routes), so two callers
-never see each other's keys. The ``_id`` holds a digest of the key rather than the key itself:
-the scope may contain ``:`` (IPv6 addresses), and a fixed-length hex tail keeps the split
-unambiguous.
-
-Stored bodies can hold secrets (``POST /auth/register`` answers with a token pair), and the
-collection ends up in backups, so bodies are encrypted (AES-256-GCM) with a key derived from
-``JWT_SECRET`` *and the idempotency key itself*, bound to the record's ``_id``: a copy of the
-database alone reveals nothing. Fingerprints are HMACs for the same reason — a plain hash of a
-register body would be an unsalted, fast hash of the password.
+Stored bodies are encrypted (AES-256-GCM) under a key derived from ``JWT_SECRET`` and the
+idempotency key, bound to the record's ``_id``; fingerprints are HMACs.
 
 Known limit: the handler's write and the completion are not one transaction. If a process dies
-between them, the lease runs out and a repeat executes the handler again (for register that
-answers 409 "email exists"; for other creates it could make a second object).
+between them, the lease runs out and a repeat runs the handler again (register then answers 409
+"email exists"; another create could make a second object).
 """
 
 from __future__ import annotations
@@ -57,6 +41,7 @@ from pymongo.errors import DuplicateKeyError, PyMongoError
 from config.logging import get_logger
 from core.context import Context
 from core.errors import Conflict, FieldError, Invalid
+from core.security import derive_key
 from core.store import Doc, utcnow
 
 log = get_logger(__name__)
@@ -122,7 +107,7 @@ def fingerprint(ctx: Context, method: str, path: str, body: bytes) -> str:
     except (ValueError, UnicodeDecodeError):
         canonical = body
     message = b"\n".join([method.upper().encode(), path.encode(), canonical])
-    return hmac.new(_derived(ctx, b"fingerprint"), message, hashlib.sha256).hexdigest()
+    return hmac.new(_derived(ctx, "fingerprint"), message, hashlib.sha256).hexdigest()
 
 
 def record_id(scope: str, key: str) -> str:
@@ -282,10 +267,9 @@ def _decode(ctx: Context, doc: Doc, key: str) -> StoredResponse:
     return StoredResponse(status=doc["status"], headers=dict(doc["headers"]), body=body)
 
 
-def _derived(ctx: Context, purpose: bytes) -> bytes:
-    secret = ctx.settings.jwt_secret.get_secret_value().encode()
-    return hmac.new(secret, b"taskmanager/idempotency/" + purpose, hashlib.sha256).digest()
+def _derived(ctx: Context, purpose: str) -> bytes:
+    return derive_key(ctx.settings, "idempotency/" + purpose)
 
 
 def _record_key(ctx: Context, key: str) -> bytes:
-    return hmac.new(_derived(ctx, b"response"), key.encode(), hashlib.sha256).digest()
+    return hmac.new(_derived(ctx, "response"), key.encode(), hashlib.sha256).digest()

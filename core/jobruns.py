@@ -1,8 +1,15 @@
 """Runs of scheduled jobs: what the scheduler fired and how the worker's run went.
 
-The scheduler records a run as ``enqueued`` under its fire key; the actor marks it ``running``,
-then ``succeeded`` or ``failed`` with its duration. ``/admin/schedules`` shows the latest run
-of each job from here.
+A scheduled slot is claimed by inserting its run (``enqueued``, with ``scheduled_for`` and the
+scheduler instance) under its fire key: the unique ``_id`` is what makes two schedulers unable
+to fire one slot twice. The scheduler then sends the message and sets ``sent_at``; a claim left
+without ``sent_at`` and not yet started by a worker (its scheduler died in between) is sent
+again by the next leader, which notes ``resent_by``. That is at least once: a scheduler that
+dies after sending but before noting it has its message sent twice, and the actor's check
+(:func:`start` skips a fire key that succeeded) and idempotent maintenance bodies absorb the
+repeat. Manual runs are recorded by :func:`record_enqueued`. The actor marks a run
+``running``, then ``succeeded`` or ``failed`` with its duration. ``/admin/schedules`` shows the
+latest run of each job from here.
 """
 
 from __future__ import annotations
@@ -10,7 +17,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pymongo import DESCENDING, ReturnDocument
+from pymongo import ASCENDING, DESCENDING, ReturnDocument
 from pymongo.errors import DuplicateKeyError
 
 from core.context import Context
@@ -33,6 +40,52 @@ async def record_enqueued(ctx: Context, job: str, fire_key: str, *, manual: bool
         },
         upsert=True,
     )
+
+
+async def claim(ctx: Context, job: str, fire_key: str, *, scheduled_for: datetime, by: str) -> bool:
+    """Claim the scheduled slot ``fire_key`` for scheduler instance ``by``; ``False`` when it
+    was claimed before (by any instance)."""
+    try:
+        await ctx.store["job_runs"].insert_one(
+            {
+                "_id": fire_key,
+                "job": job,
+                "status": "enqueued",
+                "manual": False,
+                "scheduled_for": scheduled_for,
+                "fired_by": by,
+                "enqueued_at": utcnow(),
+            }
+        )
+    except DuplicateKeyError:
+        return False
+    return True
+
+
+async def mark_sent(ctx: Context, fire_key: str, *, resent_by: str | None = None) -> None:
+    """Note that the message of a claimed slot went to the broker (``resent_by``: the
+    scheduler instance that sent it again for a scheduler that had died)."""
+    fields: dict[str, Any] = {"sent_at": utcnow()}
+    if resent_by is not None:
+        fields["resent_by"] = resent_by
+    await ctx.store["job_runs"].update_one({"_id": fire_key}, {"$set": fields})
+
+
+async def unsent(ctx: Context, job: str, *, since: datetime) -> list[Doc]:
+    """Slots of ``job`` claimed since ``since`` whose message may never have been sent (no
+    ``sent_at`` and no worker has started them), oldest first."""
+    cursor = ctx.store["job_runs"].find(
+        {
+            "job": job,
+            "enqueued_at": {"$gte": since},
+            "manual": False,
+            "status": "enqueued",
+            "scheduled_for": {"$exists": True},
+            "sent_at": {"$exists": False},
+        },
+        sort=[("enqueued_at", ASCENDING)],
+    )
+    return [doc async for doc in cursor]
 
 
 async def start(ctx: Context, job: str, fire_key: str) -> Doc | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from email.message import EmailMessage
+from typing import Any
 from urllib.parse import unquote, urlparse
 
 import aiosmtplib
@@ -28,25 +29,20 @@ class SmtpMailer(Mailer):
         parsed = urlparse(url)
         if parsed.scheme not in ("smtp", "smtps") or not parsed.hostname:
             raise ValueError(f"SMTP_URL must look like smtp://host:port, got {url!r}")
-        self.host = parsed.hostname
-        self.port = parsed.port or (465 if parsed.scheme == "smtps" else 25)
-        self.use_tls = parsed.scheme == "smtps"
-        self.start_tls = "starttls=1" in parsed.query
-        self.username = unquote(parsed.username) if parsed.username else None
-        self.password = unquote(parsed.password) if parsed.password else None
-        self.timeout = timeout
+        tls = parsed.scheme == "smtps"
+        #: What :func:`aiosmtplib.send` is given besides the message.
+        self.options: dict[str, Any] = {
+            "hostname": parsed.hostname,
+            "port": parsed.port or (465 if tls else 25),
+            "username": unquote(parsed.username) if parsed.username else None,
+            "password": unquote(parsed.password) if parsed.password else None,
+            "use_tls": tls,
+            "start_tls": "starttls=1" in parsed.query,
+            "timeout": timeout,
+        }
 
     async def send(self, message: EmailMessage) -> None:
-        await aiosmtplib.send(
-            message,
-            hostname=self.host,
-            port=self.port,
-            username=self.username,
-            password=self.password,
-            use_tls=self.use_tls,
-            start_tls=self.start_tls,
-            timeout=self.timeout,
-        )
+        await aiosmtplib.send(message, **self.options)
 
 
 class LogMailer(Mailer):

@@ -26,8 +26,8 @@ from typing import Literal
 
 from bson import ObjectId
 from bson.errors import InvalidId
-from pydantic import BaseModel, ConfigDict, Field
-from pymongo import ASCENDING, DESCENDING, ReturnDocument, UpdateOne
+from pydantic import BaseModel
+from pymongo import ASCENDING, ReturnDocument, UpdateOne
 from pymongo.asynchronous.cursor import AsyncCursor
 from pymongo.errors import BulkWriteError
 
@@ -36,7 +36,7 @@ from core.accounts import NotificationPrefs, get_user
 from core.context import Context
 from core.errors import NotFound, Unavailable
 from core.mail import Mailer
-from core.pagination import Cursor, decode_cursor, encode_cursor
+from core.pagination import Page, PageQuery, keyset_page
 from core.store import Doc, utcnow
 
 log = get_logger(__name__)
@@ -60,14 +60,14 @@ _DUPLICATE_KEY = 11000
 # --- the in-app feed --------------------------------------------------------------------------
 
 
-class NotificationQuery(BaseModel):
-    """``GET /notifications`` query: ``unread=true`` only unread, ``unread=false`` only read."""
-
-    model_config = ConfigDict(extra="forbid")
+class NotificationFilter(BaseModel):
+    """``unread=true``: only unread notifications; ``unread=false``: only read ones."""
 
     unread: bool | None = None
-    limit: int = Field(50, ge=1, le=200)
-    cursor: Cursor | None = None
+
+
+class NotificationQuery(PageQuery, NotificationFilter):
+    """``GET /notifications`` query (fields ordered as in core.task_models.TaskQuery)."""
 
 
 class NotificationPublic(BaseModel):
@@ -82,11 +82,8 @@ class NotificationPublic(BaseModel):
     read_at: datetime | None
 
 
-class NotificationPage(BaseModel):
+class NotificationPage(Page[NotificationPublic]):
     """One page of the feed, newest first."""
-
-    items: list[NotificationPublic]
-    next_cursor: str | None
 
 
 @dataclass(frozen=True)
@@ -160,31 +157,16 @@ def _oid(notification_id: str) -> ObjectId:
         raise NotFound("No such notification") from exc
 
 
-def _secret(ctx: Context) -> bytes:
-    return ctx.settings.jwt_secret.get_secret_value().encode()
-
-
-#: Cursors name what they page; the feed's is a plain ``_id`` position, meaningful under any
-#: ``unread`` filter (switching filters mid-way simply continues from the same point).
-_CURSOR_SCOPE = "notifications"
-
-
 async def list_page(ctx: Context, user_id: str, q: NotificationQuery) -> NotificationPage:
-    """The user's notifications, newest first, keyset-paginated on ``_id``."""
+    """The user's notifications, newest first, keyset-paginated on ``_id``. A cursor is a
+    plain ``_id`` position, meaningful under any ``unread`` filter (switching filters mid-way
+    continues from the same point)."""
     flt: Doc = {"user_id": user_id}
     if q.unread is True:
         flt["read_at"] = None
     elif q.unread is False:
         flt["read_at"] = {"$ne": None}
-    if q.cursor:
-        _, last_id = decode_cursor(_secret(ctx), _CURSOR_SCOPE, q.cursor)
-        flt["_id"] = {"$lt": last_id}
-    docs = await (
-        ctx.store["notifications"].find(flt).sort("_id", DESCENDING).limit(q.limit + 1).to_list()
-    )
-    more = len(docs) > q.limit
-    docs = docs[: q.limit]
-    cursor = encode_cursor(_secret(ctx), _CURSOR_SCOPE, None, docs[-1]["_id"]) if more else None
+    docs, cursor = await keyset_page(ctx, "notifications", flt, q, scope="notifications")
     return NotificationPage(items=[public(d) for d in docs], next_cursor=cursor)
 
 

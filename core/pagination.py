@@ -1,29 +1,38 @@
-"""Opaque keyset cursors: ``(sort field value, _id)`` of the last item, signed so a client can
-neither forge one nor replay it against another sort.
+"""Lists: the page query every list takes, the page it answers, the signed cursor codec and
+the keyset-page helper of the MongoDB lists.
 
-On the wire a cursor is unpadded base64url (:data:`CURSOR_PATTERN`, at most
-:data:`MAX_CURSOR` characters): the ``next_cursor`` of the previous page of the same list
-(same filters and sort); empty (or left out) asks for the first page. Any other value is
-refused (422) -- the document says so, and its OpenAPI links hand ``next_cursor`` on to the
-next request.
+Every list takes ``limit`` (1 to 200, default 50) and ``cursor`` (:class:`PageQuery`) and answers
+``{items, next_cursor}`` (:class:`Page`). A cursor is the position of the last item of the page
+before (its sort keys, ending with a unique one), named by the list it pages (its *scope*, e.g.
+``tasks:-created_at``) and signed (:class:`CursorCodec`): unpadded base64url
+(:data:`CURSOR_PATTERN`) of a truncated HMAC-SHA256 and the JSON of ``[scope, *position]``. A
+forged cursor, or one of another list or sort, is refused (422); empty or left out asks for the
+first page.
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
 import hmac
-import json
-from datetime import UTC, datetime
-from typing import Annotated, Any
+from collections.abc import Sequence
+from datetime import UTC
+from typing import Annotated, Any, Generic, TypeVar
 
-from bson import ObjectId
-from bson.errors import InvalidId
-from pydantic import Field, StringConstraints
+from bson import json_util
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pymongo import DESCENDING
 
+from config.settings import Settings
+from core.context import Context
 from core.errors import FieldError, Invalid
+from core.security import derive_key
+from core.store import Doc
 
 MAX_CURSOR = 512
+DEFAULT_LIMIT = 50
+MAX_LIMIT = 200
 #: What every cursor of the API looks like (base64url without padding; empty: first page).
 CURSOR_PATTERN = "^[A-Za-z0-9_-]*$"
 #: A list's ``cursor`` query parameter. The pattern is documented, not checked here: a value
@@ -39,46 +48,112 @@ Cursor = Annotated[
     ),
 ]
 
+T = TypeVar("T")
+
+
+class PageQuery(BaseModel):
+    """A plain cursor-paginated list query."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    limit: int = Field(DEFAULT_LIMIT, ge=1, le=MAX_LIMIT)
+    cursor: Cursor | None = None
+
+
+class Page(BaseModel, Generic[T]):
+    """One page of a list; each list names its own (``TaskPage(Page[TaskPublic])``, ...)."""
+
+    items: list[T]
+    next_cursor: str | None
+
+
+_MAC_BYTES = 12
+_JSON = json_util.JSONOptions(json_mode=json_util.JSONMode.RELAXED, tz_aware=True, tzinfo=UTC)
 _BAD = Invalid("The cursor is not valid", [FieldError("cursor", "Invalid or expired cursor")])
 
 
-def _encode_value(value: Any) -> Any:
-    if isinstance(value, datetime):
-        return {"d": int(value.timestamp() * 1000)}
-    return value
+class CursorCodec:
+    """Signs positions into cursors and reads them back. The key is derived from
+    ``JWT_SECRET``; positions hold JSON values, ObjectIds and datetimes."""
 
+    def __init__(self, key: bytes):
+        self._key = key
 
-def _decode_value(value: Any) -> Any:
-    if isinstance(value, dict) and set(value) == {"d"} and isinstance(value["d"], int):
-        return datetime.fromtimestamp(value["d"] / 1000, UTC)
-    if isinstance(value, (int, str)) or value is None:
-        return value
-    raise _BAD
+    @classmethod
+    def of(cls, settings: Settings) -> CursorCodec:
+        """The codec of a deployment (every process signs and reads the same cursors)."""
+        return cls(derive_key(settings, "cursor"))
 
+    def _mac(self, raw: bytes) -> bytes:
+        return hmac.new(self._key, raw, hashlib.sha256).digest()[:_MAC_BYTES]
 
-def encode_cursor(secret: bytes, sort: str, value: Any, last_id: ObjectId) -> str:
-    """A cursor pointing after the item with sort key ``value`` and id ``last_id``."""
-    raw = json.dumps([sort, _encode_value(value), str(last_id)], separators=(",", ":")).encode()
-    mac = hmac.new(secret, raw, hashlib.sha256).digest()[:12]
-    return base64.urlsafe_b64encode(mac + raw).rstrip(b"=").decode()
+    def encode(self, scope: str, position: Sequence[Any]) -> str:
+        """The cursor of ``position`` in the list ``scope``."""
+        raw = json_util.dumps([scope, *position], json_options=_JSON, separators=(",", ":"))
+        blob = raw.encode()
+        return base64.urlsafe_b64encode(self._mac(blob) + blob).rstrip(b"=").decode()
 
-
-def decode_cursor(secret: bytes, sort: str, cursor: str) -> tuple[Any, ObjectId]:
-    """The ``(value, id)`` a cursor points after; :class:`Invalid` if forged or for another sort."""
-    try:
-        blob = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-        mac, raw = blob[:12], blob[12:]
-        if not hmac.compare_digest(mac, hmac.new(secret, raw, hashlib.sha256).digest()[:12]):
+    def decode(self, scope: str, cursor: str, size: int) -> list[Any]:
+        """The position (``size`` values) a cursor of ``scope`` holds; :class:`Invalid` when
+        it is forged, damaged, or of another list."""
+        try:
+            blob = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        except (ValueError, binascii.Error) as exc:
+            raise _BAD from exc
+        mac, raw = blob[:_MAC_BYTES], blob[_MAC_BYTES:]
+        if not hmac.compare_digest(mac, self._mac(raw)):
             raise _BAD
-        cursor_sort, value, last_id = json.loads(raw)
-        if cursor_sort != sort:
+        try:
+            value = json_util.loads(raw, json_options=_JSON)
+        except (ValueError, TypeError) as exc:  # signed by us, so only after a format change
+            raise _BAD from exc
+        if not isinstance(value, list) or len(value) != size + 1 or value[0] != scope:
             raise _BAD
-        return _decode_value(value), ObjectId(last_id)
-    except (ValueError, TypeError, InvalidId) as exc:
-        raise _BAD from exc
+        return value[1:]
 
 
-def after(field: str, value: Any, last_id: ObjectId, descending: bool) -> dict[str, Any]:
-    """The MongoDB filter for items strictly after ``(value, last_id)`` in the sort order."""
-    op = "$lt" if descending else "$gt"
-    return {"$or": [{field: {op: value}}, {field: value, "_id": {op: last_id}}]}
+#: A sort of a keyset-paginated list: pymongo's ``[(key, direction), ...]``, every key in one
+#: direction and the last key unique (``_id`` as the tiebreak).
+Sort = Sequence[tuple[str, int]]
+NEWEST_FIRST: Sort = (("_id", DESCENDING),)
+
+
+def after(flt: Doc, sort: Sort, position: Sequence[Any]) -> Doc:
+    """``flt`` narrowed to the items strictly after ``position`` in the order of ``sort``."""
+    op = "$lt" if sort[0][1] == DESCENDING else "$gt"
+    keys = [key for key, _ in sort]
+    if len(keys) == 1 and keys[0] not in flt:
+        return {**flt, keys[0]: {op: position[0]}}
+    branches: list[Doc] = []
+    for i, key in enumerate(keys):
+        branch: Doc = dict(zip(keys[:i], position[:i], strict=True))
+        branch[key] = {op: position[i]}
+        branches.append(branch)
+    return {"$and": [flt, {"$or": branches}]}
+
+
+async def keyset_page(
+    ctx: Context,
+    collection: str,
+    flt: Doc,
+    q: PageQuery,
+    *,
+    scope: str,
+    sort: Sort = NEWEST_FIRST,
+    hint: str | None = None,
+) -> tuple[list[Doc], str | None]:
+    """One page of ``collection`` under ``flt`` in the order of ``sort``, and the cursor of the
+    next page (``None`` on the last one). ``scope`` names the list (and its sort) in cursors."""
+    if len({direction for _, direction in sort}) != 1:
+        raise ValueError("a keyset sort has one direction")
+    codec = CursorCodec.of(ctx.settings)
+    if q.cursor:
+        flt = after(flt, sort, codec.decode(scope, q.cursor, len(sort)))
+    find = ctx.store[collection].find(flt).sort(list(sort))
+    if hint is not None:
+        find = find.hint(hint)
+    docs = await find.limit(q.limit + 1).to_list()
+    if len(docs) <= q.limit:
+        return docs, None
+    docs = docs[: q.limit]
+    return docs, codec.encode(scope, [docs[-1][key] for key, _ in sort])

@@ -1,60 +1,28 @@
 """Full-text search over a user's tasks: the analyzer, the index and the ranked query.
 
-MongoDB offers ``$text`` and Atlas Search, but the test server (SecantusDB) has neither, and a
-``$text`` index is per collection, not per user: every query is scored against the whole
-collection's statistics and cannot do prefix matching. So the index is ours, kept in MongoDB
-(principle 1: rebuildable from the tasks at any time by ``taskmanager reindex``).
-
-**Layout: one index document per task** (collection ``search_index``, ``_id`` = the task id)::
+The index (collection ``search_index``) holds one entry per task, ``_id`` = the task id::
 
     {_id, owner, version, analyzer, updated_at,
      terms: ["groceries", "gr", "gro", ..., "milk", "mi", "mil"],   # multikey, indexed
      w:     {"groceries": 6, "gr": 3, ..., "milk": 2, "mi": 1, ...}}  # score of each term
 
-``terms`` holds every normalised word of the title, tags and description (casefolded, NFKD with
-accents stripped, split on anything that is not a letter or digit) and, for prefix matching,
-each word's prefixes from 2 up to 15 characters. ``w`` maps each term to what it scores when a
-query word equals it: per field, its weight (title 3, tags 2, description 1) times 2 when the
-term is a whole word of that field, times 1 when it is only a prefix of one; summed over the
-fields. So "milk" typed in full beats "mil", and a title hit beats a description hit.
+``terms`` are the normalised words of the title, tags and description (casefolded, NFKD with
+accents stripped, split on anything that is not a letter or digit) and each word's prefixes of
+2 to 15 characters. ``w[term]`` sums, over the fields, the field's weight (title 3, tags 2,
+description 1) times 2 for a whole word or 1 for a prefix.
 
-Why not one posting document per (owner, task, term), the classic inverted index? A task of
-36 words has ~200 terms: every edit would delete and insert ~200 postings, not atomically
-without a transaction, and "only write if newer" would have to hold for each of them. One
-document per task is one conditional replace: atomic, the version check is one filter, and a
-duplicate or out-of-order event costs one failed match. The multikey index holds the same
-(owner, term) keys the postings would, so lookups cost the same. Measured on the test server
-(1 800 tasks, one run): writing a task's entry was 5-8x faster than rewriting its postings, and
-a two-word lookup took about as long (4.8 vs 3.7 ms; the postings query must also group).
+A search (:func:`search`) reads the owner's newest :data:`MAX_CANDIDATES` entries holding the
+longest query word (index ``owner_terms``), keeps those holding every word (words are AND-ed,
+each a prefix; a one-letter word matches only one-letter words), ranks them by score then
+recency, and re-checks each against the task as stored (owner, current text), so a stale entry
+never shows a task that is gone, another user's, or no longer matching. It answers the best
+``limit`` (at most 50) hits, without a cursor.
 
-**The query** is ``find({owner, terms: <the longest query word>})`` sorted by ``updated_at``:
-an IXSCAN of ``(owner, terms, updated_at)`` with equality on both leading fields, so its cost
-grows with the user's tasks holding that word, never with the corpus or other users; the
-other words are checked on the entries it returns (their ``w`` scores are projected anyway).
-The filter names only indexed fields on purpose: that is what real MongoDB would do with
-``$all`` (bounds from one term, the rest filtered), and the test server's planner falls back to
-a collection scan for ``$all`` or any extra predicate (and is slow with ``hint``). Sharded,
-``owner`` is this collection's shard key (``owner_id`` is its index): a search is one shard's
-work. The newest :data:`MAX_CANDIDATES` entries holding the lead word are ranked (score, then
-recency), which keeps a two-letter query over 100 000 tasks bounded at the price of ranking
-only the newest matches. Words are AND-ed and each is prefix-matched, as Todoist and Gmail do:
-"gro mil" finds "Buy groceries and milk". A one-letter word matches only one-letter words
-(prefixes start at two letters: a one-letter prefix would match most of a user's tasks).
-
-**Never trusting the index**: hits are fetched from ``tasks`` by id and kept only if the
-owner matches; tasks that are gone are dropped, and each task is re-checked and re-scored
-against its current title, tags and description; so a stale entry can neither show another
-user's task nor a task that no longer matches (it can only miss a task written in the last
-second).
-
-**Idempotent, order-proof indexing**: actors index the task's *current* state read from
-MongoDB (not the event's snapshot) and replace the entry only if its stored ``version`` is
-older (or the analyzer changed). A deleted task leaves a tombstone (version above any real
-one, reaped by a TTL index after a day) so a slow actor that read the task just before the
-delete cannot resurrect it.
-
-There is no cursor pagination: search returns the best ``limit`` (≤ 50) hits, as search boxes
-do; refine the words to see others.
+Indexing (:func:`index_task`) reads the task as stored now and replaces its entry only over an
+older version (or analyzer): duplicates and out-of-order events are harmless. A deleted task
+leaves a tombstone (reaped after a day) so a late write cannot resurrect it. :func:`reindex`
+rebuilds the index from ``tasks`` (``taskmanager reindex``). Why the index is shaped so:
+docs/DESIGN.md, Design notes.
 """
 
 from __future__ import annotations
@@ -73,8 +41,9 @@ from pymongo import ReplaceOne, UpdateOne
 from pymongo.asynchronous.cursor import AsyncCursor
 from pymongo.errors import BulkWriteError, DuplicateKeyError
 
+from core.context import Context
 from core.errors import FieldError, Invalid
-from core.store import Doc, Store, utcnow
+from core.store import Doc, utcnow
 from core.task_models import TaskPublic
 from core.tasks import public
 
@@ -237,9 +206,9 @@ def _older(entry_: Doc, *, rewrite: bool) -> Doc:
     }
 
 
-async def _put(store: Store, entry_: Doc, *, rewrite: bool = False) -> bool:
+async def _put(ctx: Context, entry_: Doc, *, rewrite: bool = False) -> bool:
     """Write one entry unless a newer one is stored; True when written."""
-    col = store[COLLECTION]
+    col = ctx.store[COLLECTION]
     flt = _older(entry_, rewrite=rewrite)
     try:
         result = await col.replace_one(flt, entry_, upsert=True)
@@ -250,7 +219,7 @@ async def _put(store: Store, entry_: Doc, *, rewrite: bool = False) -> bool:
     return bool(result.upserted_id is not None or result.modified_count)
 
 
-async def tombstone(store: Store, tasks: list[tuple[ObjectId, str]]) -> int:
+async def tombstone(ctx: Context, tasks: list[tuple[ObjectId, str]]) -> int:
     """Replace the entries of deleted tasks, given as ``(task id, owner)``, with tombstones
     (upserted: a write still in flight for a task read just before its deletion must not land
     afterwards)."""
@@ -269,7 +238,7 @@ async def tombstone(store: Store, tasks: list[tuple[ObjectId, str]]) -> int:
         for tid, owner in tasks
     ]
     try:
-        result = await store[COLLECTION].bulk_write(ops, ordered=False)
+        result = await ctx.store[COLLECTION].bulk_write(ops, ordered=False)
     except BulkWriteError as exc:
         _raise_unless_duplicates(exc)
         return int(exc.details.get("nModified", 0)) + int(exc.details.get("nUpserted", 0))
@@ -291,18 +260,18 @@ def _task_oid(task_id: str) -> ObjectId:
         raise Invalid(f"Not a task id: {task_id!r}") from exc
 
 
-async def index_task(store: Store, task_id: str, owner: str) -> str:
+async def index_task(ctx: Context, task_id: str, owner: str) -> str:
     """Bring the entry of ``owner``'s task up to date with the task as stored now.
 
     Safe to run twice, late or out of order: returns ``"indexed"``, ``"current"`` (a newer or
     equal entry was already there) or ``"removed"`` (the task is gone).
     """
     tid = _task_oid(task_id)
-    task = await store["tasks"].find_one({"_id": tid}, _TASK_FIELDS)
+    task = await ctx.store["tasks"].find_one({"_id": tid}, _TASK_FIELDS)
     if task is None or task["owner"] != owner:
-        await tombstone(store, [(tid, owner)])
+        await tombstone(ctx, [(tid, owner)])
         return "removed"
-    return "indexed" if await _put(store, entry(task)) else "current"
+    return "indexed" if await _put(ctx, entry(task)) else "current"
 
 
 # -- reindex ----------------------------------------------------------------------------------
@@ -318,15 +287,15 @@ class ReindexResult:
     seconds: float
 
 
-async def count_tasks(store: Store, owner: str | None = None) -> int:
+async def count_tasks(ctx: Context, owner: str | None = None) -> int:
     """How many tasks a rebuild will visit."""
-    return await store["tasks"].count_documents({"owner": owner} if owner else {})
+    return await ctx.store["tasks"].count_documents({"owner": owner} if owner else {})
 
 
-async def _put_many(store: Store, entries: list[Doc]) -> int:
+async def _put_many(ctx: Context, entries: list[Doc]) -> int:
     """Write a batch (each only over an older or equal version); returns how many were
     written."""
-    col = store[COLLECTION]
+    col = ctx.store[COLLECTION]
     ops = [ReplaceOne(_older(e, rewrite=True), e, upsert=True) for e in entries]
     try:
         result = await col.bulk_write(ops, ordered=False)
@@ -342,7 +311,7 @@ async def _put_many(store: Store, entries: list[Doc]) -> int:
 
 
 async def reindex(
-    store: Store,
+    ctx: Context,
     owner: str | None = None,
     *,
     batch_size: int = 500,
@@ -356,14 +325,14 @@ async def reindex(
     """
     started = time.monotonic()
     scope: Doc = {"owner": owner} if owner else {}
-    cursor = store["tasks"].find(scope, _TASK_FIELDS, batch_size=batch_size)
+    cursor = ctx.store["tasks"].find(scope, _TASK_FIELDS, batch_size=batch_size)
     if owner:
         cursor = cursor.sort([("created_at", -1), ("_id", -1)])  # walks owner_created
     tasks = written = 0
     batch: list[Doc] = []
 
     async def flush() -> int:
-        count = await _put_many(store, [entry(t) for t in batch])
+        count = await _put_many(ctx, [entry(t) for t in batch])
         if progress is not None:
             progress(len(batch))
         batch.clear()
@@ -376,25 +345,25 @@ async def reindex(
             written += await flush()
     if batch:
         written += await flush()
-    removed = await _remove_orphans(store, scope, batch_size)
+    removed = await _remove_orphans(ctx, scope, batch_size)
     return ReindexResult(tasks, written, removed, time.monotonic() - started)
 
 
-async def _remove_orphans(store: Store, scope: Doc, batch_size: int) -> int:
+async def _remove_orphans(ctx: Context, scope: Doc, batch_size: int) -> int:
     """Tombstone the live entries (in ``scope``) whose task is gone."""
     # The filter names only indexed fields (owner_id, or a plain scan of every entry):
     # tombstones are skipped here rather than in the filter, which would cost the test
     # server's planner its index.
-    cursor = store[COLLECTION].find(scope, {"owner": 1, "version": 1}, batch_size=batch_size)
+    cursor = ctx.store[COLLECTION].find(scope, {"owner": 1, "version": 1}, batch_size=batch_size)
     removed = 0
     page: list[Doc] = []
 
     async def flush() -> int:
         ids = [d["_id"] for d in page]
-        found = {d["_id"] async for d in store["tasks"].find({"_id": {"$in": ids}}, {"_id": 1})}
+        found = {d["_id"] async for d in ctx.store["tasks"].find({"_id": {"$in": ids}}, {"_id": 1})}
         gone = [(d["_id"], d["owner"]) for d in page if d["_id"] not in found]
         page.clear()
-        return await tombstone(store, gone)
+        return await tombstone(ctx, gone)
 
     async for doc in cursor:
         if doc.get("version", TOMBSTONE) < TOMBSTONE:
@@ -409,21 +378,21 @@ async def _remove_orphans(store: Store, scope: Doc, batch_size: int) -> int:
 # -- the query --------------------------------------------------------------------------------
 
 
-def candidates_cursor(store: Store, owner: str, query: list[str]) -> AsyncCursor[Doc]:
+def candidates_cursor(ctx: Context, owner: str, query: list[str]) -> AsyncCursor[Doc]:
     """The index lookup of a search: the owner's newest entries holding the most selective
     (longest) query word's term, with the scores of every query word's term; the caller keeps
     those holding all of them (``explain()`` it to see the plan)."""
     keys = sorted({_key(w) for w in query}, key=lambda k: (-len(k), k))
     projection: Doc = {"updated_at": 1, **{f"w.{k}": 1 for k in keys}}
     return (
-        store[COLLECTION]
+        ctx.store[COLLECTION]
         .find({"owner": owner, "terms": keys[0]}, projection)
         .sort("updated_at", -1)
         .limit(MAX_CANDIDATES)
     )
 
 
-async def search(store: Store, owner: str, q: str, limit: int = 20) -> SearchResults:
+async def search(ctx: Context, owner: str, q: str, limit: int = 20) -> SearchResults:
     """The owner's tasks matching every word of ``q`` (each as a prefix), best first."""
     query = query_words(q)
     if not query:
@@ -431,7 +400,7 @@ async def search(store: Store, owner: str, q: str, limit: int = 20) -> SearchRes
     keys = [_key(word) for word in query]
     candidates = [
         c
-        for c in await candidates_cursor(store, owner, query).to_list()
+        for c in await candidates_cursor(ctx, owner, query).to_list()
         if all(k in c.get("w", {}) for k in keys)
     ]
     candidates.sort(key=lambda c: (sum(c["w"][k] for k in keys), c["updated_at"]), reverse=True)
@@ -440,7 +409,7 @@ async def search(store: Store, owner: str, q: str, limit: int = 20) -> SearchRes
     for start in range(0, len(candidates), batch):
         ids = [c["_id"] for c in candidates[start : start + batch]]
         # By _id alone (the _id index on any server), the owner checked here.
-        found = {t["_id"]: t async for t in store["tasks"].find({"_id": {"$in": ids}})}
+        found = {t["_id"]: t async for t in ctx.store["tasks"].find({"_id": {"$in": ids}})}
         for tid in ids:
             task = found.get(tid)
             if task is None or task["owner"] != owner:

@@ -10,6 +10,8 @@ default executor, and the other routes keep their latency.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import os
 import secrets
 import threading
@@ -41,6 +43,13 @@ _JWT_TYP = {"access": "at+jwt", "refresh": "rt+jwt"}
 
 
 T = TypeVar("T")
+
+
+def derive_key(settings: Settings, purpose: str) -> bytes:
+    """A key of its own for ``purpose`` (``"cursor"``, ``"webhooks/secret"``, ...), derived from
+    ``JWT_SECRET`` (HMAC-SHA256), so no two uses share a key."""
+    root = settings.jwt_secret.get_secret_value().encode()
+    return hmac.new(root, b"taskmanager/" + purpose.encode(), hashlib.sha256).digest()
 
 
 def usable_cores() -> int:

@@ -1,7 +1,7 @@
 """Tasks' request and response models: the bodies and queries the API accepts for tasks, the
 shapes it answers with, and the constrained types and validators they share.
 
-The operations on tasks live in :mod:`core.tasks`, which re-exports these names.
+The operations on tasks live in :mod:`core.tasks`.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pydantic import (
 )
 from pydantic.json_schema import SkipJsonSchema
 
-from core.pagination import Cursor
+from core.pagination import Page, PageQuery
 
 Status = Literal["todo", "in_progress", "done"]
 Priority = Literal["low", "medium", "high", "urgent"]
@@ -183,10 +183,8 @@ class BulkRequest(_Strict):
         return self
 
 
-class TaskQuery(BaseModel):
-    """``GET /tasks`` query (strings from the URL, so lax types; unknown names refused)."""
-
-    model_config = ConfigDict(extra="forbid")
+class TaskFilters(BaseModel):
+    """Which tasks a list shows, and in which order."""
 
     status: Status | None = None
     priority: Priority | None = None
@@ -195,19 +193,14 @@ class TaskQuery(BaseModel):
     due_after: Moment | None = None
     overdue: bool | None = None
     sort: Sort = "-created_at"
-    limit: int = Field(50, ge=1, le=200)
-    cursor: Cursor | None = None
 
     _due = field_validator("due_before", "due_after")(_utc)
 
 
-class PageQuery(BaseModel):
-    """A plain cursor-paginated list query."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    limit: int = Field(50, ge=1, le=200)
-    cursor: Cursor | None = None
+# PageQuery first: its config (unknown names refused) and fields apply, listed after the
+# filters' (pydantic orders fields from the last base to the first).
+class TaskQuery(PageQuery, TaskFilters):
+    """``GET /tasks`` query (strings from the URL, so lax types; unknown names refused)."""
 
 
 class TaskPublic(BaseModel):
@@ -225,11 +218,8 @@ class TaskPublic(BaseModel):
     completed_at: datetime | None
 
 
-class TaskPage(BaseModel):
+class TaskPage(Page[TaskPublic]):
     """One page of tasks."""
-
-    items: list[TaskPublic]
-    next_cursor: str | None
 
 
 class BulkResult(BaseModel):
@@ -255,11 +245,8 @@ class ActivityItem(BaseModel):
     created_at: datetime
 
 
-class ActivityPage(BaseModel):
+class ActivityPage(Page[ActivityItem]):
     """A page of a task's history, newest first."""
-
-    items: list[ActivityItem]
-    next_cursor: str | None
 
 
 class Stats(BaseModel):

@@ -19,31 +19,21 @@ from pymongo.asynchronous.client_session import AsyncClientSession
 from core import cache, events
 from core.context import Context
 from core.errors import NotFound, PreconditionFailed
-from core.pagination import after, decode_cursor, encode_cursor
+from core.pagination import PageQuery, keyset_page
 from core.store import Doc, utcnow
-
-# The models are re-exported: callers name them ``tasks.TaskCreate``, ``tasks.TaskPage``, ...
-from core.task_models import MAX_BULK as MAX_BULK
-from core.task_models import ActivityItem as ActivityItem
-from core.task_models import ActivityPage as ActivityPage
-from core.task_models import BulkRequest as BulkRequest
-from core.task_models import BulkResponse as BulkResponse
-from core.task_models import BulkResult as BulkResult
-from core.task_models import BulkSet as BulkSet
-from core.task_models import Description as Description
-from core.task_models import PageQuery as PageQuery
-from core.task_models import Priority as Priority
-from core.task_models import Sort as Sort
-from core.task_models import Stats as Stats
-from core.task_models import Status as Status
-from core.task_models import Tag as Tag
-from core.task_models import Tags as Tags
-from core.task_models import TaskCreate as TaskCreate
-from core.task_models import TaskPage as TaskPage
-from core.task_models import TaskPublic as TaskPublic
-from core.task_models import TaskQuery as TaskQuery
-from core.task_models import TaskUpdate as TaskUpdate
-from core.task_models import Title as Title
+from core.task_models import (
+    ActivityItem,
+    ActivityPage,
+    BulkRequest,
+    BulkResponse,
+    BulkResult,
+    Stats,
+    TaskCreate,
+    TaskFilters,
+    TaskPage,
+    TaskPublic,
+    TaskQuery,
+)
 
 PRIORITY_RANK: dict[str, int] = {"low": 0, "medium": 1, "high": 2, "urgent": 3}
 #: Stored sort keys. ``due_key`` is ``due_at`` or a far-future sentinel, so tasks without a due
@@ -125,12 +115,15 @@ async def create(ctx: Context, owner: str, body: TaskCreate) -> Doc:
     }
     doc.update(_derived(fields, None, now))
     event = events.new_event(
-        "task.created", user_id=owner, subject_id=str(doc["_id"]), data={"task": _snapshot(doc)}
+        events.EventType.TASK_CREATED,
+        user_id=owner,
+        subject_id=str(doc["_id"]),
+        data={"task": _snapshot(doc)},
     )
 
     async def work(session: AsyncClientSession) -> None:
         await ctx.store["tasks"].insert_one(doc, session=session)
-        await events.record(ctx.store, [event], session)
+        await events.record(ctx, [event], session)
 
     await ctx.store.transaction(work)
     await cache.bump(ctx, owner)
@@ -165,7 +158,7 @@ def _change_events(owner: str, before: Doc, diff: dict[str, Any], after_doc: Doc
     changed = {k: {"from": old.get(k), "to": new.get(k)} for k in diff}
     evs = [
         events.new_event(
-            "task.updated",
+            events.EventType.TASK_UPDATED,
             user_id=owner,
             subject_id=task_id,
             data={"changes": changed, "task": new},
@@ -174,7 +167,10 @@ def _change_events(owner: str, before: Doc, diff: dict[str, Any], after_doc: Doc
     if "status" in diff and diff["status"] == "done":
         evs.append(
             events.new_event(
-                "task.completed", user_id=owner, subject_id=task_id, data={"task": new}
+                events.EventType.TASK_COMPLETED,
+                user_id=owner,
+                subject_id=task_id,
+                data={"task": new},
             )
         )
     return evs
@@ -210,7 +206,7 @@ async def update(
             )
             if result.modified_count != 1:
                 return False
-            await events.record(ctx.store, evs, session)
+            await events.record(ctx, evs, session)
             return True
 
         if await ctx.store.transaction(work):
@@ -227,7 +223,10 @@ async def delete(ctx: Context, owner: str, task_id: str, if_match: str | None) -
     if not matches(doc, if_match):
         raise PreconditionFailed("The task changed since you read it (If-Match failed)")
     event = events.new_event(
-        "task.deleted", user_id=owner, subject_id=task_id, data={"task": _snapshot(doc)}
+        events.EventType.TASK_DELETED,
+        user_id=owner,
+        subject_id=task_id,
+        data={"task": _snapshot(doc)},
     )
 
     async def work(session: AsyncClientSession) -> bool:
@@ -236,7 +235,7 @@ async def delete(ctx: Context, owner: str, task_id: str, if_match: str | None) -
         )
         if result.deleted_count != 1:
             return False
-        await events.record(ctx.store, [event], session)
+        await events.record(ctx, [event], session)
         return True
 
     if not await ctx.store.transaction(work):
@@ -244,7 +243,7 @@ async def delete(ctx: Context, owner: str, task_id: str, if_match: str | None) -
     await cache.bump(ctx, owner)
 
 
-def list_filter(owner: str, q: TaskQuery, now: datetime) -> Doc:
+def list_filter(owner: str, q: TaskFilters, now: datetime) -> Doc:
     """The MongoDB filter of a list query (always owner-scoped)."""
     flt: Doc = {"owner": owner}
     if q.status is not None:
@@ -268,42 +267,26 @@ def list_filter(owner: str, q: TaskQuery, now: datetime) -> Doc:
     return flt
 
 
-def sort_spec(sort: str) -> tuple[str, bool]:
-    """``(stored field, descending)`` of a sort parameter."""
-    descending = sort.startswith("-")
-    return SORT_FIELDS[sort.lstrip("-")], descending
-
-
-def _secret(ctx: Context) -> bytes:
-    return ctx.settings.jwt_secret.get_secret_value().encode()
-
-
-def list_query(owner: str, q: TaskQuery, now: datetime) -> tuple[Doc, list[tuple[str, int]], str]:
-    """``(filter, sort, index name)`` of one page of a list query.
+def list_query(owner: str, q: TaskFilters, now: datetime) -> tuple[Doc, list[tuple[str, int]], str]:
+    """``(filter, sort, index name)`` of a list query.
 
     The index is named (a hint) because the sort decides it: each sort has its own
     ``owner``-first index, and the filters (status, tag, ...) are applied while walking it.
     Without the hint a planner may prefer a collection scan plus an in-memory sort.
     """
-    field, descending = sort_spec(q.sort)
-    flt = list_filter(owner, q, now)
-    direction = DESCENDING if descending else ASCENDING
-    return flt, [(field, direction), ("_id", direction)], SORT_INDEXES[field]
+    field = SORT_FIELDS[q.sort.lstrip("-")]
+    direction = DESCENDING if q.sort.startswith("-") else ASCENDING
+    return list_filter(owner, q, now), [(field, direction), ("_id", direction)], SORT_INDEXES[field]
 
 
-#: The list a client opens first: served from the cache (see :func:`list_page`).
+#: The list a client opens first: served from the cache (see :func:`list_page_json`).
 FIRST_PAGE = TaskQuery()
 
 
-async def list_page(ctx: Context, owner: str, q: TaskQuery) -> TaskPage:
-    """One page of the owner's tasks, keyset-paginated on ``(sort key, _id)``."""
-    return await _query_page(ctx, owner, q)
-
-
 async def list_page_json(ctx: Context, owner: str, q: TaskQuery) -> bytes:
-    """:func:`list_page` as the response body. The first page of the default list is
-    cache-aside like the stats: it is what every client opens first, and the cache
-    generation makes it exact after each write."""
+    """One page of the owner's tasks (keyset-paginated on ``(sort key, _id)``) as the
+    response body. The first page of the default list is cache-aside like the stats: it is
+    what every client opens first, and the cache generation makes it exact after each write."""
     if q == FIRST_PAGE:
         body, _ = await cache.cached_json(ctx, "first_page", owner, lambda: _first_page(ctx, owner))
         return body
@@ -322,14 +305,9 @@ async def warm(ctx: Context, owner: str) -> None:
 
 async def _query_page(ctx: Context, owner: str, q: TaskQuery) -> TaskPage:
     flt, sort, index = list_query(owner, q, utcnow())
-    field, descending = sort_spec(q.sort)
-    if q.cursor:
-        value, last_id = decode_cursor(_secret(ctx), q.sort, q.cursor)
-        flt = {"$and": [flt, after(field, value, last_id, descending)]}
-    docs = await ctx.store["tasks"].find(flt).sort(sort).hint(index).limit(q.limit + 1).to_list()
-    more = len(docs) > q.limit
-    docs = docs[: q.limit]
-    cursor = encode_cursor(_secret(ctx), q.sort, docs[-1][field], docs[-1]["_id"]) if more else None
+    docs, cursor = await keyset_page(
+        ctx, "tasks", flt, q, scope=f"tasks:{q.sort}", sort=sort, hint=index
+    )
     return TaskPage(items=[public(d) for d in docs], next_cursor=cursor)
 
 
@@ -337,12 +315,7 @@ async def activity(ctx: Context, owner: str, task_id: str, q: PageQuery) -> Acti
     """A task's events, newest first (404 unless the task exists and is the owner's)."""
     await get(ctx, owner, task_id)
     flt: Doc = {"user_id": owner, "subject_id": task_id}
-    if q.cursor:
-        _, last_id = decode_cursor(_secret(ctx), "activity", q.cursor)
-        flt["_id"] = {"$lt": last_id}
-    docs = await ctx.store["events"].find(flt).sort("_id", DESCENDING).limit(q.limit + 1).to_list()
-    more = len(docs) > q.limit
-    docs = docs[: q.limit]
+    docs, cursor = await keyset_page(ctx, "events", flt, q, scope="activity")
     items = [
         ActivityItem(
             id=str(d["_id"]),
@@ -353,7 +326,6 @@ async def activity(ctx: Context, owner: str, task_id: str, q: PageQuery) -> Acti
         )
         for d in docs
     ]
-    cursor = encode_cursor(_secret(ctx), "activity", None, docs[-1]["_id"]) if more else None
     return ActivityPage(items=items, next_cursor=cursor)
 
 
@@ -401,7 +373,10 @@ async def _bulk_once(ctx: Context, owner: str, req: BulkRequest) -> BulkResponse
             deletes.append(doc["_id"])
             evs.append(
                 events.new_event(
-                    "task.deleted", user_id=owner, subject_id=raw, data={"task": _snapshot(doc)}
+                    events.EventType.TASK_DELETED,
+                    user_id=owner,
+                    subject_id=raw,
+                    data={"task": _snapshot(doc)},
                 )
             )
             results[raw] = "deleted"
@@ -431,7 +406,7 @@ async def _bulk_once(ctx: Context, owner: str, req: BulkRequest) -> BulkResponse
                 raise _Stale  # aborts the transaction: nothing of this attempt is kept
         if deletes:
             await ctx.store["tasks"].delete_many({"_id": {"$in": deletes}}, session=session)
-        await events.record(ctx.store, evs, session)
+        await events.record(ctx, evs, session)
 
     if writes or deletes:
         await ctx.store.transaction(work)

@@ -1,43 +1,27 @@
 """Webhooks: a user's HTTP endpoints that receive their task events, signed and retried.
 
-What lives here is the pure part, shared by the web process and the workers: the models, CRUD,
-signing, secret storage and the delivery log. The HTTP POST itself is made by the worker
-(``workers/webhooks.py``), since ``core`` never imports aiohttp. The target check (SSRF: which
-URLs and addresses may receive deliveries) is :mod:`core.ssrf`.
+The part shared by the web process and the workers: models, CRUD, signing, secret storage and
+the delivery log. The HTTP POST is made by the worker (``workers/webhooks.py``); which targets
+may receive deliveries (SSRF) is :mod:`core.ssrf`.
 
-Secrets. ``secrets.token_urlsafe(32)``, shown once at creation. The worker needs the secret
-itself to sign, so it is stored recoverably: sealed with AES-256-GCM under a key derived from
-``JWT_SECRET`` and bound to the webhook's id, so a database copy or a backup alone reveals
-nothing. Rotating ``JWT_SECRET`` therefore makes existing secrets unreadable: their deliveries
-go ``dead`` with a clear error and the webhooks must be registered again.
+Secrets (``secrets.token_urlsafe(32)``, shown once) are stored sealed with AES-256-GCM under a
+key derived from ``JWT_SECRET``, bound to the webhook's id. After a ``JWT_SECRET`` rotation they
+cannot be opened: their deliveries go ``dead`` with a clear error and the webhooks must be
+registered again.
 
-Deliveries. One record per (event, webhook), ``_id = "<event id>:<webhook id>"``, so a fan-out
-that runs twice creates one. A delivery moves ``pending`` → ``succeeded``, or ``failed``
-(retrying with backoff) → ``dead`` when retries are exhausted; a redelivery request puts it
-back to ``pending`` under a new ``generation``, which makes messages of older generations
-stale. An attempt is made under a lease (:func:`claim`), so two messages for one delivery never
-post at the same time, and a ``succeeded`` delivery is never sent again by a duplicate message.
-The lease names the worker process holding it (:class:`Holder`) and dies with it: once that
-worker's heartbeat is older than ``WORKER_HEARTBEAT_TIMEOUT_MS`` (the rule by which the broker
-redelivers its messages) the next message takes the lease over at once, counting the
-interrupted attempt, instead of waiting out the lease's time bound. A message that meets a
-live lease waits (the worker re-schedules it without spending a retry).
+Deliveries: one record per (event, webhook), ``_id = "<event id>:<webhook id>"``, moving
+``pending`` → ``succeeded``, or ``failed`` (retried with backoff) → ``dead``; a redelivery request
+puts it back to ``pending`` under a new ``generation`` (older messages become stale). An attempt
+holds a lease (:func:`claim`) naming its worker process (:class:`Holder`): a lease dies with its
+worker's heartbeat (``WORKER_HEARTBEAT_TIMEOUT_MS``), and a message meeting a live lease waits
+without spending a retry.
 
-Isolation (one user's slow or broken receiver must not hold back anyone else):
-
-- Deliveries run on their own queue (``webhooks``) and, by default, their own worker pool
-  (``taskmanager run`` starts a separate pool; deployments run ``worker-webhooks``).
-- Per-user cap: at most ``WEBHOOK_MAX_IN_FLIGHT_PER_USER`` of a user's deliveries are being
-  attempted at once, counted in Redis (:func:`take_slot`; each slot expires after the attempt's
-  lease, and sooner with its worker's heartbeat, so a crashed worker cannot keep it). A delivery
-  over the cap waits a moment and tries again without spending a retry.
-- Circuit breaker, per webhook: after ``WEBHOOK_BREAKER_FAILURES`` consecutive failed attempts
-  (any of its deliveries; a success resets the count) the webhook is ``paused``, with
-  ``paused_reason`` and ``paused_at``, as Stripe and Svix disable an endpoint that keeps
-  failing. While paused nothing is sent to it: new and retried deliveries are recorded as
-  ``held`` in its delivery log. ``POST /webhooks/{id}/resume`` makes it ``active`` again and
-  sends its held deliveries again, oldest first (up to :data:`RESUME_REDELIVER_LIMIT`; any
-  delivery can also be sent again on its own with ``.../redeliver``).
+Isolation: deliveries have their own queue (``webhooks``) and worker pool; at most
+``WEBHOOK_MAX_IN_FLIGHT_PER_USER`` of a user's deliveries are attempted at once
+(:func:`take_slot`: Redis slots expiring with the lease or the worker's heartbeat); after
+``WEBHOOK_BREAKER_FAILURES`` consecutive failed attempts a webhook is ``paused`` and its new
+deliveries are ``held`` until ``POST /webhooks/{id}/resume`` sends them again, oldest first (up
+to :data:`RESUME_REDELIVER_LIMIT`).
 """
 
 from __future__ import annotations
@@ -50,7 +34,7 @@ import secrets
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from bson import Binary, ObjectId
 from bson.errors import InvalidId
@@ -63,30 +47,22 @@ from pymongo.errors import DuplicateKeyError, PyMongoError
 from redis.exceptions import RedisError
 
 from config.settings import Settings
-from core import events
+from core import events, ssrf
 from core.context import Context
 from core.errors import Conflict, NotFound
-from core.pagination import decode_cursor, encode_cursor
-
-# ``X as X``: the target check is re-exported, callers name it ``webhooks.check_target``, ...
-from core.ssrf import MAX_URL_LENGTH as MAX_URL_LENGTH
-from core.ssrf import PORT_RULE, Resolver, system_resolve
-from core.ssrf import Target as Target
-from core.ssrf import TargetRefused as TargetRefused
-from core.ssrf import TargetUnresolvable as TargetUnresolvable
-from core.ssrf import check_target as check_target
-from core.ssrf import check_url as check_url
-from core.ssrf import refusal as refusal
+from core.pagination import Page, PageQuery, keyset_page
+from core.security import derive_key
 from core.store import Doc, utcnow
-from core.task_models import PageQuery
 from core.webhook_url import URL_PATTERN
 
-EventType = Literal["task.created", "task.updated", "task.completed", "task.deleted", "*"]
-#: The event types a webhook can receive ("*" subscribes to all of them).
-EVENT_TYPES: tuple[str, ...] = ("task.created", "task.updated", "task.completed", "task.deleted")
+#: The event types a webhook can receive: the task events of the catalogue (core/events.py);
+#: "*" subscribes to all of them.
+EVENT_TYPES: tuple[str, ...] = tuple(t.value for t in events.TASK_EVENT_TYPES)
 ALL_EVENTS = "*"
-#: Recorded with a redelivery request; the relay routes it to the ``redeliver_webhook`` actor.
-REDELIVERY_EVENT = "webhook.redelivery_requested"
+if TYPE_CHECKING:
+    Subscription = str
+else:  # one of EVENT_TYPES or ALL_EVENTS (an enum in the OpenAPI document)
+    Subscription = Literal[(*EVENT_TYPES, ALL_EVENTS)]
 
 MAX_WEBHOOKS_PER_USER = 20
 #: How much of a receiver's response body is read, and kept in the delivery log.
@@ -122,21 +98,21 @@ class WebhookCreate(_Strict):
 
     url: Annotated[
         str,
-        StringConstraints(min_length=1, max_length=MAX_URL_LENGTH),
+        StringConstraints(min_length=1, max_length=ssrf.MAX_URL_LENGTH),
         Field(
             description=(
                 "An absolute http or https URL without credentials or fragment, in ASCII "
                 "(xn-- host names); its host must resolve to public addresses only (private, "
                 "loopback, link-local, shared, documentation and other special-purpose ranges "
-                f"are refused, at registration and at every delivery); {PORT_RULE}."
+                f"are refused, at registration and at every delivery); {ssrf.PORT_RULE}."
             ),
             # The syntax check_url enforces, stated for schema-driven clients.
             json_schema_extra={"pattern": URL_PATTERN},
         ),
     ]
-    events: Annotated[list[EventType], Field(min_length=1, max_length=len(EVENT_TYPES) + 1)]
+    events: Annotated[list[Subscription], Field(min_length=1, max_length=len(EVENT_TYPES) + 1)]
 
-    _url = field_validator("url")(check_url)
+    _url = field_validator("url")(ssrf.check_url)
 
     @field_validator("events")
     @classmethod
@@ -178,11 +154,8 @@ class WebhookCreated(WebhookPublic):
     secret: str
 
 
-class WebhookPage(BaseModel):
+class WebhookPage(Page[WebhookPublic]):
     """One page of webhooks, newest first."""
-
-    items: list[WebhookPublic]
-    next_cursor: str | None
 
 
 class DeliveryPublic(BaseModel):
@@ -203,11 +176,8 @@ class DeliveryPublic(BaseModel):
     delivered_at: datetime | None
 
 
-class DeliveryPage(BaseModel):
+class DeliveryPage(Page[DeliveryPublic]):
     """One page of a webhook's deliveries, newest event first."""
-
-    items: list[DeliveryPublic]
-    next_cursor: str | None
 
 
 def public(doc: Doc) -> WebhookPublic:
@@ -251,8 +221,7 @@ def new_secret() -> str:
 
 
 def _secret_key(settings: Settings) -> bytes:
-    root = settings.jwt_secret.get_secret_value().encode()
-    return hmac.new(root, b"taskmanager/webhooks/secret", hashlib.sha256).digest()
+    return derive_key(settings, "webhooks/secret")
 
 
 def seal_secret(settings: Settings, webhook_id: str, secret: str) -> Binary:
@@ -338,12 +307,8 @@ def oid(webhook_id: str) -> ObjectId:
         raise NotFound("No such webhook") from exc
 
 
-def _cursor_secret(ctx: Context) -> bytes:
-    return ctx.settings.jwt_secret.get_secret_value().encode()
-
-
 async def create(
-    ctx: Context, owner: str, body: WebhookCreate, *, resolve: Resolver = system_resolve
+    ctx: Context, owner: str, body: WebhookCreate, *, resolve: ssrf.Resolver = ssrf.system_resolve
 ) -> tuple[Doc, str]:
     """Register a webhook; returns the stored document and its secret (shown once).
 
@@ -353,7 +318,7 @@ async def create(
     hooks = ctx.store["webhooks"]
     if await hooks.count_documents({"owner": owner}) >= MAX_WEBHOOKS_PER_USER:
         raise Conflict(f"At most {MAX_WEBHOOKS_PER_USER} webhooks per user; delete one first")
-    await check_target(body.url, ctx.settings.webhook_allow_hosts, resolve=resolve)
+    await ssrf.check_target(body.url, ctx.settings.webhook_allow_hosts, resolve=resolve)
     secret = new_secret()
     webhook_id = ObjectId()
     now = utcnow()
@@ -382,16 +347,7 @@ async def get(ctx: Context, owner: str, webhook_id: str) -> Doc:
 
 async def list_page(ctx: Context, owner: str, q: PageQuery) -> WebhookPage:
     """The owner's webhooks, newest first."""
-    flt: Doc = {"owner": owner}
-    if q.cursor:
-        _, last_id = decode_cursor(_cursor_secret(ctx), "webhooks", q.cursor)
-        flt["_id"] = {"$lt": last_id}
-    docs = await (
-        ctx.store["webhooks"].find(flt).sort("_id", DESCENDING).limit(q.limit + 1).to_list()
-    )
-    more = len(docs) > q.limit
-    docs = docs[: q.limit]
-    cursor = encode_cursor(_cursor_secret(ctx), "webhooks", None, docs[-1]["_id"]) if more else None
+    docs, cursor = await keyset_page(ctx, "webhooks", {"owner": owner}, q, scope="webhooks")
     return WebhookPage(items=[public(d) for d in docs], next_cursor=cursor)
 
 
@@ -407,23 +363,13 @@ async def delete(ctx: Context, owner: str, webhook_id: str) -> None:
 async def deliveries_page(ctx: Context, owner: str, webhook_id: str, q: PageQuery) -> DeliveryPage:
     """A webhook's delivery log, newest event first (404 unless the webhook is the owner's)."""
     hook = await get(ctx, owner, webhook_id)
-    flt: Doc = {"webhook_id": str(hook["_id"])}
-    if q.cursor:
-        _, last_id = decode_cursor(_cursor_secret(ctx), "deliveries", q.cursor)
-        flt["event_oid"] = {"$lt": last_id}
-    docs = await (
-        ctx.store["webhook_deliveries"]
-        .find(flt)
-        .sort("event_oid", DESCENDING)
-        .limit(q.limit + 1)
-        .to_list()
-    )
-    more = len(docs) > q.limit
-    docs = docs[: q.limit]
-    cursor = (
-        encode_cursor(_cursor_secret(ctx), "deliveries", None, docs[-1]["event_oid"])
-        if more
-        else None
+    docs, cursor = await keyset_page(
+        ctx,
+        "webhook_deliveries",
+        {"webhook_id": str(hook["_id"])},
+        q,
+        scope="deliveries",
+        sort=[("event_oid", DESCENDING)],
     )
     return DeliveryPage(items=[delivery_public(d) for d in docs], next_cursor=cursor)
 
@@ -467,12 +413,12 @@ async def _redeliver(
         if doc is None:
             return None
         event = events.new_event(
-            REDELIVERY_EVENT,
+            events.EventType.WEBHOOK_REDELIVERY_REQUESTED,
             user_id=owner,
             subject_id=delivery_id,
             data={"delivery_id": delivery_id, "generation": doc["generation"]},
         )
-        await events.record(ctx.store, [event], session)
+        await events.record(ctx, [event], session)
         return doc
 
     return await ctx.store.transaction(work)

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
+import logging
 import os
 import shutil
 import subprocess
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from email import message_from_bytes
 from email.message import Message
@@ -35,31 +37,32 @@ from config.settings import Settings
 TEST_SECRET = "test-secret-" + "x" * 40
 
 
-@pytest.fixture(scope="session")
-def mongo_url() -> Iterator[str]:
-    """A MongoDB server for the session."""
-    if os.environ.get("MONGODB_URL"):
-        yield os.environ["MONGODB_URL"]
+def _ours_unless(url: str | None, start: Callable[[], Any]) -> Iterator[str]:
+    """``url`` when given, else the URL of a server of our own (``start()``), stopped after."""
+    if url:
+        yield url
         return
-    server = EmbeddedMongo(":memory:").start()
+    server = start()
     try:
         yield server.url
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def mongo_url() -> Iterator[str]:
+    """A MongoDB server for the session."""
+    yield from _ours_unless(
+        os.environ.get("MONGODB_URL"), lambda: EmbeddedMongo(":memory:").start()
+    )
 
 
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
-    """A Redis server for the session (never flushed: tests use their own prefixes)."""
+    """A Redis server for the session (never flushed: tests use their own prefixes): the
+    machine's, or a private one when nothing answers there."""
     url = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
-    if redis_answers(url):
-        yield url
-        return
-    server = PrivateRedis().start()  # a private one: nothing answers where we looked
-    try:
-        yield server.url
-    finally:
-        server.stop()
+    yield from _ours_unless(url if redis_answers(url) else None, lambda: PrivateRedis().start())
 
 
 @pytest.fixture(scope="session")
@@ -154,6 +157,38 @@ def settings(make_settings: Any) -> Settings:
     return make_settings()
 
 
+def service_vars(settings: Settings) -> dict[str, str]:
+    """The environment variables that point a process at the test's MongoDB database, Redis
+    prefix and JWT secret (those of ``settings``)."""
+    assert settings.mongodb_url and settings.redis_url
+    return {
+        "MONGODB_URL": settings.mongodb_url,
+        "MONGODB_DB": settings.mongodb_db,
+        "REDIS_URL": settings.redis_url,
+        "REDIS_PREFIX": settings.redis_prefix,
+        "JWT_SECRET": settings.jwt_secret.get_secret_value(),
+    }
+
+
+@pytest.fixture
+def cli_env(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Iterator[Settings]:
+    """The settings as environment variables, as ``taskmanager`` commands read them; the
+    process-wide logging set-up a command makes is undone afterwards."""
+    import structlog
+
+    for name, value in {**service_vars(settings), "APP_ENV": "test"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("LOG_FORMAT", "console")
+    monkeypatch.delenv("BROKER_URL", raising=False)
+    root = logging.getLogger()
+    handlers, level, config = root.handlers[:], root.level, structlog.get_config()
+    yield settings
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    structlog.configure(**config)
+    logging.captureWarnings(False)
+
+
 @dataclass
 class SmtpSink:
     """A real SMTP server on loopback collecting every message it receives."""
@@ -174,25 +209,52 @@ class SmtpSink:
 
     async def wait_for(self, count: int, timeout: float = 10.0) -> list[Message]:
         """Wait (without blocking the loop) until ``count`` messages arrived."""
-        deadline = time.monotonic() + timeout
-        while len(self.messages) < count:
-            if time.monotonic() > deadline:
-                raise AssertionError(f"expected {count} emails, got {len(self.messages)}")
-            await asyncio.sleep(0.05)
+        await eventually(lambda: len(self.messages) >= count, f"{count} emails", timeout=timeout)
         return list(self.messages)
 
 
-@pytest.fixture
-def smtp() -> Iterator[SmtpSink]:
-    """A running SMTP sink."""
-    port = free_port()
-    sink = SmtpSink(port)
-    controller = Controller(sink, hostname="127.0.0.1", port=port)
+@contextlib.contextmanager
+def serving(sink: SmtpSink) -> Iterator[SmtpSink]:
+    """Serve ``sink`` (an :class:`SmtpSink`, or a subclass) on its loopback port meanwhile."""
+    controller = Controller(sink, hostname="127.0.0.1", port=sink.port)
     controller.start()
     try:
         yield sink
     finally:
         controller.stop()
+
+
+@pytest.fixture
+def smtp() -> Iterator[SmtpSink]:
+    """A running SMTP sink."""
+    with serving(SmtpSink(free_port())) as sink:
+        yield sink
+
+
+@pytest.fixture
+def platform(settings: Settings) -> Iterator[Any]:
+    """The broker with every actor declared on it (:class:`workers.broker.Platform`), built
+    as every process builds it; closed after the test."""
+    from config.connections import Connections
+    from workers.broker import build_broker
+
+    made = build_broker(Connections(settings))
+    yield made
+    made.close()
+
+
+@pytest.fixture
+def brokers() -> Iterator[list[Any]]:
+    """Brokers to close at the very end (list this fixture first, so it is torn down after the
+    apps and workers): a Dramatiq broker never closes its Redis connections, and sockets left
+    to the garbage collector warn in whichever test happens to collect them."""
+    from dramatiq.brokers.redis import RedisBroker
+
+    made: list[Any] = []
+    yield made
+    for broker in made:
+        if isinstance(broker, RedisBroker):
+            broker.client.connection_pool.disconnect()
 
 
 @pytest.fixture
@@ -203,7 +265,7 @@ async def worker_for() -> AsyncIterator[Any]:
     def start(app: Any) -> Worker:
         from dramatiq.brokers.rabbitmq import RabbitmqBroker
 
-        from web.app import PLATFORM
+        from web.keys import PLATFORM
 
         if isinstance(app[PLATFORM].broker, RabbitmqBroker):
             # The session's vhost is shared by the RabbitMQ tests: drop what earlier ones left.
@@ -255,6 +317,65 @@ async def register(
     assert resp.status == 201, await resp.text()
     body: dict[str, Any] = await resp.json()
     return body
+
+
+async def eventually(
+    check: Callable[[], Any],
+    what: str = "the condition",
+    *,
+    timeout: float = 10.0,
+    describe: Callable[[], str] | None = None,
+) -> Any:
+    """Call ``check()`` every 50 ms (awaiting its value when that is awaitable), without
+    blocking the loop, until the value is truthy; return it. After ``timeout`` seconds fail,
+    naming ``what`` and adding ``describe()`` (e.g. the output of the processes under test)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            detail = f"\n{describe()}" if describe is not None else ""
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}{detail}")
+        await asyncio.sleep(0.05)
+
+
+async def serve_http(aiohttp_server: Any, *routes: tuple[str, str, Any]) -> int:
+    """Serve ``routes`` (method, path, handler) over HTTP on loopback for the test; returns the
+    port."""
+    from aiohttp import web
+
+    app = web.Application()
+    for method, path, handler in routes:
+        app.router.add_route(method, path, handler)
+    return int((await aiohttp_server(app, host="127.0.0.1")).port)
+
+
+async def redeliver_welcome(app: Any, user_id: str, times: int = 2) -> None:
+    """Send ``user_id``'s registration event to the welcome actor again, ``times`` times, as
+    an at-least-once broker may."""
+    from web.keys import PLATFORM
+
+    actor = app[PLATFORM].actors["send_welcome_email"]
+    event = {
+        "id": "x",
+        "type": "user.registered",
+        "user_id": user_id,
+        "created_at": "2026-01-01T00:00:00Z",
+    }
+    for _ in range(times):
+        await asyncio.to_thread(actor.send, event)
+
+
+def signed(secret: str, headers: Mapping[str, str], body: bytes) -> bool:
+    """Whether a webhook delivery (its headers and body) is signed with ``secret``, now."""
+    from core import webhooks
+
+    return webhooks.verify(
+        secret, headers["X-Webhook-Timestamp"], body, headers["X-Webhook-Signature"]
+    )
 
 
 def bearer(token: str) -> dict[str, str]:

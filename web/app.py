@@ -22,7 +22,7 @@ from core import accounts
 from core.context import Context, open_context
 from core.errors import Invalid
 from web.handlers import dashboard
-from web.handlers.ops import READINESS, Readiness
+from web.handlers.probes import READINESS, Readiness
 from web.keys import CONNECTIONS, CONTEXT, OPENAPI, PLATFORM, RELAY, RELAY_WAKE, SETTINGS
 from web.middlewares import problems, real_client, request_context, security_headers
 from web.openapi import build_openapi

@@ -35,10 +35,6 @@ class Precondition:
     #: The entity tags as sent, ``W/`` included.
     tags: tuple[str, ...]
 
-    def strong_match(self, etag: str) -> bool:
-        """``If-Match``: ``*`` or a strong tag equal to ``etag``."""
-        return self.any or etag in self.tags
-
     def weak_match(self, etag: str) -> bool:
         """``If-None-Match``: ``*`` or a tag equal to ``etag`` once ``W/`` is ignored."""
         return self.any or etag.removeprefix("W/") in [t.removeprefix("W/") for t in self.tags]

@@ -30,14 +30,3 @@ REQ_CLAIMS = web.RequestKey("claims", TokenClaims)
 REQ_BODY = web.RequestKey("body", BaseModel)
 REQ_QUERY = web.RequestKey("query", BaseModel)
 REQ_ID = web.RequestKey("request_id", str)
-
-__all__ = [
-    "CONNECTIONS",
-    "CONTEXT",
-    "OPENAPI",
-    "PLATFORM",
-    "RELAY",
-    "RELAY_WAKE",
-    "SETTINGS",
-    "TokenClaims",
-]

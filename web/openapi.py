@@ -65,40 +65,42 @@ _TAGS = {
     "operations": "Health, metrics and this document (no auth; only metrics and this "
     "document are limited, per address and generously)",
 }
-_REQUEST_ID = {
-    "description": "The request id: the client's X-Request-ID when it is sane "
-    "([A-Za-z0-9._:-], at most 128 characters), else a new one; quote it when reporting",
-    "required": True,
-    "schema": {"type": "string", "pattern": "^[A-Za-z0-9._:-]{1,128}$"},
-}
-_RATELIMIT_POLICY = {
-    "description": "The quota policy (draft-ietf-httpapi-ratelimit-headers): "
-    "q requests per w seconds",
-    "required": True,
-    "schema": {"type": "string", "pattern": '^"[^"]*";q=[0-9]+;w=[0-9]+$'},
-}
-_RATELIMIT = {
-    "description": "The quota left: r requests, t seconds until it grows again (left out "
-    "when the limiter cannot be asked)",
-    "required": False,
-    "schema": {"type": "string", "pattern": '^"[^"]*";r=[0-9]+;t=[0-9]+$'},
-}
-_RETRY_AFTER = {
-    "description": "Seconds to wait before retrying",
-    "required": True,
-    "schema": {"type": "integer", "minimum": 1},
-}
-_WWW_AUTHENTICATE = {
-    "description": "The Bearer challenge (RFC 6750) with the error code",
-    "required": True,
-    "schema": {"type": "string", "pattern": "^Bearer "},
-}
-_REPLAYED = {
-    "description": "Present (true) when this is the stored answer to an earlier request "
-    "with the same Idempotency-Key",
-    "required": False,
-    "schema": {"type": "string", "const": "true"},
-}
+
+
+def _header(description: str, schema: dict[str, Any], *, required: bool = True) -> dict[str, Any]:
+    """A response header object."""
+    return {"description": description, "required": required, "schema": schema}
+
+
+def _text(pattern: str) -> dict[str, Any]:
+    return {"type": "string", "pattern": pattern}
+
+
+_REQUEST_ID = _header(
+    "The request id: the client's X-Request-ID when it is sane ([A-Za-z0-9._:-], at most 128 "
+    "characters), else a new one; quote it when reporting",
+    _text("^[A-Za-z0-9._:-]{1,128}$"),
+)
+_RATELIMIT_POLICY = _header(
+    "The quota policy (draft-ietf-httpapi-ratelimit-headers): q requests per w seconds",
+    _text('^"[^"]*";q=[0-9]+;w=[0-9]+$'),
+)
+_RATELIMIT = _header(
+    "The quota left: r requests, t seconds until it grows again (left out when the limiter "
+    "cannot be asked)",
+    _text('^"[^"]*";r=[0-9]+;t=[0-9]+$'),
+    required=False,
+)
+_RETRY_AFTER = _header("Seconds to wait before retrying", {"type": "integer", "minimum": 1})
+_WWW_AUTHENTICATE = _header(
+    "The Bearer challenge (RFC 6750) with the error code", _text("^Bearer ")
+)
+_REPLAYED = _header(
+    "Present (true) when this is the stored answer to an earlier request with the same "
+    "Idempotency-Key",
+    {"type": "string", "const": "true"},
+    required=False,
+)
 
 
 #: At least one character that is not Unicode White_Space (what pydantic's strip removes).

@@ -11,7 +11,7 @@ admin routes) still count a request refused for bad credentials against its addr
 ``/metrics`` and ``/api/v1/openapi.json`` answer anyone: they spend from a separate, generous
 per-address budget (:data:`OPERATIONS_POLICY`, :func:`spend_operations_budget`) and carry the
 fields on their 429 only. ``/healthz`` and ``/readyz`` are never limited (probes must not be
-throttled); readiness is cached instead (web/handlers/ops.py).
+throttled); readiness is cached instead (web/handlers/probes.py).
 """
 
 from __future__ import annotations

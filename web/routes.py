@@ -6,15 +6,16 @@ and the dashboard polls several of them every few seconds.
 
 from __future__ import annotations
 
-from core import accounts, analytics, backups, search, tasks, webhooks
+from core import accounts, analytics, backups, search, task_models, webhooks
 from core import notifications as notif
+from core.pagination import PageQuery
 from web.handlers import accounts as acc
 from web.handlers import admin as adm
 from web.handlers import analytics as an
 from web.handlers import backups as bk
 from web.handlers import dashboard as dash
 from web.handlers import notifications as nt
-from web.handlers import ops
+from web.handlers import probes
 from web.handlers import schedules as sch
 from web.handlers import search as sr
 from web.handlers import tasks as tk
@@ -98,8 +99,8 @@ ROUTES: tuple[Route, ...] = (
         tk.create_task,
         "Create a task",
         "tasks",
-        body=tasks.TaskCreate,
-        response=tasks.TaskPublic,
+        body=task_models.TaskCreate,
+        response=task_models.TaskPublic,
         status=201,
         errors=(422,),
         headers={"Location": "The new task's URL", "ETag": TASK_ETAG},
@@ -111,8 +112,8 @@ ROUTES: tuple[Route, ...] = (
         tk.list_tasks,
         "List tasks",
         "tasks",
-        query=tasks.TaskQuery,
-        response=tasks.TaskPage,
+        query=task_models.TaskQuery,
+        response=task_models.TaskPage,
     ),
     Route(
         "GET",
@@ -120,7 +121,7 @@ ROUTES: tuple[Route, ...] = (
         tk.task_stats,
         "Task counts",
         "tasks",
-        response=tasks.Stats,
+        response=task_models.Stats,
         headers={"X-Cache": "hit or miss: whether the cache answered"},
     ),
     Route(
@@ -129,8 +130,8 @@ ROUTES: tuple[Route, ...] = (
         tk.bulk_tasks,
         "Change or delete many tasks",
         "tasks",
-        body=tasks.BulkRequest,
-        response=tasks.BulkResponse,
+        body=task_models.BulkRequest,
+        response=task_models.BulkResponse,
     ),
     Route(
         "GET",
@@ -138,7 +139,7 @@ ROUTES: tuple[Route, ...] = (
         tk.get_task,
         "Get a task",
         "tasks",
-        response=tasks.TaskPublic,
+        response=task_models.TaskPublic,
         errors=(404,),
         headers={"ETag": TASK_ETAG},
     ),
@@ -148,8 +149,8 @@ ROUTES: tuple[Route, ...] = (
         tk.patch_task,
         "Change a task",
         "tasks",
-        body=tasks.TaskUpdate,
-        response=tasks.TaskPublic,
+        body=task_models.TaskUpdate,
+        response=task_models.TaskPublic,
         errors=(404, 412),
         headers={"ETag": TASK_ETAG},
     ),
@@ -168,8 +169,8 @@ ROUTES: tuple[Route, ...] = (
         tk.task_activity,
         "A task's history",
         "tasks",
-        query=tasks.PageQuery,
-        response=tasks.ActivityPage,
+        query=PageQuery,
+        response=task_models.ActivityPage,
         errors=(404,),
     ),
     # Search
@@ -226,7 +227,7 @@ ROUTES: tuple[Route, ...] = (
         wh.list_webhooks,
         "List webhooks",
         "webhooks",
-        query=tasks.PageQuery,
+        query=PageQuery,
         response=webhooks.WebhookPage,
     ),
     Route(
@@ -253,7 +254,7 @@ ROUTES: tuple[Route, ...] = (
         wh.list_webhook_deliveries,
         "A webhook's delivery log",
         "webhooks",
-        query=tasks.PageQuery,
+        query=PageQuery,
         response=webhooks.DeliveryPage,
         errors=(404,),
     ),
@@ -307,7 +308,7 @@ ROUTES: tuple[Route, ...] = (
         "admin",
         auth="admin",
         rate_limited=False,
-        query=adm.DeadQuery,
+        query=PageQuery,
         response=adm.DeadList,
         errors=(401, 403, 404, 503),
     ),
@@ -387,7 +388,7 @@ ROUTES: tuple[Route, ...] = (
         "admin",
         auth="admin",
         rate_limited=False,
-        query=tasks.PageQuery,
+        query=PageQuery,
         response=backups.BackupPage,
     ),
     Route(
@@ -419,28 +420,28 @@ ROUTES: tuple[Route, ...] = (
     Route(
         "GET",
         "/healthz",
-        ops.healthz,
+        probes.healthz,
         "Liveness",
         "operations",
         auth="none",
-        response=ops.Health,
+        response=probes.Health,
         rate_limited=False,
     ),
     Route(
         "GET",
         "/readyz",
-        ops.readyz,
+        probes.readyz,
         "Readiness (MongoDB and Redis)",
         "operations",
         auth="none",
-        response=ops.Health,
+        response=probes.Health,
         errors=(503,),
         rate_limited=False,
     ),
     Route(
         "GET",
         "/metrics",
-        ops.metrics,
+        probes.metrics,
         "Prometheus metrics",
         "operations",
         auth="none",
@@ -450,7 +451,7 @@ ROUTES: tuple[Route, ...] = (
     Route(
         "GET",
         f"{API}/openapi.json",
-        ops.openapi,
+        probes.openapi,
         "This document",
         "operations",
         auth="none",
@@ -459,7 +460,7 @@ ROUTES: tuple[Route, ...] = (
     Route(
         "GET",
         "/docs",
-        ops.docs,
+        probes.docs,
         "Interactive API documentation",
         "operations",
         auth="none",

@@ -13,6 +13,7 @@ from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
 from core import accounts
+from core.context import Context
 from core.errors import (
     AppError,
     FieldError,
@@ -158,6 +159,12 @@ def claims(request: web.Request) -> TokenClaims:
     value = request[REQ_CLAIMS]
     assert isinstance(value, TokenClaims)
     return value
+
+
+def caller(request: web.Request) -> tuple[Context, str]:
+    """The app's :class:`~core.context.Context` and the caller's user id (routes that need a
+    token): what every handler of the caller's own data passes to :mod:`core`."""
+    return request.app[CONTEXT], claims(request).subject
 
 
 def body(request: web.Request, model: type[M]) -> M:

@@ -19,11 +19,13 @@ from dramatiq.common import q_name
 from dramatiq.middleware.asyncio import AsyncIO
 
 from config.connections import Connections
-from workers.actors import declare_actors
+from workers.actors import Catalogue, declare_actors
+from workers.catalogue import CATALOGUE
 from workers.dead_letter_notes import DeadLetterNotes
 from workers.heartbeat import WorkerHeartbeat
+from workers.metrics import WorkerMetrics
 from workers.middleware import MessageContext, OutboxReceipts
-from workers.ops import QueueInspector, build_inspector
+from workers.queue_admin import QueueInspector, build_inspector
 from workers.resources import WorkerResources
 from workers.webhooks import QUEUES as WEBHOOK_QUEUES
 from workers.webhooks import RetryRefund
@@ -53,23 +55,24 @@ class Platform:
 
     @cached_property
     def inspector(self) -> QueueInspector:
-        """Reads and manages this broker's queues (counts, dead letters; workers/ops.py)."""
+        """Reads and manages this broker's queues (counts, dead letters; workers/queue_admin.py)."""
         return build_inspector(self.broker, self.resources.connections)
 
 
-def build_broker(connections: Connections) -> Platform:
-    """Build the broker for ``connections.settings`` and declare every actor on it."""
+def build_broker(connections: Connections, catalogue: Catalogue = CATALOGUE) -> Platform:
+    """Build the broker for ``connections.settings`` and declare the catalogue's actors on it
+    (:class:`~workers.actors.CatalogueError` when the catalogue is inconsistent)."""
+    catalogue.check()  # before any client is made
     settings = connections.settings
     url = settings.effective_broker_url
     broker: dramatiq.Broker
     if url is not None and url.startswith(("amqp://", "amqps://")):
         broker = RabbitmqBroker(url=url)
-    elif url is not None:
-        broker = RedisBroker(url=url, **_redis_options(connections))
     else:
-        broker = RedisBroker(client=connections.redis_sync(), **_redis_options(connections))
+        broker = RedisBroker(client=connections.broker_redis(), **_redis_options(connections))
     broker.add_middleware(AsyncIO())
     broker.add_middleware(MessageContext())
+    broker.add_middleware(WorkerMetrics(port=settings.worker_metrics_port))
     resources = WorkerResources(connections)
     resources.broker = broker
     broker.add_middleware(resources)
@@ -79,7 +82,7 @@ def build_broker(connections: Connections) -> Platform:
     # Last: its after_worker_shutdown (hooks run in reverse) flushes receipts before the
     # resources close the MongoDB client and AsyncIO stops the event loop.
     broker.add_middleware(OutboxReceipts(resources))
-    actors = declare_actors(broker, resources)
+    actors = declare_actors(broker, resources, catalogue)
     return Platform(broker, resources, actors)
 
 

@@ -1,5 +1,5 @@
 """Dead-letter notes: why a message died, recorded by worker middleware when it is
-dead-lettered, and read back when the dead-letter queue is listed (:mod:`workers.ops`).
+dead-lettered, and read back when the dead-letter queue is listed (:mod:`workers.queue_admin`).
 """
 
 from __future__ import annotations

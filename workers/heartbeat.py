@@ -36,7 +36,7 @@ from dramatiq.brokers.redis import RedisBroker
 
 from config.connections import Connections
 from config.logging import get_logger
-from workers.registry import WORKER_TTL_SECONDS, redis_client, registry_index, registry_key
+from workers.registry import WORKER_TTL_SECONDS, registry_index, registry_key
 
 log = get_logger(__name__)
 
@@ -110,7 +110,7 @@ class WorkerHeartbeat(dramatiq.Middleware):
         self.queues = sorted(worker.consumer_whitelist or broker.get_declared_queues())
         self.threads = worker.worker_threads
         self.state = "running"
-        self._client = redis_client(self.connections)
+        self._client = self.connections.redis_sync()
         self._stop.clear()
         try:
             self.beat()

@@ -1,57 +1,104 @@
-"""Maintenance actors fired by scheduled jobs, and the one way to enqueue a job's run.
+"""Maintenance actors, one per scheduled job (jobs/schedule.py), and the one way to enqueue a
+job's run.
 
-A run message carries ``{job, fire_key, scheduled_for}``. The actor records its run in
-``job_runs`` (start, finish, duration, error) and skips a fire key that already succeeded, so a
-redelivered message does its work once.
+A run message carries a :class:`JobRun`. Each actor is a body decorated with :func:`recorded`,
+which records the run in ``job_runs`` (start, finish, duration, error, the body's result
+summary) and skips a fire key that already succeeded, so a redelivered message does its work
+once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import traceback
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import datetime
-from typing import Any, overload
+from typing import Any
 
 import dramatiq
+from pydantic import BaseModel, ConfigDict
 
-from core import jobruns
+from core import analytics, backups, jobruns, notifications
 from core.context import Context
 from core.store import utcnow
-from workers.actors import DeclareOne
-from workers.resources import WorkerResources
+from workers.actors import ActorContext
 
 QUEUE = "maintenance"
-Run = dict[str, Any]
-#: Maintenance work by actor name: ``async (ctx, res, run) -> result summary``.
-Work = Callable[[Context, WorkerResources, Run], Awaitable[dict[str, Any]]]
-WORK: dict[str, Work] = {}
+#: Time limit of a maintenance actor (the catalogue's default for this queue).
+TIME_LIMIT_MS = 30 * 60_000
+#: A full logical backup of a large database outlasts :data:`TIME_LIMIT_MS`.
+BACKUP_TIME_LIMIT_MS = 6 * 3600_000
 
 
-#: Time limit of each maintenance body, by actor name (default 30 minutes).
-TIME_LIMITS_MS: dict[str, int] = {}
-DEFAULT_TIME_LIMIT_MS = 30 * 60_000
+class JobRun(BaseModel):
+    """The message of one run of a scheduled job (built by :func:`enqueue_run`)."""
+
+    model_config = ConfigDict(frozen=True, extra="allow")
+
+    job: str
+    fire_key: str
+    scheduled_for: datetime
+    #: The backup requested over HTTP (``run_backup`` only; a scheduled backup has none).
+    backup_id: str | None = None
 
 
-@overload
-def maintenance(fn: Work) -> Work: ...
-@overload
-def maintenance(*, time_limit_ms: int) -> Callable[[Work], Work]: ...
+#: A maintenance body: does the work, returns a summary for ``job_runs``.
+Body = Callable[[ActorContext, JobRun], Awaitable[dict[str, Any]]]
 
 
-def maintenance(
-    fn: Work | None = None, *, time_limit_ms: int = DEFAULT_TIME_LIMIT_MS
-) -> Work | Callable[[Work], Work]:
-    """Register ``fn`` as the body of the maintenance actor of the same name
-    (``@maintenance`` or ``@maintenance(time_limit_ms=...)``)."""
+def recorded(body: Body) -> Callable[[ActorContext, JobRun], Awaitable[None]]:
+    """The maintenance actor running ``body`` (same name) with its run recorded in
+    ``job_runs``; a fire key that already succeeded is skipped."""
 
-    def register(body: Work) -> Work:
-        WORK[body.__name__] = body
-        TIME_LIMITS_MS[body.__name__] = time_limit_ms
-        return body
+    @functools.wraps(body)
+    async def run_job(ctx: ActorContext, run: JobRun) -> None:
+        started = await jobruns.start(ctx, run.job, run.fire_key)
+        if started is None:
+            return  # this fire already succeeded: a redelivered message
+        try:
+            result = await body(ctx, run)
+        except Exception as exc:
+            await jobruns.finish(
+                ctx,
+                run.fire_key,
+                started["started_at"],
+                error="".join(traceback.format_exception_only(exc)).strip(),
+            )
+            raise
+        await jobruns.finish(ctx, run.fire_key, started["started_at"], result=result)
 
-    return register(fn) if fn is not None else register
+    return run_job
+
+
+@recorded
+async def send_due_soon_reminders(ctx: ActorContext, run: JobRun) -> dict[str, Any]:
+    """Remind users of open tasks due within their window (email and in-app)."""
+    sent = await notifications.send_due_soon_reminders(ctx, ctx.mailer)
+    return {"reminders": sent}
+
+
+@recorded
+async def rollup_analytics(ctx: ActorContext, run: JobRun) -> dict[str, Any]:
+    """Recompute the per-day analytics of yesterday and today."""
+    days = await analytics.rollup_recent(ctx)
+    return {"days": days}
+
+
+@recorded
+async def run_backup(ctx: ActorContext, run: JobRun) -> dict[str, Any]:
+    """Take a full backup: the one requested over HTTP (``backup_id``) or a scheduled one."""
+    backup_id = run.backup_id or backups.id_for_fire(run.fire_key, run.scheduled_for)
+    result = await backups.create(ctx, backup_id, fire_key=run.fire_key)
+    return {
+        "backup_id": result.id,
+        "collections": len(result.collections),
+        "documents": result.documents,
+        "bytes": result.size,
+        "read_mode": result.read_mode,
+        "pruned": result.pruned,
+    }
 
 
 async def enqueue_run(
@@ -78,34 +125,3 @@ async def enqueue_run(
     }
     await asyncio.to_thread(broker.get_actor(actor).send, payload)
     return key
-
-
-def declare(declare_one: DeclareOne, res: WorkerResources) -> None:
-    """Declare one actor per registered maintenance body."""
-    from workers import maintenance_jobs  # noqa: F401  (registers the bodies)
-
-    for name, work in WORK.items():
-        declare_one(QUEUE, _actor(name, work, res), max_retries=3, time_limit=TIME_LIMITS_MS[name])
-
-
-def _actor(name: str, work: Work, res: WorkerResources) -> Callable[[Run], Awaitable[None]]:
-    async def run_job(run: Run) -> None:
-        ctx = await res.context()
-        started = await jobruns.start(ctx, run["job"], run["fire_key"])
-        if started is None:
-            return  # this fire already succeeded: a redelivered message
-        try:
-            result = await work(ctx, res, run)
-        except Exception as exc:
-            await jobruns.finish(
-                ctx,
-                run["fire_key"],
-                started["started_at"],
-                error="".join(traceback.format_exception_only(exc)).strip(),
-            )
-            raise
-        await jobruns.finish(ctx, run["fire_key"], started["started_at"], result=result)
-
-    run_job.__name__ = name
-    run_job.__qualname__ = name
-    return run_job

@@ -33,8 +33,8 @@ from pymongo.errors import PyMongoError
 from config.logging import get_logger
 from core import events
 from core.store import utcnow
+from workers.catalogue import CATALOGUE
 from workers.resources import WorkerResources
-from workers.routing import actors_for
 
 log = get_logger(__name__)
 
@@ -259,7 +259,7 @@ class OutboxReceipts(dramatiq.Middleware):
             isinstance(event_id, str)
             and isinstance(event_type, str)
             and ObjectId.is_valid(event_id)
-            and message.actor_name in actors_for(event_type)
+            and message.actor_name in CATALOGUE.actors_for(event_type)
         ):
             return _Tracked(
                 ObjectId(event_id),

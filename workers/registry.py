@@ -17,8 +17,6 @@ from typing import Any
 
 import redis
 
-from config.connections import Connections
-
 #: A worker registration older than this is gone (workers refresh theirs every second).
 WORKER_TTL_SECONDS = 30
 
@@ -45,15 +43,6 @@ class WorkerInfo:
     last_beat: datetime
     heartbeat_age_seconds: float
     in_flight: int
-
-
-def redis_client(connections: Connections) -> redis.Redis:
-    """A synchronous client of ``REDIS_URL`` with socket timeouts, so a hung Redis fails calls
-    instead of blocking them forever (the in-process stand-in when no URL is set)."""
-    url = connections.settings.redis_url
-    if url is None:
-        return connections.redis_sync()
-    return redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=5)
 
 
 def registry_index(prefix: str) -> str:

@@ -6,8 +6,9 @@ sent through Dramatiq's synchronous API on a thread (never on the event loop), o
 (event, actor), and settled one by one:
 
 - sent: marked dispatched, even when a later event of the batch failed;
-- failed (its payload cannot be built or encoded, an actor it routes to is not declared, or the
-  broker refused its message while other events went through): ``attempts`` is counted and it
+- failed (its payload cannot be built, validated or encoded: an unknown type, a missing or
+  malformed field, a value JSON cannot hold; or the broker refused its message while other
+  events went through): ``attempts`` is counted and it
   waits ``next_attempt_at`` (exponential backoff); after ``max_attempts`` it is set aside
   (``pending`` cleared, ``set_aside_at`` set), counted in ``taskmanager_outbox_set_aside_total``
   and left for ``taskmanager outbox replay``;
@@ -41,9 +42,9 @@ from pymongo.errors import PyMongoError
 from config.logging import get_logger
 from core import events as outbox
 from core.context import Context
-from core.events import outbox_lag, public_event
+from core.events import outbox_lag
 from core.store import Doc, utcnow
-from workers.routing import actors_for
+from workers.catalogue import CATALOGUE
 
 log = get_logger(__name__)
 
@@ -243,9 +244,9 @@ class Relay:
 
     def _messages(self, event: Doc) -> list[dramatiq.Message[Any]]:
         """The event's message for each actor it routes to, encoded once as a check."""
-        payload: dict[str, Any] = public_event(event)
-        actors = [self.broker.get_actor(name) for name in actors_for(event["type"])]
-        messages = [actor.message(payload) for actor in actors]
+        payload = outbox.payload(event)  # typed and validated (core/events.py)
+        actors = [self.broker.get_actor(name) for name in CATALOGUE.actors_for(payload.type)]
+        messages = [actor.message(payload.wire()) for actor in actors]
         if messages:
             messages[0].encode()  # the payload is the same in each
         return messages
@@ -256,7 +257,8 @@ class Relay:
         # One update per route (events of one type await the same actors' receipts).
         routes: dict[tuple[str, ...], list[ObjectId]] = {}
         for event_id in outcome.sent:
-            routes.setdefault(actors_for(str(by_id[event_id].get("type"))), []).append(event_id)
+            actors = CATALOGUE.actors_for(str(by_id[event_id].get("type")))
+            routes.setdefault(actors, []).append(event_id)
         now = utcnow()
         for actors, ids in routes.items():
             update: Doc = {
@@ -345,7 +347,7 @@ class Relay:
         if item.message is not None:  # a follow-up: its stored body, as it was sent
             message = dramatiq.Message.decode(item.message.encode())
         else:  # a routed pair: rebuilt from the event
-            message = self.broker.get_actor(item.actor).message(public_event(item.event))
+            message = self.broker.get_actor(item.actor).message(outbox.payload(item.event).wire())
         if item.retries:
             message = message.copy(options={"retries": item.retries})
         return message

@@ -27,7 +27,7 @@ retry. When the worker holding the lease dies, its heartbeat stops; after
 delivery interrupted by a crash resumes about ``WORKER_HEARTBEAT_TIMEOUT_MS`` + 2 s later (12 s
 with the defaults), whatever ``WEBHOOK_TIMEOUT`` and ``WEBHOOK_MAX_RETRIES`` are.
 
-Connections. Each attempt re-checks the target (:func:`core.webhooks.check_target`: one DNS
+Connections. Each attempt re-checks the target (:func:`core.ssrf.check_target`: one DNS
 lookup, every address validated) and then connects only to those validated addresses: the
 session's resolver is a :class:`PinnedResolver` that answers aiohttp with them instead of
 looking the name up again, so a DNS answer that changes between check and connect (DNS
@@ -39,7 +39,6 @@ connect), and at most :data:`core.webhooks.EXCERPT_BYTES` of the answer are read
 
 from __future__ import annotations
 
-import asyncio
 import random
 import socket
 import time
@@ -54,15 +53,15 @@ from bson import ObjectId
 
 from config.logging import get_logger
 from config.settings import Settings
-from core import webhooks
+from core import ssrf, webhooks
 from core.context import Context
+from core.events import TaskEvent, WebhookRedeliveryEvent
 from core.ssrf import Target, TargetRefused, TargetUnresolvable
 from core.store import Doc
 from core.webhooks import Attempt, SecretUnreadable
-from workers.actors import PERMANENT, DeclareOne, Event, bind_event
+from workers.actors import ActorContext
 from workers.heartbeat import WorkerHeartbeat
 from workers.registry import registry_index
-from workers.resources import WorkerResources
 
 QUEUE = "webhooks"
 #: The queues of this concern: the pool that serves them is kept apart from the others.
@@ -197,7 +196,7 @@ async def attempt_delivery(settings: Settings, hook: Doc, delivery: Doc) -> Atte
     must not be attempted at all."""
     try:
         secret = webhooks.open_secret(settings, str(hook["_id"]), hook["secret"])
-        target = await webhooks.check_target(hook["url"], settings.webhook_allow_hosts)
+        target = await ssrf.check_target(hook["url"], settings.webhook_allow_hosts)
     except SecretUnreadable as exc:
         raise DeliveryRefused(str(exc)) from exc
     except TargetRefused as exc:
@@ -225,130 +224,119 @@ def lease_holder(broker: dramatiq.Broker | None) -> webhooks.Holder | None:
     return None
 
 
-def declare(declare_one: DeclareOne, res: WorkerResources) -> None:
-    """Declare this concern's actors."""
-    settings = res.settings
-    # A lease's time bound: a backstop, since the lease dies with its worker's heartbeat.
-    lease = timedelta(seconds=settings.webhook_timeout + 20)
+def retry_options(settings: Settings) -> dict[str, Any]:
+    """``deliver_webhook``'s retry options (``WEBHOOK_MAX_RETRIES``, ``WEBHOOK_MIN_BACKOFF_MS``,
+    ``WEBHOOK_MAX_BACKOFF_MS``)."""
+    return {
+        "max_retries": settings.webhook_max_retries,
+        "min_backoff": settings.webhook_min_backoff_ms,
+        "max_backoff": settings.webhook_max_backoff_ms,
+    }
 
-    async def enqueue(actor_name: str, *args: Any) -> None:
-        if res.broker is None:
-            raise RuntimeError("WorkerResources.broker is not set (build_broker sets it)")
-        actor = res.broker.get_actor(actor_name)
-        # Dramatiq's send is synchronous I/O: never on the event loop.
-        await asyncio.to_thread(actor.send, *args)
 
-    async def fan_out_webhooks(event: Event) -> None:
-        """Create one delivery per webhook subscribed to the event, and enqueue each."""
-        bind_event(event)
-        ctx = await res.context()
-        for hook in await webhooks.matching(ctx, event["user_id"], event["type"]):
-            delivery, needs_enqueue = await webhooks.ensure_delivery(ctx, hook, event)
-            if needs_enqueue and webhooks.is_paused(hook):
-                await webhooks.hold_new(ctx, hook, delivery["_id"])
-                log.info("webhook.held", delivery_id=delivery["_id"])
-            elif needs_enqueue:
-                await enqueue("deliver_webhook", delivery["_id"], delivery["generation"])
-                await webhooks.mark_enqueued(ctx, delivery["_id"])
-                log.info("webhook.enqueued", delivery_id=delivery["_id"])
+def _lease(settings: Settings) -> timedelta:
+    """A lease's time bound: a backstop, since the lease dies with its worker's heartbeat."""
+    return timedelta(seconds=settings.webhook_timeout + 20)
 
-    async def deliver_webhook(delivery_id: str, generation: int = 0) -> None:
-        """POST one delivery; raises :class:`DeliveryFailed` (retried) when it fails, and
-        :class:`Deferred` when its owner already has as many deliveries in flight as allowed
-        or another message holds the delivery's live lease."""
-        structlog.contextvars.clear_contextvars()
-        structlog.contextvars.bind_contextvars(delivery_id=delivery_id, generation=generation)
-        ctx = await res.context()
-        head = await ctx.store["webhook_deliveries"].find_one({"_id": delivery_id}, {"owner": 1})
-        if head is None:
-            log.info("webhook.skipped", reason="gone")
+
+async def fan_out_webhooks(ctx: ActorContext, event: TaskEvent) -> None:
+    """Create one delivery per webhook subscribed to the event, and enqueue each."""
+    for hook in await webhooks.matching(ctx, event.user_id, event.type):
+        delivery, needs_enqueue = await webhooks.ensure_delivery(ctx, hook, event.wire())
+        if needs_enqueue and webhooks.is_paused(hook):
+            await webhooks.hold_new(ctx, hook, delivery["_id"])
+            log.info("webhook.held", delivery_id=delivery["_id"])
+        elif needs_enqueue:
+            await ctx.send(deliver_webhook, delivery["_id"], delivery["generation"])
+            await webhooks.mark_enqueued(ctx, delivery["_id"])
+            log.info("webhook.enqueued", delivery_id=delivery["_id"])
+
+
+async def deliver_webhook(ctx: ActorContext, delivery_id: str, generation: int = 0) -> None:
+    """POST one delivery; raises :class:`DeliveryFailed` (retried) when it fails, and
+    :class:`Deferred` when its owner already has as many deliveries in flight as allowed or
+    another message holds the delivery's live lease."""
+    structlog.contextvars.clear_contextvars()
+    structlog.contextvars.bind_contextvars(delivery_id=delivery_id, generation=generation)
+    head = await ctx.store["webhook_deliveries"].find_one({"_id": delivery_id}, {"owner": 1})
+    if head is None:
+        log.info("webhook.skipped", reason="gone")
+        return
+    owner = str(head["owner"])
+    holder = lease_holder(ctx.broker)
+    slot = webhooks.slot_token(holder)
+    if not await webhooks.take_slot(ctx, owner, slot, _lease(ctx.settings), holder=holder):
+        delay = DEFER_MS + random.randint(0, DEFER_MS)  # noqa: S311 (jitter, not secrets)
+        log.debug("webhook.deferred", owner=owner, delay_ms=delay)
+        raise Deferred("the owner's deliveries in flight are at the cap", delay=delay)
+    try:
+        await _deliver(ctx, delivery_id, generation, holder)
+    finally:
+        await webhooks.free_slot(ctx, owner, slot)
+
+
+async def _deliver(
+    ctx: Context, delivery_id: str, generation: int, holder: webhooks.Holder | None
+) -> None:
+    claimed = await webhooks.claim(ctx, delivery_id, generation, _lease(ctx.settings), holder)
+    if claimed == "busy":
+        # Another message is attempting it right now (its worker is beating): look again when
+        # it has likely finished; waiting spends no retry.
+        delay = LEASE_WAIT_MS + random.randint(0, LEASE_WAIT_MS // 2)  # noqa: S311
+        log.debug("webhook.lease_wait", delay_ms=delay)
+        raise Deferred("the delivery is being attempted by another message", delay=delay)
+    if claimed is None:
+        log.info("webhook.skipped", reason="gone, stale or already succeeded")
+        return
+    delivery, token = claimed.delivery, claimed.token
+    if claimed.took_over is not None:
+        log.warning("webhook.lease_taken_over", interrupted=claimed.took_over)
+    try:
+        hook = await ctx.store["webhooks"].find_one(
+            {"_id": ObjectId(delivery["webhook_id"]), "owner": delivery["owner"]}
+        )
+        if hook is None:
+            await webhooks.forget(ctx, delivery_id)
+            log.info("webhook.gone")
             return
-        owner = str(head["owner"])
-        holder = lease_holder(res.broker)
-        slot = webhooks.slot_token(holder)
-        if not await webhooks.take_slot(ctx, owner, slot, lease, holder=holder):
-            delay = DEFER_MS + random.randint(0, DEFER_MS)  # noqa: S311 (jitter, not secrets)
-            log.debug("webhook.deferred", owner=owner, delay_ms=delay)
-            raise Deferred("the owner's deliveries in flight are at the cap", delay=delay)
-        try:
-            await _deliver(ctx, delivery_id, generation, holder)
-        finally:
-            await webhooks.free_slot(ctx, owner, slot)
-
-    async def _deliver(
-        ctx: Context, delivery_id: str, generation: int, holder: webhooks.Holder | None
-    ) -> None:
-        claimed = await webhooks.claim(ctx, delivery_id, generation, lease, holder)
-        if claimed == "busy":
-            # Another message is attempting it right now (its worker is beating): look again
-            # when it has likely finished; waiting spends no retry.
-            delay = LEASE_WAIT_MS + random.randint(0, LEASE_WAIT_MS // 2)  # noqa: S311
-            log.debug("webhook.lease_wait", delay_ms=delay)
-            raise Deferred("the delivery is being attempted by another message", delay=delay)
-        if claimed is None:
-            log.info("webhook.skipped", reason="gone, stale or already succeeded")
+        if webhooks.is_paused(hook):
+            await webhooks.hold(ctx, hook, delivery_id, token)
+            log.info("webhook.held")
             return
-        delivery, token = claimed.delivery, claimed.token
-        if claimed.took_over is not None:
-            log.warning("webhook.lease_taken_over", interrupted=claimed.took_over)
-        try:
-            hook = await ctx.store["webhooks"].find_one(
-                {"_id": ObjectId(delivery["webhook_id"]), "owner": delivery["owner"]}
-            )
-            if hook is None:
-                await webhooks.forget(ctx, delivery_id)
-                log.info("webhook.gone")
-                return
-            if webhooks.is_paused(hook):
-                await webhooks.hold(ctx, hook, delivery_id, token)
-                log.info("webhook.held")
-                return
-            attempt = await attempt_delivery(ctx.settings, hook, delivery)
-        except DeliveryRefused as exc:
-            await webhooks.record_attempt(
-                ctx, delivery_id, token, Attempt(ok=False, error=str(exc)), "dead"
-            )
-            log.warning("webhook.refused", error=str(exc))
-            raise
-        except BaseException:
-            await webhooks.release(ctx, delivery_id, token)
-            raise
-        status: webhooks.DeliveryStatus = "succeeded" if attempt.ok else "failed"
-        if not await webhooks.record_attempt(ctx, delivery_id, token, attempt, status):
-            log.info("webhook.superseded", status=status)
-            return
-        log.info("webhook.attempted", status=status, response_code=attempt.response_code)
-        if await webhooks.note_outcome(ctx, hook, attempt):
-            log.warning("webhook.paused", webhook_id=str(hook["_id"]), error=attempt.error)
-        if not attempt.ok:
-            raise DeliveryFailed(f"delivery {delivery_id}: {attempt.error}")
+        attempt = await attempt_delivery(ctx.settings, hook, delivery)
+    except DeliveryRefused as exc:
+        await webhooks.record_attempt(
+            ctx, delivery_id, token, Attempt(ok=False, error=str(exc)), "dead"
+        )
+        log.warning("webhook.refused", error=str(exc))
+        raise
+    except BaseException:
+        await webhooks.release(ctx, delivery_id, token)
+        raise
+    status: webhooks.DeliveryStatus = "succeeded" if attempt.ok else "failed"
+    if not await webhooks.record_attempt(ctx, delivery_id, token, attempt, status):
+        log.info("webhook.superseded", status=status)
+        return
+    log.info("webhook.attempted", status=status, response_code=attempt.response_code)
+    if await webhooks.note_outcome(ctx, hook, attempt):
+        log.warning("webhook.paused", webhook_id=str(hook["_id"]), error=attempt.error)
+    if not attempt.ok:
+        raise DeliveryFailed(f"delivery {delivery_id}: {attempt.error}")
 
-    async def webhook_delivery_exhausted(message: dict[str, Any], retry_info: Any) -> None:
-        """Dramatiq gave up on a ``deliver_webhook`` message: its delivery is ``dead``."""
-        args = message.get("args") or []
-        if not args:
-            return
-        delivery_id = str(args[0])
-        generation = int(args[1]) if len(args) > 1 else 0
-        ctx = await res.context()
-        if await webhooks.mark_dead(ctx, delivery_id, generation):
-            log.warning("webhook.dead", delivery_id=delivery_id, retry_info=retry_info)
 
-    async def redeliver_webhook(event: Event) -> None:
-        """A user asked for a delivery again (API): enqueue an attempt of its new generation."""
-        bind_event(event)
-        data = event["data"]
-        await enqueue("deliver_webhook", str(data["delivery_id"]), int(data["generation"]))
+async def webhook_delivery_exhausted(
+    ctx: ActorContext, message: dict[str, Any], retry_info: Any
+) -> None:
+    """Dramatiq gave up on a ``deliver_webhook`` message: its delivery is ``dead``."""
+    args = message.get("args") or []
+    if not args:
+        return
+    delivery_id = str(args[0])
+    generation = int(args[1]) if len(args) > 1 else 0
+    if await webhooks.mark_dead(ctx, delivery_id, generation):
+        log.warning("webhook.dead", delivery_id=delivery_id, retry_info=retry_info)
 
-    declare_one(QUEUE, fan_out_webhooks)
-    declare_one(
-        QUEUE,
-        deliver_webhook,
-        max_retries=settings.webhook_max_retries,
-        min_backoff=settings.webhook_min_backoff_ms,
-        max_backoff=settings.webhook_max_backoff_ms,
-        throws=(*PERMANENT, DeliveryRefused),
-        on_retry_exhausted="webhook_delivery_exhausted",
-    )
-    declare_one(QUEUE, webhook_delivery_exhausted)
-    declare_one(QUEUE, redeliver_webhook)
+
+async def redeliver_webhook(ctx: ActorContext, event: WebhookRedeliveryEvent) -> None:
+    """A user asked for a delivery again (API): enqueue an attempt of its new generation."""
+    await ctx.send(deliver_webhook, event.data.delivery_id, event.data.generation)

@@ -5,15 +5,20 @@ reports its targets and never fails on them.
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import redis
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.bench.runs import run_bench
+
+pytestmark = pytest.mark.timeout(120)
+
+#: A tiny run, with a profile and the trial patches (opt-in in `make bench`).
+OPTIONS = (
+    "--seconds 0.4 --warmup 0.2 --tasks 30 --profile stats --trials all "
+    "--trial-endpoints stats --trial-rounds 1 --trial-seconds 0.4"
+)
 LABELS = [
     "GET /tasks",
     "GET /tasks?status=todo",
@@ -23,45 +28,8 @@ LABELS = [
 ]
 
 
-@pytest.mark.timeout(120)
 def test_api_benchmark_runs_end_to_end(tmp_path: Path) -> None:
-    report_path, json_path = tmp_path / "api.txt", tmp_path / "api.json"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench",
-            "api",
-            "--seconds",
-            "0.4",
-            "--warmup",
-            "0.2",
-            "--tasks",
-            "30",
-            "--out",
-            str(report_path),
-            "--json",
-            str(json_path),
-            "--profile",
-            "stats",
-            "--trials",
-            "all",
-            "--trial-endpoints",
-            "stats",
-            "--trial-rounds",
-            "1",
-            "--trial-seconds",
-            "0.4",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=110,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    report = report_path.read_text()
-    assert report == proc.stdout
-    results = json.loads(json_path.read_text())
+    report, results = run_bench("api", OPTIONS, tmp_path, timeout=110)
 
     assert [e["label"] for e in results["endpoints"].values()] == LABELS
     for key, endpoint in results["endpoints"].items():

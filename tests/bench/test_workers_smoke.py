@@ -13,11 +13,17 @@ from pathlib import Path
 import pytest
 import redis
 
-from bench.procs import PrivateRedis, clean_env, redis_answers
+from bench.procs import clean_env
 from bench.worker_noop import QUEUE, bare_broker
 from bench.workers import Options, WorkerBench
+from cli.embedded import PrivateRedis, redis_answers
+from tests.bench.runs import ROOT, run_bench
 
-ROOT = Path(__file__).resolve().parents[2]
+#: A tiny run.
+OPTIONS = (
+    "--messages 500 --rounds 1 --rate 20 --seconds 2 --drain-timeout 30 --ladder 10 "
+    "--ladder-seconds 1 --profile never"
+)
 SECTIONS = [
     "1. No-op throughput",
     "2. Events through the real actors",
@@ -42,47 +48,11 @@ ROWS = [
 
 @pytest.mark.timeout(150)
 def test_worker_benchmark_runs_end_to_end(tmp_path: Path) -> None:
-    report_path, json_path = tmp_path / "workers.txt", tmp_path / "workers.json"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench",
-            "workers",
-            "--messages",
-            "500",
-            "--rounds",
-            "1",
-            "--rate",
-            "20",
-            "--seconds",
-            "2",
-            "--drain-timeout",
-            "30",
-            "--ladder",
-            "10",
-            "--ladder-seconds",
-            "1",
-            "--profile",
-            "never",
-            "--out",
-            str(report_path),
-            "--json",
-            str(json_path),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=140,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    report = report_path.read_text()
-    assert report == proc.stdout
+    report, results = run_bench("workers", OPTIONS, tmp_path, timeout=140)
     for heading in SECTIONS:
         assert f"\n{heading}" in report, heading
     for row in ROWS:
         assert row in report, row
-    results = json.loads(json_path.read_text())
 
     noop = results["noop"]
     assert [r["variant"] for r in noop["runs"]] == ["bare", "ours_sync", "ours_async"]

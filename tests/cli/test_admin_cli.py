@@ -9,7 +9,6 @@ from typing import Any
 from click.testing import CliRunner
 
 from cli.main import main
-from tests.cli.test_reindex import env  # noqa: F401  (the settings-as-environment fixture)
 from tests.conftest import bearer, register
 
 
@@ -17,7 +16,7 @@ async def admin_create(*args: str) -> Any:
     return await asyncio.to_thread(CliRunner().invoke, main, ["admin", "create", *args])
 
 
-async def test_admin_create_then_promote(ctx: Any, client: Any, env: None) -> None:  # noqa: F811
+async def test_admin_create_then_promote(ctx: Any, client: Any, cli_env: Any) -> None:
     result = await admin_create("--email", "Root@Example.com", "--password", "admin password 1")
     assert result.exit_code == 0, result.output
     assert "\ncreated admin root@example.com (id " in "\n" + result.output
@@ -49,20 +48,20 @@ async def test_admin_create_then_promote(ctx: Any, client: Any, env: None) -> No
     assert (await login.json())["user"]["role"] == "admin"
 
 
-async def test_admin_create_refuses_a_malformed_email(env: None) -> None:  # noqa: F811
+async def test_admin_create_refuses_a_malformed_email(cli_env: Any) -> None:
     result = await admin_create("--email", "not-an-email", "--password", "admin password 1")
     assert result.exit_code == 2, result.output
     assert "--email" in result.output and "not a valid email address" in result.output
     assert "Traceback" not in result.output
 
 
-async def test_admin_create_refuses_a_short_password(env: None) -> None:  # noqa: F811
+async def test_admin_create_refuses_a_short_password(cli_env: Any) -> None:
     result = await admin_create("--email", "x@example.com", "--password", "short")
     assert result.exit_code == 2
     assert "at least 8 characters" in result.output
 
 
-async def test_admin_revoke_sessions(ctx: Any, client: Any, env: None) -> None:  # noqa: F811
+async def test_admin_revoke_sessions(ctx: Any, client: Any, cli_env: Any) -> None:
     ann = await register(client, "ann@example.com", password="ann password 1")
     result = await asyncio.to_thread(
         CliRunner().invoke, main, ["admin", "revoke-sessions", "--email", "Ann@Example.com"]

@@ -3,14 +3,12 @@ production, against the test database and a temporary BACKUP_DIR."""
 
 from __future__ import annotations
 
-import logging
 import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import structlog
 from bson import ObjectId
 from click.testing import CliRunner, Result
 from pymongo import MongoClient
@@ -20,31 +18,12 @@ from config.settings import Settings
 
 
 @pytest.fixture
-def env(settings: Settings, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Path]:
-    """The settings as environment variables, BACKUP_DIR in a temporary directory; logging
-    set-up undone afterwards (the commands configure process-wide logging)."""
-    assert settings.mongodb_url and settings.redis_url
-    backup_dir = tmp_path / "backups"
-    values = {
-        "MONGODB_URL": settings.mongodb_url,
-        "MONGODB_DB": settings.mongodb_db,
-        "REDIS_URL": settings.redis_url,
-        "REDIS_PREFIX": settings.redis_prefix,
-        "APP_ENV": "test",
-        "JWT_SECRET": settings.jwt_secret.get_secret_value(),
-        "LOG_FORMAT": "console",
-        "LOG_LEVEL": "WARNING",
-        "BACKUP_DIR": str(backup_dir),
-    }
-    for name, value in values.items():
-        monkeypatch.setenv(name, value)
-    root = logging.getLogger()
-    handlers, level, config = root.handlers[:], root.level, structlog.get_config()
-    yield backup_dir
-    root.handlers[:] = handlers
-    root.setLevel(level)
-    structlog.configure(**config)
-    logging.captureWarnings(False)
+def env(cli_env: Settings, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """The settings as environment variables (``cli_env``), ``BACKUP_DIR`` in a temporary
+    directory."""
+    monkeypatch.setenv("LOG_LEVEL", "WARNING")
+    monkeypatch.setenv("BACKUP_DIR", str(tmp_path / "backups"))
+    return tmp_path / "backups"
 
 
 @pytest.fixture

@@ -13,7 +13,6 @@ from click.testing import CliRunner, Result
 
 from cli.embedded import free_port
 from cli.main import main
-from tests.cli.test_reindex import env  # noqa: F401  (the settings-as-environment fixture)
 
 
 async def invoke(*args: str) -> Result:
@@ -37,7 +36,7 @@ def no_traceback(result: Result) -> None:
     ],
 )
 async def test_malformed_url_names_the_variable(
-    env: None,  # noqa: F811
+    cli_env: Any,
     monkeypatch: pytest.MonkeyPatch,
     variable: str,
     value: str,
@@ -50,32 +49,40 @@ async def test_malformed_url_names_the_variable(
         no_traceback(result)
 
 
-async def test_unreachable_mongodb_names_the_variable(
-    env: None,  # noqa: F811
+@pytest.mark.parametrize(
+    ("variable", "url", "command", "message"),
+    [
+        (
+            "MONGODB_URL",
+            "mongodb://127.0.0.1:{port}/?directConnection=true",
+            ["admin", "create", "--email", "x@example.com", "--password", "pw 12345678"],
+            "MongoDB (MONGODB_URL) is unreachable",
+        ),
+        (
+            "REDIS_URL",
+            "redis://127.0.0.1:{port}/0",
+            ["schedules"],
+            "Redis (REDIS_URL) is unreachable",
+        ),
+    ],
+)
+async def test_an_unreachable_store_names_the_variable(
+    cli_env: Any,
     monkeypatch: pytest.MonkeyPatch,
+    variable: str,
+    url: str,
+    command: list[str],
+    message: str,
 ) -> None:
-    monkeypatch.setenv("MONGODB_URL", f"mongodb://127.0.0.1:{free_port()}/?directConnection=true")
+    monkeypatch.setenv(variable, url.format(port=free_port()))
     monkeypatch.setenv("MONGODB_TIMEOUT_MS", "200")
-    result = await invoke(
-        "admin", "create", "--email", "x@example.com", "--password", "pw 12345678"
-    )
+    result = await invoke(*command)
     assert result.exit_code == 1, result.output
-    assert "MongoDB (MONGODB_URL) is unreachable" in result.output
+    assert message in result.output
     no_traceback(result)
 
 
-async def test_unreachable_redis_names_the_variable(
-    env: None,  # noqa: F811
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setenv("REDIS_URL", f"redis://127.0.0.1:{free_port()}/0")
-    result = await invoke("schedules")
-    assert result.exit_code == 1, result.output
-    assert "Redis (REDIS_URL) is unreachable" in result.output
-    no_traceback(result)
-
-
-async def test_worker_refuses_an_unknown_queue(env: None) -> None:  # noqa: F811
+async def test_worker_refuses_an_unknown_queue(cli_env: Any) -> None:
     result = await invoke("worker", "--queues", "webhook")
     assert result.exit_code == 2, result.output
     assert "'webhook'" in result.output and "webhooks" in result.output
@@ -85,7 +92,7 @@ async def test_worker_refuses_an_unknown_queue(env: None) -> None:  # noqa: F811
 
 @pytest.mark.parametrize("rate", ["1000001/second", "99999999999/minute"])
 async def test_rate_limit_finer_than_a_microsecond_is_refused(
-    env: None,  # noqa: F811
+    cli_env: Any,
     monkeypatch: pytest.MonkeyPatch,
     rate: str,
 ) -> None:
@@ -96,7 +103,7 @@ async def test_rate_limit_finer_than_a_microsecond_is_refused(
     no_traceback(result)
 
 
-async def test_schedules_prints_the_stored_next_run(ctx: Any, env: None) -> None:  # noqa: F811
+async def test_schedules_prints_the_stored_next_run(ctx: Any, cli_env: Any) -> None:
     """The scheduler stores each job's next run as APScheduler plans it; ``schedules`` shows
     that one (an interval job's next run depends on when the scheduler started)."""
     planned = datetime(2031, 1, 2, 3, 4, 5, tzinfo=UTC)

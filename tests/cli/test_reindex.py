@@ -4,46 +4,18 @@ production, against the test database; the app answers the searches."""
 from __future__ import annotations
 
 import asyncio
-import logging
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import structlog
 from click.testing import CliRunner, Result
 
 from cli.main import main
 from config.settings import Settings
 from core import search
 from tests.conftest import bearer, register
-from web.app import CONTEXT
+from web.keys import CONTEXT
 
 T = "/api/v1/tasks"
-
-
-@pytest.fixture
-def env(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """The app's settings as environment variables; logging set-up undone afterwards (the
-    command configures process-wide logging, as an entry point should)."""
-    assert settings.mongodb_url and settings.redis_url
-    values = {
-        "MONGODB_URL": settings.mongodb_url,
-        "MONGODB_DB": settings.mongodb_db,
-        "REDIS_URL": settings.redis_url,
-        "REDIS_PREFIX": settings.redis_prefix,
-        "APP_ENV": "test",
-        "JWT_SECRET": settings.jwt_secret.get_secret_value(),
-        "LOG_FORMAT": "console",
-    }
-    for name, value in values.items():
-        monkeypatch.setenv(name, value)
-    root = logging.getLogger()
-    handlers, level, config = root.handlers[:], root.level, structlog.get_config()
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
-    structlog.configure(**config)
-    logging.captureWarnings(False)
 
 
 async def invoke(*args: str) -> Result:
@@ -57,7 +29,7 @@ async def titles(client: Any, auth: dict[str, str], q: str) -> list[str]:
     return sorted(hit["task"]["title"] for hit in (await resp.json())["items"])
 
 
-async def test_reindex_rebuilds_a_wiped_index(app: Any, client: Any, env: None) -> None:
+async def test_reindex_rebuilds_a_wiped_index(app: Any, client: Any, cli_env: Settings) -> None:
     ann_pair, bob_pair = await register(client), await register(client)
     ann, bob = bearer(ann_pair["access_token"]), bearer(bob_pair["access_token"])
     for title in ("Alpha launch", "Beta launch", "Gamma retro"):
@@ -89,7 +61,7 @@ async def test_reindex_rebuilds_a_wiped_index(app: Any, client: Any, env: None) 
     assert await index.count_documents({"deleted_at": {"$exists": True}}) == 1
 
 
-async def test_reindex_needs_mongodb(env: None, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_reindex_needs_mongodb(cli_env: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("MONGODB_URL")
     result = await invoke()
     assert result.exit_code == 1

@@ -32,8 +32,8 @@ def event(
     created_at: datetime | None = None,
     completed_at: datetime | None = None,
     status: str = "todo",
-) -> dict[str, Any]:
-    """A task event in the JSON shape actors receive."""
+) -> events.TaskEvent:
+    """A task event as the ``fold_analytics`` actor receives it."""
     task = {
         "id": str(ObjectId()),
         "status": status,
@@ -42,7 +42,9 @@ def event(
     }
     doc = events.new_event(type_, user_id=owner, subject_id=task["id"], data={"task": task})
     doc["created_at"] = at
-    return events.public_event(doc)
+    payload = events.payload(doc)
+    assert isinstance(payload, events.TaskEvent)
+    return payload
 
 
 async def counters(ctx: Context, owner: str, day: date = DAY) -> Doc:
@@ -123,7 +125,7 @@ async def test_a_crash_mid_fold_leaves_neither_guard_nor_counts(ctx: Context) ->
     created = event("task.created")
     with pytest.raises(RuntimeError):
         await analytics.fold_event(crashing, created)
-    assert await ctx.store["analytics_seen"].find_one({"_id": created["id"]}) is None
+    assert await ctx.store["analytics_seen"].find_one({"_id": created.id}) is None
     assert await counters(ctx, ME) == {"created": 0, "completed": 0, "deleted": 0}
     # The redelivery (the actor retries) counts it, once.
     assert await analytics.fold_event(ctx, created) is True

@@ -6,7 +6,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -20,9 +20,10 @@ from pymongo.errors import OperationFailure
 
 from config.connections import Connections
 from config.settings import Settings
-from core import backups
+from core import backup_format, backups, restore
 from core.context import Context
 from core.errors import Conflict, NotFound
+from core.pagination import PageQuery
 from core.store import INDEXES, Store
 
 RAW: CodecOptions[RawBSONDocument] = CodecOptions(document_class=RawBSONDocument)
@@ -30,23 +31,11 @@ T0 = datetime(2024, 5, 1, 12, 30, 15, 123000, tzinfo=UTC)
 
 
 @pytest.fixture
-def backup_settings(make_settings: Any, tmp_path: Path) -> Settings:
+def settings(make_settings: Any, tmp_path: Path) -> Settings:
+    """The test settings, with ``BACKUP_DIR`` in a temporary directory (conftest's ``ctx``
+    is built over them)."""
     settings: Settings = make_settings(backup_dir=str(tmp_path / "backups"))
     return settings
-
-
-@pytest.fixture
-async def ctx(backup_settings: Settings) -> AsyncIterator[Context]:
-    """A context over the test database, with the declared indexes."""
-    connections = Connections(backup_settings)
-    store = Store(connections.mongo(), backup_settings.mongodb_db)
-    redis = connections.redis()
-    await store.ensure_indexes()
-    try:
-        yield Context(backup_settings, store, redis)
-    finally:
-        await store.client.close()
-        await redis.aclose()
 
 
 async def seed(ctx: Context, tasks: int = 2500) -> dict[str, int]:
@@ -122,7 +111,7 @@ async def test_backup_writes_every_collection_with_a_manifest(ctx: Context) -> N
     result = await backups.create(ctx, progress=progress, batch_size=1000)
 
     path = Path(ctx.settings.backup_dir) / result.id
-    assert result.path == path and backups.ID_RE.fullmatch(result.id)
+    assert result.path == path and backup_format.ID_RE.fullmatch(result.id)
     manifest = json.loads((path / "manifest.json").read_text())
     assert manifest["id"] == result.id and manifest["status"] == "complete"
     assert manifest["database"] == ctx.settings.mongodb_db
@@ -152,7 +141,7 @@ async def test_backup_writes_every_collection_with_a_manifest(ctx: Context) -> N
     assert {c["name"]: c["documents"] for c in record["collections"]} == result.collections
     assert record["size"] == sum(e["bytes"] for e in manifest["collections"].values())
 
-    report = backups.verify(path)
+    report = restore.verify(path)
     assert report.ok, report.problems
     assert report.collections == result.collections
 
@@ -166,34 +155,34 @@ async def test_verify_reports_damage(ctx: Context) -> None:
     data = bytearray(tasks_file.read_bytes())
     data[len(data) // 2] ^= 0x01
     tasks_file.write_bytes(bytes(data))
-    report = backups.verify(result.path)
+    report = restore.verify(result.path)
     assert not report.ok
     assert any(p.startswith("tasks: sha256") for p in report.problems), report.problems
     assert not any(p.startswith("users") for p in report.problems)
-    with pytest.raises(backups.CorruptBackup) as refused:
-        await backups.restore(ctx, result.id, drop=True)
+    with pytest.raises(restore.CorruptBackup) as refused:
+        await restore.restore(ctx, result.id, drop=True)
     assert "tasks" in refused.value.detail
     assert await ctx.store["tasks"].count_documents({}) == 300  # nothing was dropped
 
     tasks_file.write_bytes(bytes(data[: len(data) // 2]))  # truncated
-    problems = backups.verify(result.path).problems
+    problems = restore.verify(result.path).problems
     assert any("tasks: unreadable" in p for p in problems), problems
 
     (result.path / "manifest.json").unlink()
-    assert backups.verify(result.path).problems == ["no manifest: the backup is incomplete"]
+    assert restore.verify(result.path).problems == ["no manifest: the backup is incomplete"]
     assert [(b.id, b.complete) for b in backups.scan(ctx.settings)] == [(result.id, False)]
 
 
 async def test_restore_into_a_fresh_database_is_exact(
-    ctx: Context, make_settings: Any, backup_settings: Settings
+    ctx: Context, make_settings: Any, settings: Settings
 ) -> None:
     seeded = await seed(ctx)
     result = await backups.create(ctx)
     # Registered with make_settings so the database is dropped after the test.
-    other = make_settings(mongodb_db=backup_settings.mongodb_db + "_r").mongodb_db
+    other = make_settings(mongodb_db=settings.mongodb_db + "_r").mongodb_db
     progress, verifying = Recorder(), Recorder()
 
-    restored = await backups.restore(
+    restored = await restore.restore(
         ctx, result.id, database=other, progress=progress, verify_progress=verifying
     )
 
@@ -231,12 +220,12 @@ async def test_restore_refuses_a_database_with_data_unless_told_to_drop(ctx: Con
     cached = ctx.key("cache", "stats", "someone")
     await ctx.redis.set(cached, "{}")
     with pytest.raises(Conflict) as refused:
-        await backups.restore(ctx, result.id)
+        await restore.restore(ctx, result.id)
     assert "tasks (50)" in refused.value.detail
     assert await ctx.redis.get(cached) is not None
     assert await ctx.store["tasks"].count_documents({"title": "written after the backup"}) == 1
 
-    restored = await backups.restore(ctx, result.id, drop=True)
+    restored = await restore.restore(ctx, result.id, drop=True)
     assert gone is not None
     assert await raw_docs(ctx.store, "tasks") == before
     assert await ctx.store["webhooks"].count_documents({}) == 0  # empty in the backup
@@ -264,14 +253,14 @@ async def test_falls_back_to_plain_reads_without_snapshots(
     monkeypatch.setattr(backups, "_dump", dump)
     result = await backups.create(ctx)
 
-    manifest = backups.read_manifest(result.path)
+    manifest = backup_format.read_manifest(result.path)
     assert manifest is not None and manifest["read_mode"] == "plain"
     reads = {name: e["read"] for name, e in manifest["collections"].items()}
     assert reads["tasks"] == "plain" and reads["users"] == "plain"  # after tasks: plain
     assert reads["events"] == "snapshot"  # before tasks (alphabetical)
     assert ("tasks", True) in seen and ("tasks", False) in seen
     assert result.collections["tasks"] == 120
-    assert backups.verify(result.path).ok
+    assert restore.verify(result.path).ok
 
 
 async def test_a_failed_backup_is_recorded_and_retried_from_scratch(
@@ -323,9 +312,9 @@ async def test_prune_keeps_the_newest_backups(make_settings: Any, tmp_path: Path
         assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ids[2:]
         assert (await backups.get(ctx, ids[0]))["status"] == "pruned"
         assert (await backups.get(ctx, ids[3]))["status"] == "succeeded"
-        page = await backups.page(ctx, limit=3)
+        page = await backups.page(ctx, PageQuery(limit=3))
         assert [b.id for b in page.items] == ids[::-1][:3] and page.next_cursor
-        rest = await backups.page(ctx, limit=3, cursor=page.next_cursor)
+        rest = await backups.page(ctx, PageQuery(limit=3, cursor=page.next_cursor))
         assert [b.id for b in rest.items] == [ids[0]] and rest.next_cursor is None
     finally:
         await ctx.store.client.close()
@@ -335,8 +324,8 @@ async def test_prune_keeps_the_newest_backups(make_settings: Any, tmp_path: Path
 async def test_ids_never_name_a_path_outside_the_backup_dir(ctx: Context) -> None:
     for bad in ("../../etc", "20240101T000000Z-abcdef/../x", "", "manifest.json"):
         with pytest.raises(NotFound):
-            backups.locate(ctx.settings, bad)
+            backup_format.locate(ctx.settings, bad)
         with pytest.raises(NotFound):
             await backups.get(ctx, bad)
     with pytest.raises(NotFound):
-        await backups.restore(ctx, backups.new_id())  # well-formed, but no such backup
+        await restore.restore(ctx, backups.new_id())  # well-formed, but no such backup

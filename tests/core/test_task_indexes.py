@@ -8,24 +8,17 @@ whose order matches, while mongod walks the index in order.
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, get_args
 
 import pytest
 
 from config.connections import Connections
 from core import tasks
 from core.store import INDEXES, Store
+from core.task_models import Sort, TaskQuery
+from tests.core.plans import scans
 
-SORTS = [
-    "created_at",
-    "-created_at",
-    "due_at",
-    "-due_at",
-    "priority",
-    "-priority",
-    "updated_at",
-    "-updated_at",
-]
+SORTS = get_args(Sort)
 FILTERS: list[dict[str, Any]] = [
     {},
     {"status": "todo"},
@@ -36,16 +29,6 @@ FILTERS: list[dict[str, Any]] = [
     {"due_before": datetime(2030, 1, 1, tzinfo=UTC), "due_after": datetime(2020, 1, 1, tzinfo=UTC)},
     {"status": "done", "tag": "home", "priority": "low"},
 ]
-
-
-def _stages(plan: dict[str, Any]) -> list[dict[str, Any]]:
-    out = [plan]
-    for key in ("inputStage", "queryPlan"):
-        if key in plan:
-            out += _stages(plan[key])
-    for child in plan.get("inputStages", []):
-        out += _stages(child)
-    return out
 
 
 @pytest.fixture
@@ -79,16 +62,11 @@ async def store(settings: Any) -> Any:
 async def test_list_query_uses_an_owner_index(
     store: Store, sort: str, filters: dict[str, Any]
 ) -> None:
-    q = tasks.TaskQuery(sort=sort, **filters)  # type: ignore[arg-type]
+    q = TaskQuery(sort=sort, **filters)  # type: ignore[arg-type]
     flt, order, index = tasks.list_query("u1", q, datetime.now(UTC))
-    cursor = store["tasks"].find(flt).sort(order).hint(index).limit(51)
-    plan = (await cursor.explain())["queryPlanner"]["winningPlan"]
-    stages = _stages(plan)
-    names = [s.get("stage") for s in stages]
-    assert "COLLSCAN" not in names, plan
-    scans = [s for s in stages if s.get("stage") == "IXSCAN"]
-    assert scans, plan
+    ixscans, _ = await scans(store["tasks"].find(flt).sort(order).hint(index).limit(51))
+    assert ixscans
     declared = {ix.document["name"]: list(ix.document["key"]) for ix in INDEXES["tasks"]}
-    index = scans[0]["indexName"]
+    index = ixscans[0]["indexName"]
     assert index in declared, index
     assert declared[index][0] == "owner"

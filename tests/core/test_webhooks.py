@@ -13,7 +13,7 @@ import pytest
 from pydantic import ValidationError
 
 from config.settings import Settings
-from core import webhooks
+from core import ssrf, webhooks
 from core.ssrf import TargetRefused, TargetUnresolvable
 from tests.conftest import TEST_SECRET
 
@@ -63,14 +63,14 @@ def fake_resolver(table: dict[str, list[str]]) -> Any:
     ],
 )
 def test_non_public_addresses_are_refused(address: str, reason: str) -> None:
-    assert webhooks.refusal(ipaddress.ip_address(address)) == reason
+    assert ssrf.refusal(ipaddress.ip_address(address)) == reason
 
 
 @pytest.mark.parametrize(
     "address", ["93.184.216.34", "8.8.8.8", "2606:4700::1111", "::ffff:8.8.8.8", "64:ff9b::808:808"]
 )
 def test_public_addresses_pass(address: str) -> None:
-    assert webhooks.refusal(ipaddress.ip_address(address)) is None
+    assert ssrf.refusal(ipaddress.ip_address(address)) is None
 
 
 @pytest.mark.parametrize(
@@ -93,12 +93,12 @@ def test_public_addresses_pass(address: str) -> None:
         "http://[not-v6]/",
         "http://bad_host-.com/",
         "http://example.com/#frag",
-        "http://example.com/" + "a" * webhooks.MAX_URL_LENGTH,
+        "http://example.com/" + "a" * ssrf.MAX_URL_LENGTH,
     ],
 )
 def test_url_syntax_rules(url: str) -> None:
     with pytest.raises(ValueError, match=r"."):
-        webhooks.check_url(url)
+        ssrf.check_url(url)
 
 
 @pytest.mark.parametrize(
@@ -106,7 +106,7 @@ def test_url_syntax_rules(url: str) -> None:
     ["https://hooks.example.com/in?x=1", "http://127.0.0.1:8080/h", "http://[2606:4700::1111]/"],
 )
 def test_url_syntax_accepts(url: str) -> None:
-    assert webhooks.check_url(url) == url
+    assert ssrf.check_url(url) == url
 
 
 def test_create_body_is_strict() -> None:
@@ -131,7 +131,7 @@ def test_create_body_is_strict() -> None:
 
 async def test_public_host_passes_and_is_resolved_once() -> None:
     resolve = fake_resolver({"hooks.example.com": ["93.184.216.34", "2606:4700::1111"]})
-    target = await webhooks.check_target("https://hooks.example.com/in", [], resolve=resolve)
+    target = await ssrf.check_target("https://hooks.example.com/in", [], resolve=resolve)
     assert target.host == "hooks.example.com"
     assert target.port == 443
     assert target.addresses == ((V4, "93.184.216.34"), (V6, "2606:4700::1111"))
@@ -141,7 +141,7 @@ async def test_public_host_passes_and_is_resolved_once() -> None:
 async def test_one_private_address_among_public_ones_refuses_the_host() -> None:
     resolve = fake_resolver({"mixed.example.com": ["93.184.216.34", "10.0.0.7"]})
     with pytest.raises(TargetRefused, match="not allowed") as refused:
-        await webhooks.check_target("http://mixed.example.com/", [], resolve=resolve)
+        await ssrf.check_target("http://mixed.example.com/", [], resolve=resolve)
     assert "10.0.0.7" not in str(refused.value)
     assert refused.value.reason.endswith("private address (10.0.0.7)")
 
@@ -150,18 +150,18 @@ async def test_rebinding_host_is_refused_when_it_turns_private() -> None:
     """The same name checked twice (registration, then delivery) with different answers."""
     table = {"rebind.example.com": ["93.184.216.34"]}
     resolve = fake_resolver(table)
-    await webhooks.check_target("http://rebind.example.com/", [], resolve=resolve)
+    await ssrf.check_target("http://rebind.example.com/", [], resolve=resolve)
     table["rebind.example.com"] = ["127.0.0.1"]
     with pytest.raises(TargetRefused, match="not allowed"):
-        await webhooks.check_target("http://rebind.example.com/", [], resolve=resolve)
+        await ssrf.check_target("http://rebind.example.com/", [], resolve=resolve)
 
 
 async def test_ip_literals_are_checked_without_a_lookup() -> None:
     resolve = fake_resolver({})
     for url in ("http://127.0.0.1/", "http://[::1]:8080/", "http://169.254.169.254/latest"):
         with pytest.raises(TargetRefused):
-            await webhooks.check_target(url, [], resolve=resolve)
-    target = await webhooks.check_target("http://8.8.8.8/", [], resolve=resolve)
+            await ssrf.check_target(url, [], resolve=resolve)
+    target = await ssrf.check_target("http://8.8.8.8/", [], resolve=resolve)
     assert target.addresses == ((V4, "8.8.8.8"),)
     assert resolve.calls == []
 
@@ -170,31 +170,31 @@ async def test_allow_list_is_by_host_only() -> None:
     resolve = fake_resolver({"localhost": ["127.0.0.1"], "svc.internal": ["10.1.1.1"]})
     allow = ["127.0.0.1", "SVC.internal.", "[::1]"]
     # The operator trusts a listed host: neither the address nor the port rule applies.
-    assert (await webhooks.check_target("http://127.0.0.1:9/", allow, resolve=resolve)).allow_listed
-    assert (await webhooks.check_target("http://[::1]/", allow, resolve=resolve)).allow_listed
-    target = await webhooks.check_target("http://svc.internal/x", allow, resolve=resolve)
+    assert (await ssrf.check_target("http://127.0.0.1:9/", allow, resolve=resolve)).allow_listed
+    assert (await ssrf.check_target("http://[::1]/", allow, resolve=resolve)).allow_listed
+    target = await ssrf.check_target("http://svc.internal/x", allow, resolve=resolve)
     assert target.addresses == ((V4, "10.1.1.1"),)
     # localhost resolves to an allow-listed address, but its name is not listed.
     with pytest.raises(TargetRefused, match="not allowed"):
-        await webhooks.check_target("http://localhost/", allow, resolve=resolve)
+        await ssrf.check_target("http://localhost/", allow, resolve=resolve)
     with pytest.raises(TargetRefused):
-        await webhooks.check_target("http://10.0.0.1/", allow, resolve=resolve)
+        await ssrf.check_target("http://10.0.0.1/", allow, resolve=resolve)
 
 
 async def test_unresolvable_host() -> None:
     # The same answer as a private host's (no DNS oracle); the reason is for logs.
     with pytest.raises(TargetUnresolvable, match="not allowed") as unresolvable:
-        await webhooks.check_target("http://nowhere.invalid/", [], resolve=fake_resolver({}))
+        await ssrf.check_target("http://nowhere.invalid/", [], resolve=fake_resolver({}))
     assert unresolvable.value.reason.startswith("the host nowhere.invalid does not resolve")
     empty = fake_resolver({"empty.example.com": []})
     with pytest.raises(TargetUnresolvable):
-        await webhooks.check_target("http://empty.example.com/", [], resolve=empty)
+        await ssrf.check_target("http://empty.example.com/", [], resolve=empty)
 
 
 async def test_real_resolver_refuses_localhost() -> None:
     """``localhost`` comes from /etc/hosts (no DNS traffic) and is loopback."""
     with pytest.raises(TargetRefused, match="not allowed"):
-        await webhooks.check_target("http://localhost:8080/hook", [])
+        await ssrf.check_target("http://localhost:8080/hook", [])
 
 
 def test_signature_is_hmac_sha256_of_timestamp_dot_body() -> None:

@@ -12,6 +12,7 @@ import os
 import posixpath
 import re
 import shlex
+import subprocess
 import tomllib
 from dataclasses import dataclass
 from functools import cache
@@ -53,7 +54,14 @@ KNOWN_METRICS = {
     "http_request_duration_seconds_bucket",
     "taskmanager_queue_messages",
     "cache_requests_total",
+    "taskmanager_worker_messages_processed_total",
+    "taskmanager_worker_messages_failed_total",
+    "taskmanager_worker_messages_retried_total",
+    "taskmanager_worker_messages_dead_lettered_total",
+    "taskmanager_worker_message_duration_seconds_bucket",
 }
+ALERTS = REPO / "deploy" / "prometheus" / "alerts.yaml"
+ALERT_TESTS = REPO / "deploy" / "prometheus" / "alerts.test.yaml"
 # Dramatiq's Redis broker keeps a queue's ready message ids in the list "<namespace>:<queue>";
 # the app's broker namespace is "tm:dramatiq".
 WORKER_QUEUE_KEY = "tm:dramatiq:{}"
@@ -951,3 +959,98 @@ def test_dashboard_uses_the_apps_metric_names() -> None:
     p95 = [e for e in exprs if "histogram_quantile(0.95" in e]
     assert p95 and all(re.search(r"by \(le\b", e) for e in p95), "p95 must aggregate by le"
     assert any('result="hit"' in e and "/" in e for e in exprs), "no cache hit-rate query"
+
+
+def test_dashboard_has_the_operators_panels() -> None:
+    """Throughput, failures, oldest age, dead letters, workers and web p95 each have a panel."""
+    exprs = {p["title"]: " ".join(t["expr"] for t in p["targets"]) for p in dashboard()["panels"]}
+    wanted = {
+        "throughput": "rate(taskmanager_worker_messages_processed_total",
+        "failures": "rate(taskmanager_worker_messages_failed_total",
+        "oldest age": "taskmanager_queue_oldest_age_seconds",
+        "dead letters": 'taskmanager_queue_messages{state="dead"}',
+        "workers": "taskmanager_worker_processes",
+        "web p95": "histogram_quantile(0.95, sum by (le) (rate(http_request_duration_seconds",
+    }
+    for what, needle in wanted.items():
+        assert any(needle in e for e in exprs.values()), f"no {what} panel ({needle})"
+
+
+# --------------------------------------------------------------------------------------------
+# deploy/prometheus
+
+
+def exported_metric_names() -> set[str]:
+    """Sample names the processes export: the web registry's and the worker families."""
+    from prometheus_client import REGISTRY, CollectorRegistry
+
+    import web.app  # noqa: F401 (declares the web, cache, relay and queue metrics)
+    from workers.metrics import Families
+
+    registry = CollectorRegistry()
+    Families.make(registry)
+    suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
+    names: set[str] = set()
+    for reg in (REGISTRY, registry):
+        for family in reg.collect():
+            names.update(family.name + s for s in suffixes.get(family.type, ("",)))
+    # Yielded only by the replica holding the queue-exporter lease, with a fresh reading.
+    return names | {"taskmanager_queue_messages", "taskmanager_queue_oldest_age_seconds"}
+
+
+def alert_rules() -> list[dict[str, Any]]:
+    return [
+        rule for group in yaml.safe_load(ALERTS.read_text())["groups"] for rule in group["rules"]
+    ]
+
+
+def test_alert_rules_cover_the_objectives_and_name_real_metrics() -> None:
+    rules = alert_rules()
+    alerts = {r["alert"]: r for r in rules if "alert" in r}
+    assert {
+        "TaskmanagerQueueAgeOverObjective",
+        "TaskmanagerDeadLettersGrowing",
+        "TaskmanagerNoLiveWorkers",
+        "TaskmanagerWorkerErrorRate",
+        "TaskmanagerApiErrorRate",
+        "TaskmanagerApiLatencyP95",
+    } <= alerts.keys()
+    for name, rule in alerts.items():
+        assert rule["labels"]["severity"] in ("warning", "critical"), name
+        assert rule["annotations"]["summary"] and rule["annotations"]["description"], name
+        assert re.fullmatch(r"\d+[smh]", rule.get("for", "0m")), name
+    records = {r["record"]: r["expr"] for r in rules if "record" in r}
+    objectives = set(
+        re.findall(r'"queue", "([a-z_]+)"', records["taskmanager:queue_age_objective_seconds"])
+    )
+    general, webhooks = app_queues()
+    assert objectives == general | webhooks, "every queue needs a latency objective"
+    exported = exported_metric_names()
+    panels = [{"expr": t["expr"]} for p in dashboard()["panels"] for t in p["targets"]]
+    for rule in [*rules, *panels]:
+        expr = rule["expr"]
+        assert expr.count("(") == expr.count(")"), expr
+        used = set(re.findall(r"\b(taskmanager_[a-z0-9_]+|http_[a-z0-9_]+)\b", expr))
+        assert used <= exported, f"not exported: {used - exported}"
+
+
+def test_alert_rules_pass_promtool() -> None:
+    """Syntax (check rules) and behaviour (the unit tests in alerts.test.yaml)."""
+    for args in (["check", "rules", ALERTS.name], ["test", "rules", ALERT_TESTS.name]):
+        done = subprocess.run(
+            ["promtool", *args], cwd=ALERTS.parent, capture_output=True, text=True, timeout=60
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_worker_pods_are_scraped_on_the_worker_metrics_port() -> None:
+    from config.settings import Settings
+
+    port = Settings.model_fields["worker_metrics_port"].default
+    for name in ("taskmanager-worker", "taskmanager-worker-webhooks"):
+        deployment = of_kind("Deployment")[name]
+        annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+        assert annotations["prometheus.io/scrape"] == "true", name
+        assert annotations["prometheus.io/port"] == str(port), name
+        assert annotations["prometheus.io/path"] == "/metrics", name
+        assert container_ports(deployment)["metrics"] == port, name

@@ -21,6 +21,7 @@ from typing import IO, Any
 import aiohttp
 
 from config.settings import Settings
+from tests.conftest import service_vars
 
 #: Environment variables the product reads; stripped from the inherited environment so a
 #: developer's shell (e.g. MONGODB_URL for the suite) cannot leak into a process under test.
@@ -38,6 +39,20 @@ def clean_env(**values: str) -> dict[str, str]:
     env["PYTHONUNBUFFERED"] = "1"
     env.update(values)
     return env
+
+
+def process_env(settings: Settings, **values: str) -> dict[str, str]:
+    """A clean environment pointing a process at the test's database, Redis prefix and JWT
+    secret (those of ``settings``), plus ``values``, which win."""
+    return clean_env(**{**service_vars(settings), **values})
+
+
+def deployed_env(settings: Settings, **values: str) -> dict[str, str]:
+    """:func:`process_env` as a deployment runs: ``APP_ENV=production``, JSON logs, listening
+    on loopback; plus ``values``, which win."""
+    return process_env(
+        settings, **{"APP_ENV": "production", "LOG_FORMAT": "json", "HOST": "127.0.0.1", **values}
+    )
 
 
 class Proc:

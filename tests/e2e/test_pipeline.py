@@ -30,10 +30,10 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from cli.embedded import free_port
+from cli.embedded import PrivateRedis, free_port
 from config.settings import Settings
-from tests.conftest import PrivateRedis, SmtpSink
-from tests.e2e.helpers import Proc, clean_env, start, wait_http
+from tests.conftest import SmtpSink, eventually
+from tests.e2e.helpers import Proc, deployed_env, start, wait_http
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -151,20 +151,14 @@ class Services:
 
 def service_env(settings: Settings, redis_url: str, smtp: SmtpSink) -> dict[str, str]:
     """What a deployment would set; the test's own database and Redis prefix."""
-    assert settings.mongodb_url
-    return clean_env(
-        APP_ENV="production",
+    return deployed_env(
+        settings,
         JWT_SECRET=SECRET,
-        MONGODB_URL=settings.mongodb_url,
-        MONGODB_DB=settings.mongodb_db,
         REDIS_URL=redis_url,
-        REDIS_PREFIX=settings.redis_prefix,
         SMTP_URL=smtp.url,
         WEBHOOK_ALLOW_HOSTS="127.0.0.1",
         # The budget is not under test here; polling must never meet a 429.
         RATE_LIMIT="100000/minute",
-        LOG_FORMAT="json",
-        HOST="127.0.0.1",
     )
 
 
@@ -275,20 +269,6 @@ async def api(base: str) -> AsyncIterator[Api]:
         await client.close()
 
 
-async def eventually(check: Any, *, timeout: float, what: str, svc: Services) -> Any:
-    """Await ``check()`` every 50 ms until it returns something truthy; fail with logs."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(
-                f"timed out after {timeout:.0f}s waiting for {what}\n{svc.describe()}"
-            )
-        await asyncio.sleep(0.05)
-
-
 def distinctive_word() -> str:
     """A word no other task of the test has (letters only: one search word)."""
     return "zq" + "".join(random.choices(string.ascii_lowercase, k=10))
@@ -319,7 +299,9 @@ async def test_task_reaches_webhook_and_search(
             return mailed_to(smtp, email_a) == 1
 
         # Also proves the worker is up, so the timings below are not its start-up.
-        await eventually(welcomed, timeout=EFFECTS_TIMEOUT, what="A's welcome email", svc=svc)
+        await eventually(
+            welcomed, timeout=EFFECTS_TIMEOUT, what="A's welcome email", describe=svc.describe
+        )
         [welcome] = [m for m in smtp.messages if m["To"] == email_a]
         assert "Hello Ann" in welcome.get_payload()
 
@@ -330,14 +312,18 @@ async def test_task_reaches_webhook_and_search(
         async def a_finds_it() -> bool:
             return task_a["id"] in await client.search_ids(token_a, prefix)
 
-        await eventually(a_finds_it, timeout=SEARCH_DEADLINE, what="A's task in search", svc=svc)
+        await eventually(
+            a_finds_it, timeout=SEARCH_DEADLINE, what="A's task in search", describe=svc.describe
+        )
         searchable_after = time.monotonic() - acked
         assert searchable_after < SEARCH_DEADLINE
 
         async def posted() -> list[Received]:
             return rcv.at("a")
 
-        [req] = await eventually(posted, timeout=EFFECTS_TIMEOUT, what="the webhook", svc=svc)
+        [req] = await eventually(
+            posted, timeout=EFFECTS_TIMEOUT, what="the webhook", describe=svc.describe
+        )
         webhook_after = req.at - acked
         assert req.headers["X-Webhook-Event"] == "task.created"
         assert req.headers["Content-Type"].startswith("application/json")
@@ -362,7 +348,7 @@ async def test_task_reaches_webhook_and_search(
             return found if task_b["id"] in found else []
 
         found_b = await eventually(
-            b_finds_it, timeout=SEARCH_DEADLINE, what="B's task in search", svc=svc
+            b_finds_it, timeout=SEARCH_DEADLINE, what="B's task in search", describe=svc.describe
         )
         b_searchable_after = time.monotonic() - b_acked
         assert found_b == [task_b["id"]]
@@ -376,7 +362,7 @@ async def test_task_reaches_webhook_and_search(
             return items if items and items[0]["status"] == "succeeded" else []
 
         [delivery] = await eventually(
-            logged, timeout=EFFECTS_TIMEOUT, what="the delivery log", svc=svc
+            logged, timeout=EFFECTS_TIMEOUT, what="the delivery log", describe=svc.describe
         )
         assert delivery["event"] == "task.created"
         assert delivery["event_id"] == req.headers["X-Webhook-Id"]
@@ -387,7 +373,9 @@ async def test_task_reaches_webhook_and_search(
         async def b_posted() -> list[Received]:
             return rcv.at("b")
 
-        [req_b] = await eventually(b_posted, timeout=EFFECTS_TIMEOUT, what="B's webhook", svc=svc)
+        [req_b] = await eventually(
+            b_posted, timeout=EFFECTS_TIMEOUT, what="B's webhook", describe=svc.describe
+        )
         assert_signed(hook_b["secret"], req_b)
         assert task_of(req_b)["id"] == task_b["id"]
         assert rcv.at("a") == [req]
@@ -474,7 +462,10 @@ async def _outage_scenario(
         )
 
     await eventually(
-        before_effects, timeout=EFFECTS_TIMEOUT, what="the pre-outage effects", svc=svc
+        before_effects,
+        timeout=EFFECTS_TIMEOUT,
+        what="the pre-outage effects",
+        describe=svc.describe,
     )
 
     # --- Redis stops; writes keep coming at a modest rate, each on its own schedule.
@@ -562,7 +553,10 @@ async def _outage_scenario(
         )
 
     await eventually(
-        all_arrived, timeout=RECOVERY_DEADLINE, what="every acknowledged write's effects", svc=svc
+        all_arrived,
+        timeout=RECOVERY_DEADLINE,
+        what="every acknowledged write's effects",
+        describe=svc.describe,
     )
     delivered_after = time.monotonic() - restarted
 
@@ -570,7 +564,9 @@ async def _outage_scenario(
         return created_ids <= set(await client.search_ids(token, word))
 
     remaining = max(1.0, RECOVERY_DEADLINE - (time.monotonic() - restarted))
-    await eventually(all_searchable, timeout=remaining, what="search to catch up", svc=svc)
+    await eventually(
+        all_searchable, timeout=remaining, what="search to catch up", describe=svc.describe
+    )
     searchable_after = time.monotonic() - restarted
 
     await wait_http(svc.web, f"{svc.base}/readyz", status=200, timeout=10)
@@ -582,7 +578,9 @@ async def _outage_scenario(
         done = len(items) == len(rcv.at("u")) and all(d["status"] == "succeeded" for d in items)
         return items if done else []
 
-    log = await eventually(settled, timeout=EFFECTS_TIMEOUT, what="the delivery log", svc=svc)
+    log = await eventually(
+        settled, timeout=EFFECTS_TIMEOUT, what="the delivery log", describe=svc.describe
+    )
     received = rcv.at("u")
     ids = [r.headers["X-Webhook-Id"] for r in received]
     assert len(ids) == len(set(ids)), Counter(ids).most_common(3)

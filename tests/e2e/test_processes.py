@@ -18,6 +18,7 @@ from tests.conftest import SmtpSink
 from tests.e2e.helpers import (
     Proc,
     clean_env,
+    deployed_env,
     pid_alive,
     start,
     taskmanager_exe,
@@ -33,18 +34,7 @@ SECRET = "e2e-secret-" + "k" * 29
 
 def _service_env(settings: Settings, **extra: str) -> dict[str, str]:
     """What a deployment would set, from the test's settings (own database and prefix)."""
-    assert settings.mongodb_url and settings.redis_url
-    return clean_env(
-        APP_ENV="production",
-        JWT_SECRET=SECRET,
-        MONGODB_URL=settings.mongodb_url,
-        MONGODB_DB=settings.mongodb_db,
-        REDIS_URL=settings.redis_url,
-        REDIS_PREFIX=settings.redis_prefix,
-        LOG_FORMAT="json",
-        HOST="127.0.0.1",
-        **extra,
-    )
+    return deployed_env(settings, JWT_SECRET=SECRET, **extra)
 
 
 def _logged(proc: Proc, event: str) -> list[dict[str, Any]]:

@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -27,7 +26,8 @@ import pytest
 from bson import ObjectId
 from pymongo import AsyncMongoClient
 
-from tests.conftest import PrivateRedis, SmtpSink
+from cli.embedded import PrivateRedis
+from tests.conftest import SmtpSink, eventually
 from tests.e2e.helpers import Proc
 from tests.e2e.test_pipeline import API, Api, Receiver, receiver, service_env, services
 
@@ -167,7 +167,9 @@ async def run_scenario(
     writer = Writer(client, token)
     first = await client.create_task(token, "warm-up")
     writer.task_ids.append(first["id"])
-    await until(lambda: rcv.at("hook"), "the warm-up webhook", svc, timeout=60)
+    await eventually(
+        lambda: rcv.at("hook"), "the warm-up webhook", describe=svc.describe, timeout=60
+    )
 
     writing = asyncio.create_task(writer.run())
     try:
@@ -178,7 +180,9 @@ async def run_scenario(
             async def dispatched() -> bool:
                 return await db["events"].count_documents({"pending": True}) == 0
 
-            await until(dispatched, "the relay to dispatch the writes", svc, timeout=15)
+            await eventually(
+                dispatched, "the relay to dispatch the writes", describe=svc.describe, timeout=15
+            )
             in_redis = len(writer.task_ids)
             await asyncio.to_thread(redis.kill_and_restart)
         await asyncio.sleep(2.0)  # writes go on against the new, empty Redis
@@ -201,7 +205,9 @@ async def run_scenario(
         hooked = {r.headers["X-Webhook-Id"] for r in rcv.at("hook")}
         return indexed == len(tasks) and counted == len(tasks) and hooked >= set(created.values())
 
-    await until(complete, "every write's side effects", svc, timeout=RECOVERY_S)
+    await eventually(
+        complete, "every write's side effects", describe=svc.describe, timeout=RECOVERY_S
+    )
     # Past another round of resends (two bounds and a sweep), nothing arrives twice.
     await asyncio.sleep(2 * BOUND_S + 1)
     assert await db["search_index"].count_documents({"_id": {"$in": task_oids}}) == len(tasks)
@@ -227,18 +233,3 @@ async def run_scenario(
 async def analytics_created(db: Any, user_id: str) -> int:
     docs = await db["analytics_counters"].find({"user_id": user_id}).to_list()
     return sum(int(d.get("created", 0)) for d in docs)
-
-
-async def until(check: Any, what: str, svc: Any, *, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(
-                f"timed out after {timeout:.0f}s waiting for {what}\n{svc.describe()}"
-            )
-        await asyncio.sleep(0.1)

@@ -20,12 +20,11 @@ from typing import Any
 
 import pytest
 import redis
-from aiosmtpd.controller import Controller
 
 from cli.embedded import free_port
 from config.settings import Settings
-from tests.conftest import SmtpSink, register
-from tests.e2e.helpers import Proc, clean_env, start
+from tests.conftest import SmtpSink, register, serving
+from tests.e2e.helpers import Proc, process_env, start
 from web.app import create_app
 from web.keys import CONTEXT, PLATFORM
 from workers.registry import WorkerInfo, list_workers
@@ -59,15 +58,11 @@ class StallingSink(SmtpSink):
 
 @pytest.fixture
 def sink() -> Iterator[StallingSink]:
-    port = free_port()
-    s = StallingSink(port)
-    controller = Controller(s, hostname="127.0.0.1", port=port)
-    controller.start()
-    try:
-        yield s
-    finally:
-        s.release.set()
-        controller.stop()
+    with serving(StallingSink(free_port())) as s:
+        try:
+            yield s
+        finally:
+            s.release.set()
 
 
 async def poll(check: Callable[[], Any], *, timeout: float, what: str, procs: list[Proc]) -> Any:
@@ -84,15 +79,8 @@ async def poll(check: Callable[[], Any], *, timeout: float, what: str, procs: li
 
 
 def worker_env(settings: Settings) -> dict[str, str]:
-    return clean_env(
-        APP_ENV="test",
-        MONGODB_URL=settings.mongodb_url or "",
-        MONGODB_DB=settings.mongodb_db,
-        REDIS_URL=settings.redis_url or "",
-        REDIS_PREFIX=settings.redis_prefix,
-        JWT_SECRET=settings.jwt_secret.get_secret_value(),
-        SMTP_URL=settings.smtp_url or "",
-        LOG_FORMAT="json",
+    return process_env(
+        settings, APP_ENV="test", SMTP_URL=settings.smtp_url or "", LOG_FORMAT="json"
     )
 
 
@@ -141,24 +129,47 @@ def workers_of(make_settings: Any) -> Iterator[Callable[[Settings], Workers]]:
         w.close()
 
 
-async def test_sigkill_mid_message_is_redelivered_once_within_15s(
+@dataclass
+class Scene:
+    """The app (for registrations and the queue inspector) and its worker processes, one of
+    them started and stalled on a welcome email."""
+
+    app: Any
+    client: Any
+    workers: Workers
+    proc: Proc
+    pair: dict[str, Any]
+    email: str
+
+    @property
+    def queue(self) -> str:
+        return str(self.app[PLATFORM].actors["send_welcome_email"].queue_name)
+
+
+@pytest.fixture
+async def scene(
     make_settings: Any,
     aiohttp_client: Any,
     sink: StallingSink,
     workers_of: Callable[[Settings], Workers],
-) -> None:
+) -> Scene:
     settings = make_settings(smtp_url=sink.url)
     app = create_app(settings)
     client = await aiohttp_client(app)
     workers = workers_of(settings)
-    inspector = app[PLATFORM].inspector
-    queue = app[PLATFORM].actors["send_welcome_email"].queue_name
-
-    first = workers.start()
-    await poll(lambda: workers.registered(first), timeout=30, what="worker 1", procs=[first])
-    email = f"crash-{uuid.uuid4().hex[:8]}@example.com"
+    proc = workers.start()
+    await poll(lambda: workers.registered(proc), timeout=30, what="the worker", procs=[proc])
+    email = f"first-{uuid.uuid4().hex[:8]}@example.com"
     pair = await register(client, email)
-    await poll(sink.stalled.is_set, timeout=20, what="the email to start", procs=[first])
+    await poll(sink.stalled.is_set, timeout=20, what="the email to start", procs=[proc])
+    return Scene(app, client, workers, proc, pair, email)
+
+
+async def test_sigkill_mid_message_is_redelivered_once_within_15s(
+    scene: Scene, sink: StallingSink
+) -> None:
+    app, workers, first, pair, email = scene.app, scene.workers, scene.proc, scene.pair, scene.email
+    inspector, queue = app[PLATFORM].inspector, scene.queue
 
     def in_progress() -> bool:
         return any(s.queue == queue and s.in_progress == 1 for s in inspector.stats())
@@ -195,23 +206,10 @@ async def test_sigkill_mid_message_is_redelivered_once_within_15s(
 
 
 async def test_sigterm_finishes_the_message_in_flight_and_requeues_prefetched(
-    make_settings: Any,
-    aiohttp_client: Any,
-    sink: StallingSink,
-    workers_of: Callable[[Settings], Workers],
+    scene: Scene, sink: StallingSink
 ) -> None:
-    settings = make_settings(smtp_url=sink.url)
-    app = create_app(settings)
-    client = await aiohttp_client(app)
-    workers = workers_of(settings)
-    inspector = app[PLATFORM].inspector
-    queue = app[PLATFORM].actors["send_welcome_email"].queue_name
-
-    proc = workers.start()
-    await poll(lambda: workers.registered(proc), timeout=30, what="the worker", procs=[proc])
-    first = f"first-{uuid.uuid4().hex[:8]}@example.com"
-    await register(client, first)
-    await poll(sink.stalled.is_set, timeout=20, what="the email to start", procs=[proc])
+    app, workers, proc, first = scene.app, scene.workers, scene.proc, scene.email
+    inspector, queue, client = app[PLATFORM].inspector, scene.queue, scene.client
     await register(client)  # a second welcome, prefetched by the busy worker (1 thread)
 
     def state(ready: int, in_progress: int) -> Callable[[], bool]:
@@ -245,4 +243,4 @@ async def test_sigterm_finishes_the_message_in_flight_and_requeues_prefetched(
     # worker deregistered.
     assert await asyncio.to_thread(state(1, 0))
     assert len(sink.messages) == 1
-    assert await asyncio.to_thread(list_workers, workers.redis, settings.redis_prefix) == []
+    assert await asyncio.to_thread(list_workers, workers.redis, workers.settings.redis_prefix) == []

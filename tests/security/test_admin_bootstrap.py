@@ -11,11 +11,11 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
 from click.testing import CliRunner, Result
 
 from cli.main import main
 from core import accounts
-from tests.cli.test_reindex import env  # noqa: F401  (the settings-as-environment fixture)
 from tests.conftest import bearer, register
 
 EMAIL = "ops@example.com"
@@ -35,12 +35,13 @@ async def login(client: Any, password: str) -> Any:
     return await client.post("/api/v1/auth/login", json={"email": EMAIL, "password": password})
 
 
-async def test_admin_create_refuses_an_existing_account(
-    ctx: Any,
-    client: Any,
-    env: None,  # noqa: F811
-) -> None:
-    attacker = await register(client, EMAIL, password=ATTACKER_PASSWORD)
+@pytest.fixture
+async def attacker(ctx: Any, client: Any, cli_env: Any) -> Any:
+    """Whoever registered the operator's address first (their token pair)."""
+    return await register(client, EMAIL, password=ATTACKER_PASSWORD)
+
+
+async def test_admin_create_refuses_an_existing_account(client: Any, attacker: Any) -> None:
     result = await admin_create()
     assert result.exit_code == 1, result.output
     assert "already exists" in result.output and "--promote-existing" in result.output
@@ -52,12 +53,7 @@ async def test_admin_create_refuses_an_existing_account(
     assert resp.status == 403
 
 
-async def test_promote_existing_takes_the_account_over(
-    ctx: Any,
-    client: Any,
-    env: None,  # noqa: F811
-) -> None:
-    attacker = await register(client, EMAIL, password=ATTACKER_PASSWORD)
+async def test_promote_existing_takes_the_account_over(client: Any, attacker: Any) -> None:
     resp = await login(client, ATTACKER_PASSWORD)
     second = await resp.json()
 

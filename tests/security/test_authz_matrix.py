@@ -29,7 +29,7 @@ from bson import ObjectId
 from pymongo import AsyncMongoClient
 
 from config.settings import Settings
-from core import accounts, backups, webhooks
+from core import accounts, backup_format, backups, webhooks
 from core.notifications import NewNotification, create_notifications
 from core.store import utcnow
 from jobs.scheduler import Scheduler
@@ -269,7 +269,7 @@ async def _backup(world: World) -> str:
     """A finished backup in the catalogue (a queued one would make POST /admin/backups 409)."""
     now = utcnow()
     backup_id = backups.new_id(now)
-    await world.ctx.store[backups.COLLECTION].insert_one(
+    await world.ctx.store[backup_format.COLLECTION].insert_one(
         {
             "_id": backup_id,
             "status": "succeeded",

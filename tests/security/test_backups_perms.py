@@ -8,37 +8,30 @@ import hashlib
 import json
 import os
 import stat
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import bson
 import pytest
 
-from config.connections import Connections
 from config.settings import Settings
-from core import backups
-from core.context import Context, open_context
+from core import backups, restore
+from core.context import Context
 
 
 @pytest.fixture
-def backup_settings(make_settings: Any, tmp_path: Path) -> Settings:
+def settings(make_settings: Any, tmp_path: Path) -> Settings:
+    """The test settings, with ``BACKUP_DIR`` in a temporary directory (conftest's ``ctx``
+    is built over them)."""
     settings: Settings = make_settings(backup_dir=str(tmp_path / "backups"))
     return settings
 
 
-@pytest.fixture
-async def bctx(backup_settings: Settings) -> AsyncIterator[Context]:
-    async with open_context(backup_settings, Connections(backup_settings)) as ctx:
-        await ctx.store.ensure_indexes()
-        yield ctx
-
-
-async def test_backup_files_are_owner_only(bctx: Context) -> None:
-    await bctx.store["users"].insert_one({"email": "ann@example.com", "password_hash": "$argon"})
+async def test_backup_files_are_owner_only(ctx: Context) -> None:
+    await ctx.store["users"].insert_one({"email": "ann@example.com", "password_hash": "$argon"})
     old = os.umask(0o022)  # the usual umask: what the code does not restrict stays readable
     try:
-        result = await backups.create(bctx)
+        result = await backups.create(ctx)
     finally:
         os.umask(old)
     assert stat.S_IMODE(result.path.stat().st_mode) == 0o700
@@ -65,10 +58,10 @@ def _outside_file(path: Path) -> dict[str, Any]:
 
 @pytest.mark.parametrize("spelling", ["absolute", "dotdot", "subdir"])
 async def test_restore_refuses_file_names_leaving_the_backup(
-    bctx: Context, tmp_path: Path, spelling: str
+    ctx: Context, tmp_path: Path, spelling: str
 ) -> None:
-    await bctx.store["tasks"].insert_one({"title": "kept"})
-    result = await backups.create(bctx)
+    await ctx.store["tasks"].insert_one({"title": "kept"})
+    result = await backups.create(ctx)
     outside = tmp_path / "planted.bson.gz"
     entry = _outside_file(outside)
     name = {
@@ -84,20 +77,20 @@ async def test_restore_refuses_file_names_leaving_the_backup(
     manifest["collections"]["users"] = {**entry, "file": name}
     manifest_path.write_text(json.dumps(manifest))
 
-    report = backups.verify(result.path)
+    report = restore.verify(result.path)
     assert not report.ok
     assert any("not a file of this backup" in p for p in report.problems), report.problems
-    with pytest.raises(backups.CorruptBackup):
-        await backups.restore(bctx, result.id, drop=True)
-    assert await bctx.store["users"].count_documents({"_id": "planted"}) == 0
-    assert await bctx.store["tasks"].count_documents({}) == 1  # nothing was dropped
+    with pytest.raises(restore.CorruptBackup):
+        await restore.restore(ctx, result.id, drop=True)
+    assert await ctx.store["users"].count_documents({"_id": "planted"}) == 0
+    assert await ctx.store["tasks"].count_documents({}) == 1  # nothing was dropped
 
 
-async def test_verify_refuses_a_manifest_naming_a_system_collection(bctx: Context) -> None:
-    result = await backups.create(bctx)
+async def test_verify_refuses_a_manifest_naming_a_system_collection(ctx: Context) -> None:
+    result = await backups.create(ctx)
     manifest_path = result.path / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
     manifest["collections"]["system.users"] = next(iter(manifest["collections"].values()))
     manifest_path.write_text(json.dumps(manifest))
-    problems = backups.verify(result.path).problems
+    problems = restore.verify(result.path).problems
     assert any(p.startswith("system.users:") for p in problems), problems

@@ -20,7 +20,8 @@ from click.testing import CliRunner, Result
 from pydantic import ValidationError
 
 from cli.embedded import free_port
-from cli.main import DevSettings, main
+from cli.main import main
+from cli.processes import DevSettings
 from config.settings import PUBLISHED_DEV_SECRET, Settings
 from tests.conftest import bearer, register
 from tests.e2e.helpers import clean_env, start, wait_http

@@ -23,7 +23,7 @@ import pytest
 from pymongo import MongoClient
 
 from cli.embedded import free_port
-from tests.e2e.helpers import clean_env, start, wait_http
+from tests.e2e.helpers import deployed_env, start, wait_http
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -78,18 +78,7 @@ async def test_sigterm_answers_every_request_sent_on_keep_alive(
     make_settings: Any, tmp_path: Any
 ) -> None:
     settings = make_settings()
-    assert settings.mongodb_url and settings.redis_url
-    env = clean_env(
-        APP_ENV="production",
-        JWT_SECRET=SECRET,
-        MONGODB_URL=settings.mongodb_url,
-        MONGODB_DB=settings.mongodb_db,
-        REDIS_URL=settings.redis_url,
-        REDIS_PREFIX=settings.redis_prefix,
-        RATE_LIMIT="100000/minute",
-        LOG_FORMAT="json",
-        HOST="127.0.0.1",
-    )
+    env = deployed_env(settings, JWT_SECRET=SECRET, RATE_LIMIT="100000/minute")
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     web = start(["web", "--port", str(port)], env, cwd=str(tmp_path))

@@ -33,7 +33,7 @@ def revoke_url(user_id: str) -> str:
 
 
 async def test_a_demoted_admin_loses_admin_at_once(admin_client: Any) -> None:
-    from web.app import CONTEXT
+    from web.keys import CONTEXT
 
     admin = await sign_in(admin_client, ADMIN["email"], ADMIN["password"])
     auth = bearer(admin["access_token"])

@@ -17,18 +17,18 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
 import pytest
 from aiohttp import web
-from dramatiq.brokers.redis import RedisBroker
 
 from core import webhooks
-from tests.conftest import bearer, register
-from web.app import CONTEXT, PLATFORM, create_app
+from tests.conftest import bearer, eventually, register, serve_http
+from web.app import create_app
+from web.keys import CONTEXT, PLATFORM
 from workers.broker import WEBHOOK_QUEUES, general_queues
 from workers.pools import WorkerPools
 
@@ -73,31 +73,15 @@ class Receiver:
         return sum(1 for w, _ in self.hits if w == who)
 
     async def wait_for(self, who: str, count: int, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while self.count(who) < count:
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{who}: expected {count} requests, got {self.count(who)}")
-            await asyncio.sleep(0.02)
+        what = f"{count} requests to {who}"
+        await eventually(lambda: self.count(who) >= count, what, timeout=timeout)
 
 
 @pytest.fixture
 async def receiver(aiohttp_server: Any) -> Receiver:
     rec = Receiver()
-    app = web.Application()
-    app.router.add_post("/{who}/{name}", rec.handle)
-    server = await aiohttp_server(app, host="127.0.0.1")
-    rec.port = server.port
+    rec.port = await serve_http(aiohttp_server, ("POST", "/{who}/{name}", rec.handle))
     return rec
-
-
-@pytest.fixture
-def brokers() -> Iterator[list[Any]]:
-    """Brokers whose Redis pools are closed at the very end (listed first: torn down last)."""
-    made: list[Any] = []
-    yield made
-    for broker in made:
-        if isinstance(broker, RedisBroker):
-            broker.client.connection_pool.disconnect()
 
 
 @pytest.fixture
@@ -108,26 +92,32 @@ async def pools() -> AsyncIterator[list[WorkerPools]]:
         await asyncio.to_thread(pool.stop, 30_000)
 
 
-async def start(
-    brokers: list[Any],
-    pools: list[WorkerPools],
-    make_settings: Any,
-    aiohttp_client: Any,
-    *,
-    threads: int = 2,
-    webhook_threads: int = 4,
-    **overrides: Any,
-) -> tuple[Any, Any]:
-    app = create_app(make_settings(**{**BASE, **overrides}))
-    brokers.append(app[PLATFORM].broker)
-    client = await aiohttp_client(app)
-    # As `taskmanager run` does (cli/main.py), with fewer threads.
-    pool = WorkerPools.split(
-        app[PLATFORM].broker, threads=threads, webhook_threads=webhook_threads, worker_timeout=100
-    )
-    pool.start()
-    pools.append(pool)
-    return app, client
+#: Starts the app with its worker pools (see the ``start`` fixture); returns ``(app, client)``.
+Start = Callable[..., Awaitable[tuple[Any, Any]]]
+
+
+@pytest.fixture
+def start(
+    brokers: list[Any], pools: list[WorkerPools], make_settings: Any, aiohttp_client: Any
+) -> Start:
+    """Start the app (``BASE`` settings plus keyword overrides) with worker pools as
+    ``taskmanager run`` does (cli/main.py), with fewer threads; all stopped after the test."""
+
+    async def go(*, threads: int = 2, webhook_threads: int = 4, **overrides: Any) -> Any:
+        app = create_app(make_settings(**{**BASE, **overrides}))
+        brokers.append(app[PLATFORM].broker)
+        client = await aiohttp_client(app)
+        pool = WorkerPools.split(
+            app[PLATFORM].broker,
+            threads=threads,
+            webhook_threads=webhook_threads,
+            worker_timeout=100,
+        )
+        pool.start()
+        pools.append(pool)
+        return app, client
+
+    return go
 
 
 async def user(client: Any) -> dict[str, str]:
@@ -183,14 +173,12 @@ def test_webhook_queues_have_their_own_pool(make_settings: Any) -> None:
         platform.close()
 
 
-async def test_pools_register_as_one_worker(
-    brokers: list[Any], pools: list[WorkerPools], make_settings: Any, aiohttp_client: Any
-) -> None:
+async def test_pools_register_as_one_worker(start: Start) -> None:
     """The process boots its middleware once and registers every pool's queues and threads
     (``/admin/workers``, ``taskmanager healthcheck worker``)."""
     from workers.heartbeat import WorkerHeartbeat
 
-    app, _ = await start(brokers, pools, make_settings, aiohttp_client, threads=2)
+    app, _ = await start(threads=2)
     [beat] = [m for m in app[PLATFORM].broker.middleware if isinstance(m, WorkerHeartbeat)]
     assert beat.state == "running"
     assert set(beat.queues) == general_queues(app[PLATFORM].broker) | WEBHOOK_QUEUES
@@ -198,20 +186,9 @@ async def test_pools_register_as_one_worker(
 
 
 async def test_slow_receiver_of_one_user_does_not_delay_another_users_search(
-    brokers: list[Any],
-    pools: list[WorkerPools],
-    make_settings: Any,
-    aiohttp_client: Any,
-    receiver: Receiver,
+    start: Start, receiver: Receiver
 ) -> None:
-    app, client = await start(
-        brokers,
-        pools,
-        make_settings,
-        aiohttp_client,
-        webhook_timeout=12,
-        webhook_max_retries=0,
-    )
+    app, client = await start(webhook_timeout=12, webhook_max_retries=0)
     a, b = await user(client), await user(client)
     idle = await searchable_after(client, b)
 
@@ -227,24 +204,15 @@ async def test_slow_receiver_of_one_user_does_not_delay_another_users_search(
     loaded = await searchable_after(client, b)
     assert loaded < idle + 3.0, f"B waited {loaded:.1f} s behind A's receiver (idle {idle:.1f} s)"
     # A's deliveries were capped at the default in-flight limit the whole time.
-    assert receiver.peak["a"] <= make_settings().webhook_max_in_flight_per_user
-    del app
+    assert receiver.peak["a"] <= app[CONTEXT].settings.webhook_max_in_flight_per_user
 
 
 async def test_in_flight_cap_per_user_and_waiting_spends_no_retry(
-    brokers: list[Any],
-    pools: list[WorkerPools],
-    make_settings: Any,
-    aiohttp_client: Any,
-    receiver: Receiver,
+    start: Start, receiver: Receiver
 ) -> None:
     """Cap 2: A's six deliveries go two at a time; with no retries at all they still all
     succeed (waiting for a slot is not a failed attempt); B is not held back by A's cap."""
     app, client = await start(
-        brokers,
-        pools,
-        make_settings,
-        aiohttp_client,
         webhook_threads=6,
         webhook_max_in_flight_per_user=2,
         webhook_max_retries=0,
@@ -295,20 +263,9 @@ async def test_a_crashed_workers_slot_expires(ctx: Any) -> None:
 
 
 async def test_breaker_pauses_a_failing_endpoint_holds_and_resumes(
-    brokers: list[Any],
-    pools: list[WorkerPools],
-    make_settings: Any,
-    aiohttp_client: Any,
-    receiver: Receiver,
+    start: Start, receiver: Receiver
 ) -> None:
-    app, client = await start(
-        brokers,
-        pools,
-        make_settings,
-        aiohttp_client,
-        webhook_breaker_failures=3,
-        webhook_max_retries=0,
-    )
+    app, client = await start(webhook_breaker_failures=3, webhook_max_retries=0)
     a = await user(client)
     receiver.status = 500
     hook = await add_hook(client, a, receiver.url("a"), ["task.created"])
@@ -369,22 +326,9 @@ async def test_breaker_pauses_a_failing_endpoint_holds_and_resumes(
     assert again["redelivered"] == 0
 
 
-async def test_a_success_resets_the_breaker_count(
-    brokers: list[Any],
-    pools: list[WorkerPools],
-    make_settings: Any,
-    aiohttp_client: Any,
-    receiver: Receiver,
-) -> None:
+async def test_a_success_resets_the_breaker_count(start: Start, receiver: Receiver) -> None:
     """Only failures in a row count: fail, fail, succeed, fail, fail stays active."""
-    app, client = await start(
-        brokers,
-        pools,
-        make_settings,
-        aiohttp_client,
-        webhook_breaker_failures=3,
-        webhook_max_retries=0,
-    )
+    app, client = await start(webhook_breaker_failures=3, webhook_max_retries=0)
     a = await user(client)
     hook = await add_hook(client, a, receiver.url("a"), ["task.created"])
     for n, status in enumerate((500, 500, 200, 500, 500)):

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import statistics
-import time
-from collections.abc import Awaitable, Callable
 from datetime import UTC, date, datetime
 from typing import Any
 
@@ -15,21 +13,12 @@ import pytest
 from core import jobruns
 from core.context import Context
 from core.events import public_event
-from tests.conftest import bearer, register
-from web.app import CONTEXT, PLATFORM
+from tests.conftest import bearer, eventually, register
+from web.keys import CONTEXT, PLATFORM
 from workers.maintenance import enqueue_run
 
 URL = "/api/v1/analytics/summary"
 T = "/api/v1/tasks"
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], what: str, timeout: float = 30) -> None:
-    """Poll ``check`` until it holds (the worker runs on its own threads)."""
-    deadline = time.monotonic() + timeout
-    while not await check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 async def create(client: Any, auth: dict[str, str], **fields: Any) -> dict[str, Any]:
@@ -74,14 +63,14 @@ async def test_summary_shows_the_caller_s_rolled_up_day(
             1,
         )
 
-    await eventually(folded, "fold_analytics to count every event")
+    await eventually(folded, "fold_analytics to count every event", timeout=30)
     key = await enqueue_run(ctx, app[PLATFORM].broker, "analytics-rollup", "rollup_analytics")
 
     async def rolled_up() -> bool:
         run = await ctx.store["job_runs"].find_one({"_id": key})
         return run is not None and run["status"] in ("succeeded", "failed")
 
-    await eventually(rolled_up, "the rollup run")
+    await eventually(rolled_up, "the rollup run", timeout=30)
     run = await jobruns.latest(ctx, "analytics-rollup")
     assert run is not None and run["status"] == "succeeded", run
     assert day in run["result"]["days"]
@@ -119,7 +108,7 @@ async def test_a_deleted_task_is_counted_and_a_redelivery_is_not(
     async def both_folded() -> bool:
         return await ctx.store["analytics_seen"].count_documents({}) == 2
 
-    await eventually(both_folded, "both events folded")
+    await eventually(both_folded, "both events folded", timeout=30)
     # Redeliver the creation event twice, as an at-least-once broker may.
     stored = await ctx.store["events"].find_one({"type": "task.created", "user_id": user_id})
     assert stored is not None

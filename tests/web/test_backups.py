@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from core import backups, jobruns
+from core import backups, jobruns, restore
 from tests.conftest import bearer, register
 from web.app import create_app
 from web.keys import CONTEXT, PLATFORM
@@ -73,7 +73,7 @@ async def test_admin_starts_a_backup_that_a_worker_takes(setup: Any, worker_for:
     counts = {c["name"]: c["documents"] for c in done["collections"]}
     assert counts["tasks"] == 3 and counts["users"] == 2  # the admin and the user
     assert "backups" not in counts
-    assert backups.verify(Path(done["path"])).ok
+    assert restore.verify(Path(done["path"])).ok
     assert Path(done["path"]).name == queued["id"]
     run = await jobruns.latest(app[CONTEXT], "backup")
     assert run is not None and run["status"] == "succeeded" and run["manual"] is True

@@ -9,12 +9,10 @@ clicks and check what the API then holds.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import json
 import os
 import re
 import threading
-import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -29,7 +27,7 @@ from playwright.async_api import Browser, ConsoleMessage, Page, Request, async_p
 
 from jobs.schedule import SCHEDULE
 from jobs.scheduler import Scheduler
-from tests.conftest import bearer
+from tests.conftest import bearer, eventually
 from web.app import create_app
 from web.handlers.dashboard import CONTENT_SECURITY_POLICY
 from web.keys import CONTEXT, PLATFORM
@@ -50,20 +48,6 @@ SCREENSHOT = "/tmp/dashboard.png"
 MARKUP = '<img src="/x.png" onerror="window.pwned = 1">'
 #: Long enough for a few of the page's 5 s polls.
 UI_TIMEOUT_MS = 20_000
-
-
-async def until(check: Callable[[], Any], timeout: float = 15.0) -> Any:
-    """Poll ``check()`` (a value or an awaitable) until truthy, without blocking the loop."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if inspect.isawaitable(value):
-            value = await value
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out")
-        await asyncio.sleep(0.05)
 
 
 @pytest.fixture
@@ -243,9 +227,12 @@ async def test_admin_operates_queues_dead_letters_schedules_and_backups(
         page_ = await asyncio.to_thread(platform.inspector.dead, queue)
         return {m.id: m.args[0] for m in page_.items}
 
-    await until(lambda: _has(dead, 3))
+    await eventually(lambda: _has(dead, 3), timeout=15)
     by_tag = {tag: id_ for id_, tag in (await dead()).items()}
     scheduler = Scheduler(app[CONTEXT], platform)
+    # One acquisition stands for a running scheduler (which renews every 2 s): held long
+    # enough to outlast the page's steps below.
+    scheduler.lock.ttl_ms = 120_000
     await scheduler.lock.tick()
     await scheduler.publish()
 
@@ -284,7 +271,7 @@ async def test_admin_operates_queues_dead_letters_schedules_and_backups(
     await retry_selected.click()
     await expect(page.locator(f'#dead-body tr[data-id="{by_tag["a"]}"]')).to_have_count(0)
     await expect(dead_rows(page, queue)).to_have_count(2)
-    await until(lambda: body.done == ["a"])
+    await eventually(lambda: body.done == ["a"], timeout=15)
     assert set((await dead()).values()) == {"b", MARKUP}
 
     # Retry all while it is broken again: both run once more and die again under new ids.
@@ -292,7 +279,7 @@ async def test_admin_operates_queues_dead_letters_schedules_and_backups(
     calls = len(body.calls)
     await page.get_by_role("button", name=f"Retry all dead letters of {queue}").click()
     old = {by_tag["b"], by_tag[MARKUP]}
-    await until(lambda: _disjoint(row_ids, page, queue, old), timeout=UI_TIMEOUT_MS / 1000)
+    await eventually(lambda: _disjoint(row_ids, page, queue, old), timeout=UI_TIMEOUT_MS / 1000)
     await expect(dead_rows(page, queue)).to_have_count(2)
     assert len(body.calls) == calls + 2
     assert set((await dead()).values()) == {"b", MARKUP}
@@ -306,7 +293,7 @@ async def test_admin_operates_queues_dead_letters_schedules_and_backups(
 
     page.once("dialog", dismiss)
     await page.get_by_role("button", name=f"Purge dead letters of {queue}").click()
-    await until(lambda: dialogs)
+    await eventually(lambda: dialogs, timeout=15)
     assert "cannot be recovered" in dialogs[0] and queue in dialogs[0]
     assert len(await dead()) == 2
 
@@ -359,7 +346,7 @@ async def test_admin_operates_queues_dead_letters_schedules_and_backups(
         status, _ = await served.call("GET", "/api/v1/admin/queues", token)
         return status == 401
 
-    await until(revoked)
+    await eventually(revoked, timeout=15)
 
 
 async def test_a_non_admin_is_told_the_admin_role_is_needed(

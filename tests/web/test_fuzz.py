@@ -104,7 +104,7 @@ class LiveServer:
 
     def start_worker(self) -> None:
         """Run the app's actors in this process (for what only workers create)."""
-        from web.app import PLATFORM
+        from web.keys import PLATFORM
 
         if self.worker is None:
             self.worker = Worker(self.app[PLATFORM].broker, worker_threads=2, worker_timeout=100)
@@ -254,8 +254,7 @@ class Live:
     def _publish_schedule(self) -> None:
         """Publish the schedule as a running scheduler does."""
         from jobs.scheduler import Scheduler
-        from web.app import PLATFORM
-        from web.keys import CONTEXT
+        from web.keys import CONTEXT, PLATFORM
 
         app = self.server.app
         self.server.run(Scheduler(app[CONTEXT], app[PLATFORM]).publish())
@@ -687,21 +686,22 @@ def answers_problem_details(ctx: CheckContext, response: Response, case: Case) -
 def offline_webhook_targets() -> Iterator[None]:
     """Webhook targets are checked without DNS: a name resolves to nothing (refused), so no
     drawn host name leaves the machine; loopback literals stay allowed by the allow list."""
-    from core import ssrf, webhooks
+    from core import ssrf
 
     async def no_dns(host: str, port: int) -> list[tuple[int, str]]:
         raise OSError(f"no DNS in tests ({host})")
 
+    real = ssrf.check_target
+
     async def check_target(url: str, allow_hosts: list[str], **kwargs: Any) -> Any:
         kwargs["resolve"] = no_dns
-        return await ssrf.check_target(url, allow_hosts, **kwargs)
+        return await real(url, allow_hosts, **kwargs)
 
-    real = webhooks.check_target
-    webhooks.check_target = check_target  # type: ignore[assignment]
+    ssrf.check_target = check_target  # type: ignore[assignment]
     try:
         yield
     finally:
-        webhooks.check_target = real  # type: ignore[assignment]
+        ssrf.check_target = real  # type: ignore[assignment]
 
 
 @pytest.mark.timeout(900)

@@ -13,8 +13,9 @@ import pytest
 from core import jobruns, notifications
 from core.notifications import NewNotification
 from core.store import Doc, utcnow
-from tests.conftest import SmtpSink, bearer, register
-from web.app import CONTEXT, PLATFORM, create_app
+from tests.conftest import SmtpSink, bearer, redeliver_welcome, register
+from web.app import create_app
+from web.keys import CONTEXT, PLATFORM
 from workers.maintenance import enqueue_run
 
 N = "/api/v1/notifications"
@@ -46,14 +47,27 @@ async def seed(app: Any, user_id: str, count: int) -> None:
         assert await notifications.create_notifications(app[CONTEXT], [item]) == 1
 
 
-async def test_register_puts_the_welcome_in_the_feed(
-    make_settings: Any, aiohttp_client: Any, smtp: SmtpSink, worker_for: Any
-) -> None:
+@pytest.fixture
+async def served(make_settings: Any, aiohttp_client: Any, smtp: SmtpSink) -> tuple[Any, Any]:
+    """The app, sending its emails to the ``smtp`` sink, and its test client."""
     app = create_app(make_settings(smtp_url=smtp.url))
-    client = await aiohttp_client(app)
+    return app, await aiohttp_client(app)
+
+
+@pytest.fixture
+async def wendy(served: tuple[Any, Any], worker_for: Any) -> tuple[Any, Any, Any, Any]:
+    """``served`` with its worker running, and Wendy registered: ``(app, client, her token
+    pair, her Authorization header)``."""
+    app, client = served
     worker_for(app)
     pair = await register(client, name="Wendy")
-    auth = bearer(pair["access_token"])
+    return app, client, pair, bearer(pair["access_token"])
+
+
+async def test_register_puts_the_welcome_in_the_feed(
+    wendy: tuple[Any, Any, Any, Any], smtp: SmtpSink
+) -> None:
+    app, client, pair, auth = wendy
     [note] = await wait_for_feed(client, auth, 1)
     assert note["kind"] == "welcome"
     assert note["title"] == "Welcome to Task Manager"
@@ -62,11 +76,7 @@ async def test_register_puts_the_welcome_in_the_feed(
     assert set(note) == {"id", "kind", "title", "body", "task_id", "created_at", "read_at"}
     await smtp.wait_for(1)
     # A redelivered registration event adds nothing.
-    actor = app[PLATFORM].actors["send_welcome_email"]
-    for _ in range(2):
-        await asyncio.to_thread(
-            actor.send, {"id": "x", "type": "user.registered", "user_id": pair["user"]["id"]}
-        )
+    await redeliver_welcome(app, pair["user"]["id"])
     # join() waits until the queue holds nothing ready, delayed or unacknowledged.
     await asyncio.to_thread(app[PLATFORM].broker.join, "notifications", timeout=10_000)
     count = (
@@ -77,10 +87,9 @@ async def test_register_puts_the_welcome_in_the_feed(
 
 
 async def test_in_app_off_means_no_welcome_in_the_feed(
-    make_settings: Any, aiohttp_client: Any, smtp: SmtpSink, worker_for: Any
+    served: tuple[Any, Any], smtp: SmtpSink, worker_for: Any
 ) -> None:
-    app = create_app(make_settings(smtp_url=smtp.url))
-    client = await aiohttp_client(app)
+    app, client = served
     pair = await register(client)
     auth = bearer(pair["access_token"])
     resp = await client.patch(
@@ -195,13 +204,9 @@ async def test_the_feed_needs_a_token(client: Any) -> None:
 
 
 async def test_scheduled_job_sends_due_soon_reminders(
-    make_settings: Any, aiohttp_client: Any, smtp: SmtpSink, worker_for: Any
+    wendy: tuple[Any, Any, Any, Any], smtp: SmtpSink
 ) -> None:
-    app = create_app(make_settings(smtp_url=smtp.url))
-    client = await aiohttp_client(app)
-    worker_for(app)
-    pair = await register(client, name="Dora")
-    auth = bearer(pair["access_token"])
+    app, client, pair, auth = wendy
     await smtp.wait_for(1)  # the welcome
     due = (utcnow() + timedelta(hours=2)).isoformat().replace("+00:00", "Z")
     resp = await client.post(
@@ -217,7 +222,7 @@ async def test_scheduled_job_sends_due_soon_reminders(
     messages = await smtp.wait_for(2)
     [reminder] = [m for m in messages if m["Subject"] == "Due soon: File taxes"]
     assert reminder["To"] == pair["user"]["email"]
-    assert "Hello Dora" in reminder.get_payload()
+    assert "Hello Wendy" in reminder.get_payload()
 
     run = await _wait_for_run(ctx, key)
     assert run["status"] == "succeeded", run

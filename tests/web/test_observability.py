@@ -13,7 +13,8 @@ import pytest
 
 from tests.config.logs import JsonLines, captured_logs
 from tests.conftest import SmtpSink, register
-from web.app import CONTEXT, create_app
+from web.app import create_app
+from web.keys import CONTEXT
 
 GENERATED = re.compile(r"^[0-9a-f]{32}$")
 

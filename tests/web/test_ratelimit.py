@@ -9,8 +9,9 @@ from typing import Any
 import pytest
 from prometheus_client import REGISTRY
 
+from cli.embedded import PrivateRedis
 from config.settings import Settings
-from tests.conftest import PrivateRedis, bearer, register
+from tests.conftest import bearer, register
 from web.app import create_app
 from web.ratelimit import client_address
 

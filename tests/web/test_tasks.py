@@ -169,31 +169,15 @@ async def test_concurrent_patches_without_if_match_are_not_lost(
 
 async def test_filters(client: Any, user: dict[str, str]) -> None:
     now = datetime.now(UTC)
-    a = await create(
-        client,
-        user,
-        title="a",
-        status="done",
-        priority="high",
-        tags=["work"],
-        due_at=iso(now - timedelta(days=1)),
-    )
-    b = await create(
-        client,
-        user,
-        title="b",
-        priority="high",
-        tags=["home"],
-        due_at=iso(now - timedelta(hours=1)),
-    )
-    c = await create(
-        client,
-        user,
-        title="c",
-        priority="low",
-        tags=["work", "home"],
-        due_at=iso(now + timedelta(days=3)),
-    )
+    day, hour = timedelta(days=1), timedelta(hours=1)
+    a, b, c = [
+        await create(client, user, title=t, status=s, priority=p, tags=g, due_at=iso(now + due))
+        for t, s, p, g, due in (
+            ("a", "done", "high", ["work"], -day),
+            ("b", "todo", "high", ["home"], -hour),
+            ("c", "todo", "low", ["work", "home"], 3 * day),
+        )
+    ]
     d = await create(client, user, title="d")
 
     async def ids(**params: str) -> set[str]:
@@ -412,7 +396,7 @@ async def test_idempotent_create_three_concurrent_posts_make_one_task(
 async def test_an_unreadable_cache_entry_is_a_miss(
     app: Any, client: Any, user: dict[str, str]
 ) -> None:
-    from web.app import CONTEXT
+    from web.keys import CONTEXT
 
     await create(client, user)
     first = await client.get(f"{T}/stats", headers=user)

@@ -11,8 +11,10 @@ from aiohttp.test_utils import TestClient
 from bson import ObjectId
 
 from core import webhooks
+from core.events import EventType
 from tests.conftest import bearer, register
-from web.app import CONTEXT, create_app
+from web.app import create_app
+from web.keys import CONTEXT
 
 W = "/api/v1/webhooks"
 LOOP = "http://127.0.0.1:9/hook"
@@ -274,7 +276,8 @@ async def test_redeliver_resets_and_records_an_outbox_event(allowing: Any) -> No
             generation,
         )
         assert (body["response_code"], body["last_error"]) == (None, None)
-    requested = await store["events"].find({"type": webhooks.REDELIVERY_EVENT}).to_list()
+    redelivery = EventType.WEBHOOK_REDELIVERY_REQUESTED
+    requested = await store["events"].find({"type": redelivery}).to_list()
     assert sorted(e["data"]["generation"] for e in requested) == [1, 2]
     assert {e["data"]["delivery_id"] for e in requested} == {delivery_id}
 

@@ -10,8 +10,10 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import PrivateRedis, SmtpSink, bearer, register
-from web.app import CONTEXT, create_app
+from cli.embedded import PrivateRedis
+from tests.conftest import SmtpSink, bearer, register
+from web.app import create_app
+from web.keys import CONTEXT
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -89,7 +89,7 @@ def resent(actor: str) -> float:
 async def login_event(ctx: Any) -> Doc:
     """An outbox event routed to one real actor (``refresh_user_cache``)."""
     event = events.new_event("user.logged_in", user_id="u-receipts")
-    await events.record(ctx.store, [event], None)
+    await events.record(ctx, [event], None)
     return event
 
 
@@ -97,7 +97,7 @@ async def track(ctx: Any, platform: Platform, actor: str, *args: Any) -> tuple[D
     """Send a message of a test actor as an event's follow-up (awaited, due in BOUND)."""
     event = events.new_event("test.receipts", user_id="u-receipts")
     event.pop("pending")
-    await events.record(ctx.store, [event], None)
+    await events.record(ctx, [event], None)
     message = platform.broker.get_actor(actor).message(*args)
     key = f"{actor}:{message.message_id}"
     message.options[OUTBOX_OPTION] = [str(event["_id"]), key]

@@ -12,7 +12,7 @@ from bson import ObjectId
 from core import search
 from core.events import public_event
 from tests.conftest import bearer, register
-from web.app import CONTEXT, PLATFORM
+from web.keys import CONTEXT, PLATFORM
 
 S = "/api/v1/search"
 T = "/api/v1/tasks"

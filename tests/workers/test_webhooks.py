@@ -8,7 +8,7 @@ import itertools
 import json
 import socket
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -16,15 +16,15 @@ from typing import Any
 import pytest
 from aiohttp import web
 from dramatiq import Worker
-from dramatiq.brokers.redis import RedisBroker
 
 from config.connections import Connections
 from core import webhooks
 from core.events import public_event
+from core.ssrf import Target
 from core.store import Doc, utcnow
-from core.webhooks import Target
-from tests.conftest import bearer, register
-from web.app import CONTEXT, PLATFORM, create_app
+from tests.conftest import bearer, eventually, register, serve_http, signed
+from web.app import create_app
+from web.keys import CONTEXT, PLATFORM
 from workers.broker import build_broker
 from workers.registry import registry_index
 from workers.webhooks import DeliveryRefused, attempt_delivery, post
@@ -82,35 +82,17 @@ class Receiver:
         return web.Response(text="followed")
 
     async def wait_for(self, count: int, timeout: float = 20.0) -> list[Hit]:
-        deadline = time.monotonic() + timeout
-        while len(self.hits) < count:
-            if time.monotonic() > deadline:
-                raise AssertionError(f"expected {count} requests, got {len(self.hits)}")
-            await asyncio.sleep(0.02)
+        await eventually(lambda: len(self.hits) >= count, f"{count} requests", timeout=timeout)
         return list(self.hits)
 
 
 @pytest.fixture
 async def receiver(aiohttp_server: Any) -> Receiver:
     rec = Receiver()
-    app = web.Application()
-    app.router.add_post("/hook/{name}", rec.hook)
-    app.router.add_route("*", "/stray", rec.stray)
-    server = await aiohttp_server(app, host="127.0.0.1")
-    rec.port = server.port
+    rec.port = await serve_http(
+        aiohttp_server, ("POST", "/hook/{name}", rec.hook), ("*", "/stray", rec.stray)
+    )
     return rec
-
-
-@pytest.fixture
-def brokers() -> Iterator[list[Any]]:
-    """Brokers to close at the very end (list this fixture first, so it is torn down after the
-    apps and workers): a Dramatiq broker never closes its Redis connections, and sockets left
-    to the garbage collector warn in whichever test happens to collect them."""
-    made: list[Any] = []
-    yield made
-    for broker in made:
-        if isinstance(broker, RedisBroker):
-            broker.client.connection_pool.disconnect()
 
 
 @pytest.fixture
@@ -218,10 +200,8 @@ async def test_task_event_is_delivered_signed(
     assert hit.headers["X-Webhook-Event"] == "task.created"
     timestamp = hit.headers["X-Webhook-Timestamp"]
     assert abs(int(timestamp) - time.time()) < 60
-    assert webhooks.verify(
-        created["secret"], timestamp, hit.body, hit.headers["X-Webhook-Signature"]
-    )
-    assert not webhooks.verify("wrong", timestamp, hit.body, hit.headers["X-Webhook-Signature"])
+    assert signed(created["secret"], hit.headers, hit.body)
+    assert not signed("wrong", hit.headers, hit.body)
     body = json.loads(hit.body)
     assert set(body) == {"id", "event", "created_at", "data"}
     assert body["id"] == hit.headers["X-Webhook-Id"]
@@ -320,12 +300,7 @@ async def test_failing_endpoint_retries_then_dead_letters_then_redelivers(
     last = hits[3]
     assert last.body == hits[0].body
     assert last.headers["X-Webhook-Id"] == hits[0].headers["X-Webhook-Id"]
-    assert webhooks.verify(
-        hook["secret"],
-        last.headers["X-Webhook-Timestamp"],
-        last.body,
-        last.headers["X-Webhook-Signature"],
-    )
+    assert signed(hook["secret"], last.headers, last.body)
     resp = await client.get(f"{W}/{hook['id']}/deliveries", headers=auth)
     [logged] = (await resp.json())["items"]
     assert (logged["status"], logged["attempts"], logged["response_code"]) == ("succeeded", 1, 200)

@@ -5,16 +5,27 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from tests.conftest import SmtpSink, register
-from web.app import CONTEXT, PLATFORM, create_app
+import pytest
+
+from tests.conftest import SmtpSink, redeliver_welcome, register
+from web.app import create_app
+from web.keys import CONTEXT
 
 
-async def test_register_sends_one_welcome_email(
+@pytest.fixture
+async def running(
     broker_settings: Any, aiohttp_client: Any, smtp: SmtpSink, worker_for: Any
-) -> None:
+) -> tuple[Any, Any]:
+    """The app (over each broker), mailing the ``smtp`` sink, its worker running; and its
+    test client."""
     app = create_app(broker_settings(smtp_url=smtp.url))
     client = await aiohttp_client(app)
     worker_for(app)
+    return app, client
+
+
+async def test_register_sends_one_welcome_email(running: tuple[Any, Any], smtp: SmtpSink) -> None:
+    app, client = running
     pair = await register(client, "welcome@example.com", name="Wendy")
     [message] = await smtp.wait_for(1)
     assert message["To"] == "welcome@example.com"
@@ -27,20 +38,12 @@ async def test_register_sends_one_welcome_email(
     assert event["dispatched_at"]
 
 
-async def test_welcome_actor_is_idempotent(
-    broker_settings: Any, aiohttp_client: Any, smtp: SmtpSink, worker_for: Any
-) -> None:
-    app = create_app(broker_settings(smtp_url=smtp.url))
-    client = await aiohttp_client(app)
-    worker_for(app)
+async def test_welcome_actor_is_idempotent(running: tuple[Any, Any], smtp: SmtpSink) -> None:
+    app, client = running
     pair = await register(client)
     await smtp.wait_for(1)
     # Redeliver the same event twice, as an at-least-once broker may.
-    actor = app[PLATFORM].actors["send_welcome_email"]
-    for _ in range(2):
-        await asyncio.to_thread(
-            actor.send, {"id": "x", "type": "user.registered", "user_id": pair["user"]["id"]}
-        )
+    await redeliver_welcome(app, pair["user"]["id"])
     await asyncio.sleep(1.5)
     assert len(smtp.messages) == 1
 

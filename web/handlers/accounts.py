@@ -7,7 +7,7 @@ from aiohttp import web
 from core import accounts
 from web.keys import CONTEXT
 from web.ratelimit import client_address
-from web.routing import body, claims, json_response
+from web.routing import body, caller, claims, json_response
 
 #: Token responses must not be cached (RFC 6749 section 5.1).
 NO_STORE = {"Cache-Control": "no-store"}
@@ -47,13 +47,11 @@ async def logout(request: web.Request) -> web.Response:
 
 async def get_me(request: web.Request) -> web.Response:
     """The caller's profile."""
-    user = await accounts.get_user(request.app[CONTEXT], claims(request).subject)
+    user = await accounts.get_user(*caller(request))
     return json_response(accounts.public_user(user))
 
 
 async def patch_me(request: web.Request) -> web.Response:
     """Change the caller's name or notification preferences."""
-    user = await accounts.update_me(
-        request.app[CONTEXT], claims(request).subject, body(request, accounts.MePatch)
-    )
+    user = await accounts.update_me(*caller(request), body(request, accounts.MePatch))
     return json_response(accounts.public_user(user))

@@ -1,7 +1,7 @@
 """Operator endpoints for queues, dead letters and workers, and the queue metrics.
 
-The inspector (workers/ops.py) talks to Redis or RabbitMQ synchronously: every call runs on a
-thread, never on the event loop.
+The inspector (workers/queue_admin.py) talks to Redis or RabbitMQ synchronously: every call
+runs on a thread, never on the event loop.
 """
 
 from __future__ import annotations
@@ -19,13 +19,16 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
+from config.connections import Connections
 from config.logging import get_logger
 from core import accounts
 from core.errors import Unavailable
-from core.pagination import Cursor
+from core.events import OutboxLag, outbox_lag
+from core.pagination import Page, PageQuery
 from web.keys import CONNECTIONS, CONTEXT, PLATFORM
+from web.metrics import QUEUE_EXPORTER
 from web.routing import body, claims, json_response, query
-from workers import ops
+from workers import queue_admin, registry
 
 log = get_logger(__name__)
 T = TypeVar("T")
@@ -48,27 +51,16 @@ class QueueOut(BaseModel):
 
 
 class QueueList(BaseModel):
-    """Every queue of the broker."""
+    """Every queue of the broker, and the outbox in front of them (events not yet sent)."""
 
     broker: str
     items: list[QueueOut]
+    outbox: OutboxLag
 
 
-class DeadList(BaseModel):
+# workers.queue_admin.DeadMessage is a dataclass: pydantic validates and documents it as is.
+class DeadList(Page[queue_admin.DeadMessage]):
     """A page of a dead-letter queue, oldest first."""
-
-    # workers.ops.DeadMessage is a dataclass: pydantic validates and documents it as is.
-    items: list[ops.DeadMessage]
-    next_cursor: str | None
-
-
-class DeadQuery(BaseModel):
-    """``GET /admin/queues/{queue}/dead`` query."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    limit: int = Field(50, ge=1, le=200)
-    cursor: Cursor | None = None
 
 
 class RetryIn(BaseModel):
@@ -131,7 +123,7 @@ async def revoke_sessions(request: web.Request) -> web.Response:
     return web.Response(status=204)
 
 
-def _inspector(request: web.Request) -> ops.QueueInspector:
+def _inspector(request: web.Request) -> queue_admin.QueueInspector:
     return request.app[PLATFORM].inspector
 
 
@@ -140,7 +132,7 @@ async def _call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     # not the broker's fault.
     try:
         return await asyncio.to_thread(fn, *args, **kwargs)
-    except ops.BACKEND_ERRORS as exc:
+    except queue_admin.BACKEND_ERRORS as exc:
         raise Unavailable(f"The broker is unreachable: {type(exc).__name__}") from exc
 
 
@@ -152,25 +144,17 @@ async def list_queues(request: web.Request) -> web.Response:
         QueueList(
             broker=inspector.kind,
             items=[QueueOut.model_validate(s, from_attributes=True) for s in stats],
+            outbox=await outbox_lag(request.app[CONTEXT]),
         )
     )
 
 
 async def list_dead(request: web.Request) -> web.Response:
     """A page of a queue's dead letters, oldest first."""
-    q = query(request, DeadQuery)
-    page = await _call(
-        _inspector(request).dead,
-        request.match_info["queue"],
-        limit=q.limit,
-        cursor=q.cursor or None,  # empty: the first page, as for every list
-    )
-    return json_response(
-        DeadList(
-            items=list(page.items),
-            next_cursor=page.next_cursor,
-        )
-    )
+    q = query(request, PageQuery)
+    inspector = _inspector(request)
+    page = await _call(inspector.dead, request.match_info["queue"], limit=q.limit, cursor=q.cursor)
+    return json_response(DeadList(items=page.items, next_cursor=page.next_cursor))
 
 
 async def retry_dead(request: web.Request) -> web.Response:
@@ -193,10 +177,10 @@ async def list_workers(request: web.Request) -> web.Response:
     connections = request.app[CONNECTIONS]
     prefix = connections.settings.redis_prefix
 
-    def read() -> list[ops.WorkerInfo]:
-        client = ops.redis_client(connections)
+    def read() -> list[registry.WorkerInfo]:
+        client = connections.redis_sync()
         try:
-            return ops.list_workers(client, prefix)
+            return registry.list_workers(client, prefix)
         finally:
             client.close()
 
@@ -214,16 +198,22 @@ class QueueMetrics(Collector):
     from the last reading; :func:`refresh_queue_metrics` takes a new one off the loop."""
 
     def __init__(self) -> None:
-        self.reading: tuple[float, list[ops.QueueStats]] | None = None
+        self.reading: tuple[float, list[queue_admin.QueueStats]] | None = None
         self._busy = threading.Lock()
-        self._source: ops.QueueInspector | None = None
+        self._source: queue_admin.QueueInspector | None = None
 
-    def refresh(self, inspector: ops.QueueInspector) -> None:
+    def refresh(
+        self, inspector: queue_admin.QueueInspector, connections: Connections | None = None
+    ) -> None:
         """Read the queues (blocking: run it on a thread). At most one read at a time, so a
-        hung broker holds one thread, not one per scrape."""
+        hung broker holds one thread, not one per scrape. Given ``connections``, only if this
+        replica holds the queue-exporter lease (``web/metrics.py``: one replica exports)."""
         if not self._busy.acquire(blocking=False):
             return
         try:
+            if connections is not None and not QUEUE_EXPORTER.held(connections):
+                self.reading = None  # another replica exports the queue gauges
+                return
             if (
                 self.reading is not None
                 and self._source is inspector
@@ -232,7 +222,7 @@ class QueueMetrics(Collector):
                 return
             self.reading = (time.monotonic(), inspector.stats())
             self._source = inspector
-        except ops.BACKEND_ERRORS as exc:
+        except queue_admin.BACKEND_ERRORS as exc:
             log.warning("metrics.queues_unreadable", error=type(exc).__name__)
         finally:
             self._busy.release()
@@ -242,7 +232,8 @@ class QueueMetrics(Collector):
         reading = self.reading
         fresh = reading is not None and time.monotonic() - reading[0] < STALE_AFTER
         up = GaugeMetricFamily(
-            "taskmanager_queue_stats_up", "1 if the queues were read in the last 30 s"
+            "taskmanager_queue_stats_up",
+            "1 if this replica exports the queue gauges and read them in the last 30 s",
         )
         up.add_metric([], 1.0 if fresh else 0.0)
         yield up
@@ -282,7 +273,8 @@ async def refresh_queue_metrics(app: web.Application) -> None:
     by at most a second and then the last reading (or none) is served."""
     try:
         await asyncio.wait_for(
-            asyncio.to_thread(QUEUE_METRICS.refresh, app[PLATFORM].inspector), 1.0
+            asyncio.to_thread(QUEUE_METRICS.refresh, app[PLATFORM].inspector, app[CONNECTIONS]),
+            1.0,
         )
     except TimeoutError:
         log.warning("metrics.queues_slow")

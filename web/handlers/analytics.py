@@ -5,8 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from core import analytics
-from web.keys import CONTEXT
-from web.routing import claims, json_response, query
+from web.routing import caller, json_response, query
 
 
 async def analytics_summary(request: web.Request) -> web.Response:
@@ -16,5 +15,5 @@ async def analytics_summary(request: web.Request) -> web.Response:
     ``analytics-rollup``, at :05), so today's figures lag by up to about an hour;
     ``rolled_up_at`` says when each day was computed."""
     q = query(request, analytics.SummaryQuery)
-    result = await analytics.summary(request.app[CONTEXT], claims(request).subject, q.from_, q.to)
+    result = await analytics.summary(*caller(request), q.from_, q.to)
     return json_response(result)

@@ -6,15 +6,16 @@ from aiohttp import web
 
 from core import backups
 from core.errors import Unavailable
-from core.task_models import PageQuery
+from core.pagination import PageQuery
 from web.keys import CONTEXT, PLATFORM
 from web.routing import json_response, query
+from workers.catalogue import CATALOGUE
 from workers.maintenance import enqueue_run
-from workers.ops import BACKEND_ERRORS
+from workers.queue_admin import BACKEND_ERRORS
 
-#: The scheduled job (jobs/schedule.py) whose maintenance body takes backups.
+#: The scheduled job (jobs/schedule.py) whose maintenance actor takes backups.
 JOB = "backup"
-ACTOR = "run_backup"
+ACTOR = CATALOGUE.schedule[JOB]
 
 
 def location(backup_id: str) -> str:
@@ -24,9 +25,7 @@ def location(backup_id: str) -> str:
 
 async def list_backups(request: web.Request) -> web.Response:
     """Backups, newest first: queued, running, succeeded, failed and pruned ones."""
-    q = query(request, PageQuery)
-    # An empty cursor asks for the first page, as on every list.
-    return json_response(await backups.page(request.app[CONTEXT], q.limit, q.cursor or None))
+    return json_response(await backups.page(request.app[CONTEXT], query(request, PageQuery)))
 
 
 async def get_backup(request: web.Request) -> web.Response:
@@ -44,14 +43,9 @@ async def start_backup(request: web.Request) -> web.Response:
             ctx, request.app[PLATFORM].broker, JOB, ACTOR, extra={"backup_id": doc["_id"]}
         )
     except BACKEND_ERRORS as exc:
-        await ctx.store[backups.COLLECTION].update_one(
-            {"_id": doc["_id"]},
-            {"$set": {"status": "failed", "error": "The broker was unreachable: not enqueued"}},
-        )
+        await backups.not_enqueued(ctx, doc["_id"])
         raise Unavailable("The broker is unreachable: the backup was not started") from exc
-    await ctx.store[backups.COLLECTION].update_one(
-        {"_id": doc["_id"]}, {"$set": {"fire_key": fire_key}}
-    )
+    await backups.enqueued(ctx, doc["_id"], fire_key)
     return json_response(
         backups.public(doc), status=202, headers={"Location": location(doc["_id"])}
     )

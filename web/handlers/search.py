@@ -5,8 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from core import search
-from web.keys import CONTEXT
-from web.routing import claims, json_response, query
+from web.routing import caller, json_response, query
 
 
 async def search_tasks(request: web.Request) -> web.Response:
@@ -15,5 +14,5 @@ async def search_tasks(request: web.Request) -> web.Response:
     prefixes, then the most recently updated. Eventually consistent: a write is searchable
     within about a second. Returns the best ``limit`` hits (no cursor)."""
     q = query(request, search.SearchQuery)
-    result = await search.search(request.app[CONTEXT].store, claims(request).subject, q.q, q.limit)
+    result = await search.search(*caller(request), q.q, q.limit)
     return json_response(result)

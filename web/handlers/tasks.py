@@ -5,10 +5,11 @@ from __future__ import annotations
 from aiohttp import web
 
 from core import tasks
+from core.pagination import PageQuery
 from core.store import Doc
+from core.task_models import BulkRequest, TaskCreate, TaskQuery, TaskUpdate
 from web.conditional import precondition
-from web.keys import CONTEXT
-from web.routing import body, claims, json_response, query
+from web.routing import body, caller, json_response, query
 
 BASE = "/api/v1/tasks"
 
@@ -23,24 +24,20 @@ def _task_response(
 
 async def create_task(request: web.Request) -> web.Response:
     """Create a task; answers 201 with ``Location`` and ``ETag``."""
-    doc = await tasks.create(
-        request.app[CONTEXT], claims(request).subject, body(request, tasks.TaskCreate)
-    )
+    doc = await tasks.create(*caller(request), body(request, TaskCreate))
     return _task_response(doc, 201, {"Location": f"{BASE}/{doc['_id']}"})
 
 
 async def list_tasks(request: web.Request) -> web.Response:
     """List the caller's tasks with filters, a sort and cursor pagination."""
-    body = await tasks.list_page_json(
-        request.app[CONTEXT], claims(request).subject, query(request, tasks.TaskQuery)
-    )
+    body = await tasks.list_page_json(*caller(request), query(request, TaskQuery))
     return web.Response(body=body, content_type="application/json")
 
 
 async def get_task(request: web.Request) -> web.Response:
     """One task; ``If-None-Match`` with its current ETag answers 304."""
     inm = precondition(request, "If-None-Match")
-    doc = await tasks.get(request.app[CONTEXT], claims(request).subject, request.match_info["id"])
+    doc = await tasks.get(*caller(request), request.match_info["id"])
     tag = tasks.etag(doc)
     if inm is not None and inm.weak_match(tag):
         return web.Response(status=304, headers={"ETag": tag})
@@ -64,10 +61,9 @@ def _if_match(request: web.Request) -> str | None:
 async def patch_task(request: web.Request) -> web.Response:
     """Change some fields; with ``If-Match``, only if the task is still at that version (412)."""
     doc = await tasks.update(
-        request.app[CONTEXT],
-        claims(request).subject,
+        *caller(request),
         request.match_info["id"],
-        body(request, tasks.TaskUpdate).changes(),
+        body(request, TaskUpdate).changes(),
         _if_match(request),
     )
     return _task_response(doc)
@@ -75,37 +71,27 @@ async def patch_task(request: web.Request) -> web.Response:
 
 async def delete_task(request: web.Request) -> web.Response:
     """Delete a task; with ``If-Match``, only if still at that version (412)."""
-    await tasks.delete(
-        request.app[CONTEXT],
-        claims(request).subject,
-        request.match_info["id"],
-        _if_match(request),
-    )
+    await tasks.delete(*caller(request), request.match_info["id"], _if_match(request))
     return web.Response(status=204)
 
 
 async def bulk_tasks(request: web.Request) -> web.Response:
     """Set fields on, or delete, up to 500 tasks; one result per id."""
-    result = await tasks.bulk(
-        request.app[CONTEXT], claims(request).subject, body(request, tasks.BulkRequest)
-    )
+    result = await tasks.bulk(*caller(request), body(request, BulkRequest))
     return json_response(result)
 
 
 async def task_activity(request: web.Request) -> web.Response:
     """A task's history, newest first."""
     page = await tasks.activity(
-        request.app[CONTEXT],
-        claims(request).subject,
-        request.match_info["id"],
-        query(request, tasks.PageQuery),
+        *caller(request), request.match_info["id"], query(request, PageQuery)
     )
     return json_response(page)
 
 
 async def task_stats(request: web.Request) -> web.Response:
     """Counts by status and priority, overdue and due today (UTC); cached, never stale."""
-    body, hit = await tasks.stats_json(request.app[CONTEXT], claims(request).subject)
+    body, hit = await tasks.stats_json(*caller(request))
     return web.Response(
         body=body, content_type="application/json", headers={"X-Cache": "hit" if hit else "miss"}
     )

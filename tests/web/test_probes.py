@@ -11,10 +11,9 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from cli.embedded import EmbeddedMongo
-from tests.conftest import PrivateRedis
+from cli.embedded import EmbeddedMongo, PrivateRedis
 from web.app import create_app
-from web.handlers.ops import READY_CACHE_SECONDS
+from web.handlers.probes import READY_CACHE_SECONDS
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -98,7 +97,28 @@ async def test_docs_page_is_served_entirely_from_this_server(client: Any) -> Non
 async def test_readyz_answers_ready_when_both_dependencies_answer(client: Any) -> None:
     resp = await client.get("/readyz")
     assert resp.status == 200
-    assert await resp.json() == {"status": "ready", "checks": {"mongodb": "ok", "redis": "ok"}}
+    assert await resp.json() == {
+        "status": "ready",
+        "checks": {"mongodb": "ok", "redis": "ok"},
+        "outbox": {"oldest_pending_age_seconds": None, "pending": 0, "set_aside": 0},
+    }
+
+
+async def test_readyz_shows_the_outbox_lag(client: Any, ctx: Any) -> None:
+    from datetime import timedelta
+
+    from core.events import new_event
+    from core.store import utcnow
+
+    event = new_event("user.logged_in", user_id="u1")
+    event["created_at"] = utcnow() - timedelta(seconds=90)
+    # Held by another relay's lease, so this app's relay leaves it pending meanwhile.
+    event["lease_until"] = utcnow() + timedelta(minutes=5)
+    event["lease_owner"] = "another-relay"
+    await ctx.store["events"].insert_one(event)
+    body = await (await client.get("/readyz")).json()
+    assert body["outbox"]["pending"] == 1
+    assert body["outbox"]["oldest_pending_age_seconds"] >= 90
 
 
 async def test_readyz_is_503_naming_redis_when_it_is_down(

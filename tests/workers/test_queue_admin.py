@@ -201,7 +201,7 @@ def test_permanent_failures_are_explained(
     """A ``throws`` failure never reaches the Retries middleware's traceback: the dead letter
     still says why it died."""
     actor = platform.actors["send_welcome_email"]
-    actor.send({})  # no user_id: KeyError, a permanent failure
+    actor.send({})  # not an event (no type): a permanent failure
     run_worker()
     wait_for(lambda: stats_of(platform, actor.queue_name).dead == 1, what="a dead letter")
     # The note is written just after the letter lands: wait for it rather than race it.
@@ -211,7 +211,7 @@ def test_permanent_failures_are_explained(
     )
     [dead] = platform.inspector.dead(actor.queue_name).items
     assert dead.actor == "send_welcome_email"
-    assert dead.error == "KeyError: 'user_id'"
+    assert dead.error == "UnknownEventType: None is not an event type"
     assert dead.retries == 0
 
 
@@ -307,21 +307,6 @@ def test_worker_registry_shows_in_flight_and_goes_away(
 # -- CLI ------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def cli_env(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Settings:
-    for name, value in {
-        "APP_ENV": "test",
-        "MONGODB_URL": settings.mongodb_url,
-        "MONGODB_DB": settings.mongodb_db,
-        "REDIS_URL": settings.redis_url,
-        "REDIS_PREFIX": settings.redis_prefix,
-        "JWT_SECRET": settings.jwt_secret.get_secret_value(),
-    }.items():
-        monkeypatch.setenv(name, value or "")
-    monkeypatch.delenv("BROKER_URL", raising=False)
-    return settings
-
-
 def invoke(*args: str, input: str | None = None) -> Any:
     return CliRunner().invoke(main, list(args), input=input, catch_exceptions=False)
 
@@ -331,7 +316,7 @@ def test_cli_queues_and_dead_letters(
 ) -> None:
     actor = platform.actors["send_welcome_email"]
     queue = actor.queue_name
-    actor.send({})  # dies at once (KeyError)
+    actor.send({})  # dies at once (not an event: UnknownEventType)
     actor.send({})
     worker = run_worker()
     wait_for(lambda: stats_of(platform, queue).dead == 2, what="two dead letters")
@@ -344,6 +329,7 @@ def test_cli_queues_and_dead_letters(
     assert header.split() == ["QUEUE", "READY", "DELAYED", "IN", "PROGRESS", "DEAD", "LATENCY"]
     [row] = [r.split() for r in rows if r.split()[0] == queue]
     assert row[1:5] == ["0", "1", "0", "2"]
+    assert rows[-1].startswith("outbox: 0 event(s) pending"), rows[-1]
     as_json = json.loads(invoke("queues", "--json").output)
     assert {"queue": queue, "dead": 2, "delayed": 1}.items() <= next(
         q for q in as_json if q["queue"] == queue
@@ -353,7 +339,7 @@ def test_cli_queues_and_dead_letters(
     assert out.exit_code == 0, out.output
     ids = [line.split()[0] for line in out.output.splitlines()[1:]]
     assert len(ids) == 2
-    assert "KeyError" in out.output
+    assert "UnknownEventType" in out.output
     assert "send_welcome_email" in out.output
 
     out = invoke("dead", "retry", "--queue", queue)
@@ -400,7 +386,7 @@ def test_cli_healthcheck_worker(
 def test_rabbitmq_counts_and_dead_letters(make_settings: Any, rabbitmq_url: str) -> None:
     import pika
 
-    from workers.ops import RabbitmqQueueInspector
+    from workers.queue_admin import RabbitmqQueueInspector
 
     platform = build_broker(Connections(make_settings(broker_url=rabbitmq_url)))
     # RabbitMQ queue names are global: a unique one keeps this test to itself.

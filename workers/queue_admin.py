@@ -22,8 +22,6 @@ listing and replaying dead letters works by fetching them and returning the rest
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import uuid
 from collections.abc import Iterable, Iterator
@@ -43,14 +41,10 @@ from dramatiq.errors import DecodeError
 from dramatiq.message import Message
 
 from config.connections import Connections
-from core.errors import FieldError, Invalid, NotFound
+from core.errors import NotFound
+from core.pagination import CursorCodec
 from workers.dead_letter_notes import error_summary, note_key
-
-# ``X as X``: re-exported (web/handlers/admin.py names them ``ops.list_workers``, ...).
-from workers.registry import WorkerInfo as WorkerInfo
 from workers.registry import _now_ms, _utc
-from workers.registry import list_workers as list_workers
-from workers.registry import redis_client as redis_client
 
 #: Errors of the queue backends; the web layer answers 503 for them.
 BACKEND_ERRORS: tuple[type[Exception], ...] = (redis.RedisError, pika.exceptions.AMQPError)
@@ -166,8 +160,10 @@ class QueueInspector:
     #: Which broker this inspects (``redis`` or ``rabbitmq``).
     kind = "none"
 
-    def __init__(self, queues: Iterable[str]):
+    def __init__(self, queues: Iterable[str], cursors: CursorCodec):
         self.queues = sorted(q_name(q) for q in queues)
+        #: Signs the dead-letter lists' cursors (scope ``dead:<queue>``), as every list's.
+        self.cursors = cursors
 
     def check(self, queue: str) -> str:
         """``queue`` if it is one of ours, else :class:`NotFound`."""
@@ -235,31 +231,15 @@ return 0
 """
 
 
-def _encode_cursor(score: float, rid: str) -> str:
-    raw = json.dumps([score, rid], separators=(",", ":")).encode()
-    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
-
-
-def _decode_cursor(cursor: str) -> tuple[float, str]:
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-        score, rid = json.loads(raw)
-        if not isinstance(score, (int, float)) or not isinstance(rid, str):
-            raise ValueError("bad cursor")
-        return float(score), rid
-    except (ValueError, TypeError, binascii.Error) as exc:
-        raise Invalid(
-            "The cursor is not valid", [FieldError("query.cursor", "Invalid cursor")]
-        ) from exc
-
-
 class RedisQueueInspector(QueueInspector):
     """Reads Dramatiq's Redis keys directly (see the module docstring for their layout)."""
 
     kind = "redis"
 
-    def __init__(self, client: redis.Redis, namespace: str, queues: Iterable[str]):
-        super().__init__(queues)
+    def __init__(
+        self, client: redis.Redis, namespace: str, queues: Iterable[str], cursors: CursorCodec
+    ):
+        super().__init__(queues, cursors)
         # Typed loosely: redis-py's reply types are unions over every response decoding.
         self.client: Any = client
         self.namespace = namespace
@@ -307,11 +287,11 @@ class RedisQueueInspector(QueueInspector):
     def dead(self, queue: str, *, limit: int = 50, cursor: str | None = None) -> DeadPage:
         zkey = self.key(xq_name(self.check(queue)))
         rows: list[tuple[bytes, float]] = []
-        if cursor is None:
+        if not cursor:
             rows = self.client.zrange(zkey, 0, limit, withscores=True)
         else:
             # Redis orders equal scores by member bytes, so (score, id) is the list order.
-            after_score, after_id = _decode_cursor(cursor)
+            after_score, after_id = self.cursors.decode(f"dead:{queue}", cursor, 2)
             after = (after_score, after_id.encode())
             offset = 0
             while len(rows) <= limit:
@@ -335,7 +315,8 @@ class RedisQueueInspector(QueueInspector):
                 items.append(_dead_message(queue, member.decode(), score, body))
             except DecodeError:
                 continue
-        next_cursor = _encode_cursor(rows[-1][1], rows[-1][0].decode()) if more else None
+        position = [rows[-1][1], rows[-1][0].decode()] if more else None
+        next_cursor = self.cursors.encode(f"dead:{queue}", position) if position else None
         return DeadPage(items=items, next_cursor=next_cursor)
 
     def retry(self, queue: str, ids: list[str] | None = None) -> RetryResult:
@@ -410,10 +391,11 @@ class RabbitmqQueueInspector(QueueInspector):
         self,
         parameters: pika.ConnectionParameters,
         queues: Iterable[str],
+        cursors: CursorCodec,
         notes: redis.Redis | None = None,
         prefix: str = "",
     ):
-        super().__init__(queues)
+        super().__init__(queues, cursors)
         self.parameters = parameters
         # Why each message died lives in Redis (see DeadLetterNotes), keyed by message id.
         self.notes: Any = notes
@@ -466,14 +448,7 @@ class RabbitmqQueueInspector(QueueInspector):
 
     def dead(self, queue: str, *, limit: int = 50, cursor: str | None = None) -> DeadPage:
         name = xq_name(self.check(queue))
-        try:
-            offset = int(cursor) if cursor is not None else 0
-            if offset < 0:
-                raise ValueError(cursor)
-        except ValueError as exc:
-            raise Invalid(
-                "The cursor is not valid", [FieldError("query.cursor", "Invalid cursor")]
-            ) from exc
+        offset = self.cursors.decode(f"dead:{queue}", cursor, 1)[0] if cursor else 0
         rows: list[tuple[str, float | None, bytes]] = []
         fetched = 0
         with self._channel() as ch:
@@ -489,7 +464,8 @@ class RabbitmqQueueInspector(QueueInspector):
             for (mid, when, body), note in zip(rows, notes, strict=True)
         ]
         more = fetched > offset + limit
-        return DeadPage(items=items, next_cursor=str(offset + limit) if more else None)
+        next_cursor = self.cursors.encode(f"dead:{queue}", [offset + limit]) if more else None
+        return DeadPage(items=items, next_cursor=next_cursor)
 
     def retry(self, queue: str, ids: list[str] | None = None) -> RetryResult:
         name = xq_name(self.check(queue))
@@ -535,17 +511,13 @@ def _death_ms(properties: Any) -> float | None:
 
 
 def build_inspector(broker: dramatiq.Broker, connections: Connections) -> QueueInspector:
-    """The inspector for ``broker`` (its own Redis client, with timeouts, for URL brokers)."""
+    """The inspector for ``broker``, with a Redis client of its own."""
     queues = broker.get_declared_queues()
+    cursors = CursorCodec.of(connections.settings)
     if isinstance(broker, RabbitmqBroker):
         prefix = connections.settings.redis_prefix
-        return RabbitmqQueueInspector(broker.parameters, queues, redis_client(connections), prefix)
+        notes = connections.redis_sync()
+        return RabbitmqQueueInspector(broker.parameters, queues, cursors, notes, prefix)
     if isinstance(broker, RedisBroker):
-        url = connections.settings.effective_broker_url
-        client = (
-            redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=5)
-            if url is not None
-            else broker.client
-        )
-        return RedisQueueInspector(client, broker.namespace, queues)
-    return QueueInspector(queues)
+        return RedisQueueInspector(connections.broker_redis(), broker.namespace, queues, cursors)
+    return QueueInspector(queues, cursors)

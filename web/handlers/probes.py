@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import re
 import time
@@ -17,6 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 
 from core.errors import Unavailable
+from core.events import OutboxLag, outbox_lag
 from web.handlers.admin import refresh_queue_metrics
 from web.keys import CONTEXT, OPENAPI
 from web.ratelimit import spend_operations_budget
@@ -31,10 +33,12 @@ READY_CACHE_SECONDS = 1.0
 
 
 class Health(BaseModel):
-    """Liveness / readiness answer."""
+    """Liveness / readiness answer; readiness adds the outbox's lag (a stalled relay shows
+    here at once: ``oldest_pending_age_seconds`` grows, ``set_aside`` counts poison events)."""
 
     status: str
     checks: dict[str, str] = {}
+    outbox: OutboxLag | None = None
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -48,14 +52,14 @@ class Readiness:
     :data:`READY_CACHE_SECONDS`); ``create_app`` gives each app one."""
 
     checked_at: float = float("-inf")
-    checks: dict[str, str] | None = None
-    running: asyncio.Task[dict[str, str]] | None = None
+    checks: Health | None = None
+    running: asyncio.Task[Health] | None = None
 
 
 READINESS = web.AppKey("readiness", Readiness)
 
 
-async def _check_dependencies(request: web.Request) -> dict[str, str]:
+async def _check_dependencies(request: web.Request) -> Health:
     ctx = request.app[CONTEXT]
     checks: dict[str, str] = {}
 
@@ -67,10 +71,15 @@ async def _check_dependencies(request: web.Request) -> dict[str, str]:
             checks[name] = f"unreachable: {type(exc).__name__}"
 
     await asyncio.gather(check("mongodb", ctx.store.ping()), check("redis", ctx.redis.ping()))
-    return checks
+    lag = None
+    if checks["mongodb"] == "ok":
+        with contextlib.suppress(Exception):
+            lag = await asyncio.wait_for(outbox_lag(ctx), READY_TIMEOUT)
+    failed = [name for name, state in checks.items() if state != "ok"]
+    return Health(status="not ready" if failed else "ready", checks=checks, outbox=lag)
 
 
-async def _readiness(request: web.Request) -> dict[str, str]:
+async def _readiness(request: web.Request) -> Health:
     """The dependencies' state, at most :data:`READY_CACHE_SECONDS` old, one check at a time."""
     state = request.app[READINESS]
     if state.checks is not None and time.monotonic() - state.checked_at < READY_CACHE_SECONDS:
@@ -79,7 +88,7 @@ async def _readiness(request: web.Request) -> dict[str, str]:
     if task is None:
         task = state.running = asyncio.create_task(_check_dependencies(request))
 
-        def record(done: asyncio.Task[dict[str, str]]) -> None:
+        def record(done: asyncio.Task[Health]) -> None:
             state.running = None
             if not done.cancelled() and done.exception() is None:
                 state.checks, state.checked_at = done.result(), time.monotonic()
@@ -91,12 +100,13 @@ async def _readiness(request: web.Request) -> dict[str, str]:
 
 async def readyz(request: web.Request) -> web.Response:
     """Readiness: MongoDB and Redis answer; 503 naming what failed. The answer may be up to
-    :data:`READY_CACHE_SECONDS` old (see there)."""
-    checks = await _readiness(request)
-    failed = [name for name, state in checks.items() if state != "ok"]
+    :data:`READY_CACHE_SECONDS` old (see there). The outbox's lag is a detail, not a
+    condition: a stalled relay is not cured by taking this replica out of rotation."""
+    health = await _readiness(request)
+    failed = [name for name, state in health.checks.items() if state != "ok"]
     if failed:
         raise Unavailable(f"Not ready: {', '.join(failed)} unreachable")
-    return json_response(Health(status="ready", checks=checks))
+    return json_response(health)
 
 
 async def metrics(request: web.Request) -> web.Response:

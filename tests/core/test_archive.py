@@ -1,0 +1,138 @@
+"""The archiver (in-process) and point-in-time restore over a local archive."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import stat
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from bson.timestamp import Timestamp
+
+from config.connections import Connections
+from core import archive, backups
+from core.archive import CorruptSegment, NotRestorable, SegmentWriter
+from core.context import Context, open_context
+
+
+def _event(t: int, i: int, n: int) -> dict[str, Any]:
+    return {
+        "_id": {"_data": f"tok{n}"},
+        "operationType": "insert",
+        "clusterTime": Timestamp(t, i),
+        "ns": {"db": "d", "coll": "c"},
+        "documentKey": {"_id": n},
+        "fullDocument": {"_id": n, "v": n},
+    }
+
+
+def _chain(tmp_path: Path, count: int = 3) -> list[archive.SegmentFile]:
+    chain = tmp_path / "20260101T000000Z-abcdef"
+    chain.mkdir()
+    out, start, token = [], (100, 1), None
+    for seq in range(1, count + 1):
+        w = SegmentWriter(chain, chain.name, seq, start, token)
+        w.add(_event(start[0] + 1, 1, seq))
+        token = {"_data": f"end{seq}"}
+        seg = w.close((start[0] + 2, 0), token, datetime.fromtimestamp(start[0] + 2, UTC))
+        out.append(seg)
+        start = seg.end
+    return out
+
+
+def test_segments_round_trip_and_are_owner_only(tmp_path: Path) -> None:
+    segs = _chain(tmp_path)
+    contents = archive.check_chain(segs[0].path.parent, segs)
+    assert [c.events for c in contents] == [1, 1, 1]
+    assert [e["documentKey"]["_id"] for e in archive.read_events(segs[1])] == [2]
+    assert stat.S_IMODE(segs[0].path.stat().st_mode) == 0o600
+    assert not list(segs[0].path.parent.glob("*.tmp"))
+
+
+@pytest.mark.parametrize("offset", [5, 20, -10, -1])
+def test_a_flipped_byte_is_refused_naming_the_file(tmp_path: Path, offset: int) -> None:
+    segs = _chain(tmp_path)
+    data = bytearray(segs[1].path.read_bytes())
+    data[offset] ^= 0x01
+    segs[1].path.write_bytes(bytes(data))
+    with pytest.raises(CorruptSegment) as err:
+        archive.check_chain(segs[0].path.parent, segs)
+    assert segs[1].path.name in err.value.detail
+
+
+def test_a_missing_segment_is_refused(tmp_path: Path) -> None:
+    segs = _chain(tmp_path)
+    segs[1].path.unlink()
+    with pytest.raises(CorruptSegment) as err:
+        archive.check_chain(segs[0].path.parent, [segs[0], segs[2]])
+    assert "missing" in err.value.detail and segs[2].path.name in err.value.detail
+
+
+def test_an_unfinished_segment_is_never_listed(tmp_path: Path) -> None:
+    chain = tmp_path / "20260101T000000Z-abcdef"
+    chain.mkdir()
+    w = SegmentWriter(chain, chain.name, 1, (1, 1), None)
+    w.add(_event(2, 1, 1))
+    try:
+        assert archive.segments(chain) == []
+    finally:
+        w.abort()
+    assert not list(chain.iterdir())
+
+
+async def _state(db: Any) -> dict[Any, Any]:
+    return {d["_id"]: d async for d in db["items"].find({})}
+
+
+@pytest.fixture
+async def ctx(make_settings: Any, tmp_path: Path) -> AsyncIterator[Context]:
+    """A context whose BACKUP_DIR is the test's own."""
+    settings = make_settings(backup_dir=str(tmp_path / "backups"))
+    async with open_context(settings, Connections(settings)) as ctx:
+        yield ctx
+
+
+async def test_archiver_then_restore_to_a_moment(ctx: Context) -> None:
+    db = ctx.store.db
+    await db["items"].insert_many([{"_id": i, "v": 0} for i in range(20)])
+    arch = archive.Archiver(ctx, interval=0.5, lock_ttl_ms=3000, heal=False)
+    task = asyncio.create_task(arch.run())
+    try:
+        while arch.segments_written < 1:
+            await asyncio.sleep(0.1)
+        await backups.create(ctx)
+        for i in range(20):
+            await db["items"].update_one({"_id": i}, {"$set": {"v": 1}, "$unset": {"x": ""}})
+        await db["items"].delete_one({"_id": 0})
+        await db["items"].insert_one({"_id": 100, "v": 1})
+        await asyncio.sleep(1.2)
+        moment = datetime.now(UTC)
+        expected = await _state(db)
+        await asyncio.sleep(1.2)
+        await db["items"].update_many({}, {"$set": {"v": 2}})
+        await db["items"].delete_one({"_id": 5})
+        await asyncio.sleep(0.2)
+        end = datetime.now(UTC)
+        written = arch.segments_written
+        while arch.segments_written < written + 3:
+            await asyncio.sleep(0.1)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    into = ctx.settings.mongodb_db + "_r"
+    try:
+        result = await archive.restore_at(ctx, moment, into)
+        assert await _state(ctx.store.client[into]) == expected
+        assert result.events_applied >= 22
+        latest = await archive.restore_at(ctx, end, into, drop=True)
+        assert await _state(ctx.store.client[into]) == await _state(db)
+        assert latest.database == into
+        with pytest.raises(NotRestorable, match="before the oldest full backup"):
+            await archive.restore_at(ctx, moment - timedelta(hours=1), into, drop=True)
+    finally:
+        await ctx.store.client.drop_database(into)
