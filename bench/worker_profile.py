@@ -40,6 +40,8 @@ import dramatiq
 from dramatiq.broker import MessageProxy
 from pymongo import monitoring
 
+from workers.hooks import OutcomeMiddleware
+
 _profiles: list[cProfile.Profile] = []
 _clocks: dict[int, tuple[str, int]] = {}
 _lock = threading.Lock()
@@ -116,7 +118,7 @@ class _Snapshot:
         """Already taken."""
 
 
-class Recorder(dramatiq.Middleware):
+class Recorder(OutcomeMiddleware):
     """Times every message by actor, and writes everything when the worker shuts down."""
 
     def __init__(self, out: str, mongo: MongoTimings):
@@ -138,13 +140,8 @@ class Recorder(dramatiq.Middleware):
         with self._lock:
             self.running[message.message_id] = (time.perf_counter(), wait)
 
-    def after_process_message(
-        self,
-        broker: dramatiq.Broker,
-        message: MessageProxy,
-        *,
-        result: Any = None,
-        exception: BaseException | None = None,
+    def message_ended(
+        self, broker: dramatiq.Broker, message: MessageProxy, exception: BaseException | None
     ) -> None:
         """Add the message's wall time and wait to its actor's totals."""
         with self._lock:

@@ -28,7 +28,6 @@ import socket
 import threading
 import time
 import uuid
-from typing import Any
 
 import dramatiq
 import redis
@@ -36,6 +35,7 @@ from dramatiq.brokers.redis import RedisBroker
 
 from config.connections import Connections
 from config.logging import get_logger
+from workers.hooks import OutcomeMiddleware
 from workers.registry import WORKER_TTL_SECONDS, registry_index, registry_key
 
 log = get_logger(__name__)
@@ -69,7 +69,7 @@ def sweep(broker: RedisBroker, queues: set[str] | None = None) -> None:
         )
 
 
-class WorkerHeartbeat(dramatiq.Middleware):
+class WorkerHeartbeat(OutcomeMiddleware):
     """Registers the worker, keeps its heartbeat fresh and sweeps dead workers' messages."""
 
     def __init__(self, connections: Connections, *, interval: float = BEAT_INTERVAL):
@@ -151,19 +151,21 @@ class WorkerHeartbeat(dramatiq.Middleware):
         with self._lock:
             self._in_flight.add(self._message_key(message))
 
-    def after_process_message(
+    def message_ended(
         self,
         broker: dramatiq.Broker,
         message: dramatiq.broker.MessageProxy,
-        *,
-        result: Any = None,
-        exception: BaseException | None = None,
+        exception: BaseException | None,
     ) -> None:
         """Count the message out."""
         with self._lock:
             self._in_flight.discard(self._message_key(message))
 
-    after_skip_message = after_process_message
+    def after_skip_message(
+        self, broker: dramatiq.Broker, message: dramatiq.broker.MessageProxy
+    ) -> None:
+        """A skipped message is out too."""
+        self.message_ended(broker, message, None)
 
     @staticmethod
     def _message_key(message: dramatiq.broker.MessageProxy) -> str:

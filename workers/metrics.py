@@ -64,6 +64,7 @@ from prometheus_client import (
 )
 
 from config.logging import get_logger
+from workers.hooks import OutcomeMiddleware
 
 log = get_logger(__name__)
 
@@ -169,7 +170,7 @@ def group_dir(main_pid: int) -> Path:
     return Path(base, f"{DIR_PREFIX}{main_pid}")
 
 
-class WorkerMetrics(dramatiq.Middleware):
+class WorkerMetrics(OutcomeMiddleware):
     """Counts processed, failed, retried and dead-lettered messages, their run time and the
     messages in progress (see the module's docstring for where they are served).
 
@@ -227,13 +228,8 @@ class WorkerMetrics(dramatiq.Middleware):
         self._running[message.message_id] = (labels, time.perf_counter())
         families().in_progress.labels(*labels).inc()
 
-    def after_process_message(
-        self,
-        broker: dramatiq.Broker,
-        message: MessageProxy,
-        *,
-        result: Any = None,
-        exception: BaseException | None = None,
+    def message_ended(
+        self, broker: dramatiq.Broker, message: MessageProxy, exception: BaseException | None
     ) -> None:
         """Count the message processed (and failed), with its run time."""
         started = self._running.pop(message.message_id, None)

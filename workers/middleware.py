@@ -34,12 +34,13 @@ from config.logging import get_logger
 from core import events
 from core.store import utcnow
 from workers.catalogue import CATALOGUE
+from workers.hooks import OutcomeMiddleware
 from workers.resources import WorkerResources
 
 log = get_logger(__name__)
 
 
-class MessageContext(dramatiq.Middleware):
+class MessageContext(OutcomeMiddleware):
     """Bind request id, user id and message id for the duration of one message."""
 
     def before_process_message(self, broker: dramatiq.Broker, message: MessageProxy) -> None:
@@ -63,13 +64,8 @@ class MessageContext(dramatiq.Middleware):
         if context["user_id"]:
             scope.set_user({"id": context["user_id"]})
 
-    def after_process_message(
-        self,
-        broker: dramatiq.Broker,
-        message: MessageProxy,
-        *,
-        result: Any = None,
-        exception: BaseException | None = None,
+    def message_ended(
+        self, broker: dramatiq.Broker, message: MessageProxy, exception: BaseException | None
     ) -> None:
         """Forget the context once the message is done."""
         structlog.contextvars.clear_contextvars()
@@ -128,7 +124,7 @@ def stored_body(message: dramatiq.Message[Any] | MessageProxy) -> str:
     return clean.encode().decode()
 
 
-class OutboxReceipts(dramatiq.Middleware):
+class OutboxReceipts(OutcomeMiddleware):
     """Records which messages of outbox events finished (``core/events.py``, receipts).
 
     A message is tracked when it carries the :data:`OUTBOX_OPTION` (a follow-up, or a resent
@@ -173,13 +169,8 @@ class OutboxReceipts(dramatiq.Middleware):
         """Note the outbox entry this message fulfils, if any."""
         _CURRENT.set(self._identify(message))
 
-    def after_process_message(
-        self,
-        broker: dramatiq.Broker,
-        message: MessageProxy,
-        *,
-        result: Any = None,
-        exception: BaseException | None = None,
+    def message_ended(
+        self, broker: dramatiq.Broker, message: MessageProxy, exception: BaseException | None
     ) -> None:
         """A message that ran without an exception has finished."""
         tracked = _CURRENT.get()

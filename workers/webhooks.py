@@ -61,6 +61,7 @@ from core.store import Doc
 from core.webhooks import Attempt, SecretUnreadable
 from workers.actors import ActorContext
 from workers.heartbeat import WorkerHeartbeat
+from workers.hooks import OutcomeMiddleware
 from workers.registry import registry_index
 
 QUEUE = "webhooks"
@@ -89,7 +90,7 @@ class Deferred(dramatiq.Retry):
     gives it back)."""
 
 
-class RetryRefund(dramatiq.Middleware):
+class RetryRefund(OutcomeMiddleware):
     """Gives back the retry that Dramatiq's ``Retries`` middleware counts for a
     :class:`Deferred` message, so waiting for a slot never uses up a delivery's retries.
 
@@ -97,13 +98,11 @@ class RetryRefund(dramatiq.Middleware):
     ``Retries`` (a default middleware), so it runs first.
     """
 
-    def after_process_message(
+    def message_ended(
         self,
         broker: dramatiq.Broker,
         message: dramatiq.broker.MessageProxy,
-        *,
-        result: Any = None,
-        exception: BaseException | None = None,
+        exception: BaseException | None,
     ) -> None:
         """Pre-pay the retry that ``Retries`` is about to count."""
         if isinstance(exception, Deferred):
