@@ -17,7 +17,7 @@ from cli.common import echo_table, load_settings, run_async
 from config.connections import Connections
 from config.logging import setup_logging
 from config.settings import Settings
-from core import backup_format, backups, restore
+from core import archive, backup_format, backups, restore
 from core.context import Context, open_context
 from core.errors import AppError
 from core.pagination import PageQuery
@@ -115,7 +115,8 @@ def backup_create() -> None:
 @click.option("--limit", type=click.IntRange(1, 200), default=50, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def backup_list(limit: int, as_json: bool) -> None:
-    """Backups, newest first: the catalogue, plus directories found in BACKUP_DIR."""
+    """Backups, newest first: the catalogue, plus directories found in BACKUP_DIR; then the
+    restorable window(s) of point-in-time restore (full backups plus the archive)."""
     import json
 
     settings = _settings()
@@ -132,9 +133,31 @@ def backup_list(limit: int, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
+    windows = archive.windows(settings)
     if not rows:
         click.echo(f"no backups (BACKUP_DIR={settings.backup_dir})")
+    else:
+        _backup_table(rows)
+    _echo_windows(windows)
+
+
+def _echo_windows(windows: list[archive.Window]) -> None:
+    """The moments ``backup restore --at`` can restore (full backups plus the archive)."""
+    if not windows:
+        click.echo(
+            "restorable window: none (point-in-time restore needs a full backup taken while "
+            "`taskmanager archiver` runs)"
+        )
         return
+    for w in windows:
+        click.echo(
+            f"restorable window: {w.start.isoformat(timespec='seconds')} to "
+            f"{w.end.isoformat(timespec='seconds')} (full backup {w.backup}, archive chain "
+            f"{w.chain})"
+        )
+
+
+def _backup_table(rows: list[dict[str, Any]]) -> None:
     echo_table(
         ["ID", "STATUS", "STARTED", "SIZE", "DOCUMENTS", "COLLECTIONS", "ON DISK"],
         [
@@ -181,9 +204,22 @@ def _row(
 
 
 @backup.command("verify")
-@click.argument("backup_id", metavar="ID")
-def backup_verify(backup_id: str) -> None:
-    """Check a backup's files against its manifest (exit 1 on any problem)."""
+@click.argument("backup_id", metavar="[ID]", required=False)
+@click.option(
+    "--at", "at", default=None, help="Check what a restore to this moment (ISO 8601) would use."
+)
+def backup_verify(backup_id: str | None, at: str | None) -> None:
+    """Check a backup's files against its manifest, or (--at) the full backup and every archive
+    segment a restore to that moment needs (exit 1 on any problem)."""
+    if at is not None:
+        from cli.archive import verify_at
+
+        if backup_id is not None:
+            raise click.UsageError("give a backup ID or --at, not both")
+        verify_at(at)
+        return
+    if backup_id is None:
+        raise click.UsageError("give a backup ID or --at")
     settings = load_settings_for_files()
     try:
         path = backup_format.locate(settings, backup_id)

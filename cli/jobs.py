@@ -12,7 +12,7 @@ from typing import Any
 import click
 from aiohttp import web
 
-from cli.common import load_settings, run_async
+from cli.common import echo_json, echo_table, iso, load_settings, run_async
 from config.connections import Connections
 from config.logging import setup_logging
 from config.sentry import setup_sentry
@@ -44,7 +44,7 @@ def in_app(platform: Platform) -> Callable[[web.Application], AsyncIterator[None
 @click.command()
 def scheduler() -> None:
     """Fire scheduled jobs (safe to run several: one leader fires, each slot once)."""
-    settings = load_settings()
+    settings = load_settings(from_data_dir=False)
     setup_logging(settings, process="scheduler")
     setup_sentry(settings, process="scheduler")
 
@@ -65,13 +65,14 @@ def scheduler() -> None:
 
 
 @click.command()
-def schedules() -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def schedules(as_json: bool) -> None:
     """The schedule: each job's trigger, next run, last run and the current leader.
 
     The next run is the one the scheduler computed and stored (``schedules`` collection,
     written by the leader from the job's trigger and the last slot it fired); ``-`` until a
-    scheduler has published it."""
-    settings = load_settings()
+    scheduler has published it. Times are UTC (ISO 8601)."""
+    settings = load_settings(read_only=True)
 
     async def go() -> list[dict[str, Any]]:
         async with open_context(settings, Connections(settings)) as ctx:
@@ -90,19 +91,30 @@ def schedules() -> None:
                 row["leader"] = leader.decode() if isinstance(leader, bytes) else "-"
             return rows
 
-    for row in run_async(go):
-        when = "-" if row["next"] is None else f"{row['next']:%Y-%m-%d %H:%M:%S}Z"
-        click.echo(
-            f"{row['name']:<22} {row['trigger']:<40} next {when:<20}"
-            f"  last {_describe(row['last'])}  leader {row['leader']}"
-        )
+    rows = run_async(go)
+    if as_json:
+        echo_json([{**row, "last": _last_json(row["last"])} for row in rows])
+        return
+    echo_table(
+        ["NAME", "TRIGGER", "NEXT", "LAST", "LEADER"],
+        [
+            [row["name"], row["trigger"], iso(row["next"]), _describe(row["last"]), row["leader"]]
+            for row in rows
+        ],
+    )
+
+
+def _last_json(run: dict[str, Any] | None) -> dict[str, Any] | None:
+    if run is None:
+        return None
+    return {k: v for k, v in run.items() if k != "_id"} | {"id": str(run.get("_id", ""))}
 
 
 def _describe(run: dict[str, Any] | None) -> str:
     if run is None:
         return "never"
     when = run.get("finished_at") or run.get("enqueued_at")
-    return f"{run['status']} at {when:%Y-%m-%d %H:%M:%S} ({run.get('duration_ms', '-')} ms)"
+    return f"{run['status']} at {iso(when)} ({run.get('duration_ms', '-')} ms)"
 
 
 @click.command("run-job")

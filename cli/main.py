@@ -4,13 +4,30 @@ from __future__ import annotations
 
 import click
 
-from cli import admin, archive, backup, jobs, outbox, processes, queues, reindex
+from cli import admin, archive, backup, jobs, monitor, outbox, processes, queues, reindex
+from cli.common import DEFAULT_DATA_DIR, set_service_options
 
 
 @click.group()
 @click.version_option(package_name="taskmanager")
-def main() -> None:
-    """Task manager platform: web API, workers, scheduler and operator tools."""
+@click.option("--redis-url", default=None, help="Redis to use (instead of REDIS_URL).")
+@click.option("--mongodb-url", default=None, help="MongoDB to use (instead of MONGODB_URL).")
+@click.option(
+    "--data-dir",
+    default=None,
+    help=f"Data directory of a `taskmanager run` whose services to use when the variables are "
+    f"unset (default: {DEFAULT_DATA_DIR}).",
+)
+@click.pass_context
+def main(
+    ctx: click.Context, redis_url: str | None, mongodb_url: str | None, data_dir: str | None
+) -> None:
+    """Task manager platform: web API, workers, scheduler and operator tools.
+
+    Operator commands find MongoDB and Redis in --mongodb-url/--redis-url, else MONGODB_URL/
+    REDIS_URL, else in the urls.json a `taskmanager run` writes in its data directory.
+    Read-only commands need no JWT_SECRET."""
+    set_service_options(ctx, redis_url, mongodb_url, data_dir)
 
 
 for command in (
@@ -22,6 +39,8 @@ for command in (
     queues.queues,
     queues.dead,
     queues.healthcheck,
+    monitor.workers,
+    monitor.stats,
     jobs.scheduler,
     jobs.schedules,
     jobs.run_job,

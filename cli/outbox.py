@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
+import sys
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import click
 
-from cli.common import echo_table, load_settings, or_dash, run_async
+from cli.common import echo_json, echo_table, iso, load_settings, or_dash, run_async
 from config.connections import Connections
 from config.logging import setup_logging
 from core import events
@@ -17,8 +17,8 @@ from core.context import Context, open_context
 T = TypeVar("T")
 
 
-def _with_context(fn: Callable[[Context], Awaitable[T]]) -> T:
-    settings = load_settings()
+def _with_context(fn: Callable[[Context], Awaitable[T]], *, read_only: bool = False) -> T:
+    settings = load_settings(read_only=read_only)
     setup_logging(settings, process="cli")
 
     async def go() -> T:
@@ -38,7 +38,7 @@ def outbox() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def outbox_status(as_json: bool) -> None:
     """Pending events, the age of the oldest, and events set aside."""
-    lag = _with_context(events.outbox_lag)
+    lag = _with_context(events.outbox_lag, read_only=True)
     if as_json:
         click.echo(lag.model_dump_json(indent=2))
         return
@@ -53,9 +53,9 @@ def outbox_status(as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def outbox_list_set_aside(limit: int, as_json: bool) -> None:
     """Events set aside, the earliest first: id, type, attempts, last error."""
-    items = _with_context(lambda ctx: events.list_set_aside(ctx, limit=limit))
+    items = _with_context(lambda ctx: events.list_set_aside(ctx, limit=limit), read_only=True)
     if as_json:
-        click.echo(json.dumps([i.model_dump(mode="json") for i in items], indent=2))
+        echo_json([i.model_dump() for i in items])
         return
     if not items:
         click.echo("no events set aside")
@@ -67,7 +67,7 @@ def outbox_list_set_aside(limit: int, as_json: bool) -> None:
                 i.id,
                 or_dash(i.type),
                 or_dash(i.subject_id),
-                i.set_aside_at.isoformat(timespec="seconds"),
+                iso(i.set_aside_at),
                 str(i.attempts),
                 (i.error or "-")[:80],
             ]
@@ -82,7 +82,9 @@ def outbox_list_set_aside(limit: int, as_json: bool) -> None:
 )
 @click.option("--all", "replay_all", is_flag=True, help="Every event set aside.")
 def outbox_replay(ids: tuple[str, ...], replay_all: bool) -> None:
-    """Put set-aside events back in the outbox with their attempts reset (safe to repeat)."""
+    """Put set-aside events back in the outbox with their attempts reset (safe to repeat).
+
+    Exit status 1 when one of --ids is not set aside (the others are replayed)."""
     wanted = [i.strip() for chunk in ids for i in chunk.split(",") if i.strip()]
     if bool(wanted) == replay_all:
         raise click.UsageError("give either --ids or --all")
@@ -90,3 +92,4 @@ def outbox_replay(ids: tuple[str, ...], replay_all: bool) -> None:
     click.echo(f"replayed {len(result.replayed)} event(s)")
     if result.not_found:
         click.echo(f"not set aside: {', '.join(result.not_found)}", err=True)
+        sys.exit(1)

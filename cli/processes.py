@@ -13,7 +13,7 @@ from typing import Any, ClassVar, Literal
 import click
 from pydantic import SecretStr
 
-from cli.common import load_settings
+from cli.common import URLS_FILE, load_settings
 from config.connections import Connections
 from config.logging import setup_logging
 from config.sentry import setup_sentry
@@ -37,7 +37,7 @@ def web(port: int | None) -> None:
     """Serve the HTTP API (SIGTERM drains open connections first: web.app.serve)."""
     from web.app import create_app, serve
 
-    settings = load_settings()
+    settings = load_settings(from_data_dir=False)
     setup_logging(settings, process="web")
     setup_sentry(settings, process="web")
     serve(create_app(settings), host=settings.host, port=port or settings.port)
@@ -56,7 +56,8 @@ def worker(processes: int, threads: int, queues: tuple[str, ...], extra: tuple[s
     """
     import dramatiq.cli
 
-    settings = load_settings()  # fail fast, with a readable message, before forking
+    # Fail fast, with a readable message, before forking.
+    settings = load_settings(from_data_dir=False)
     if queues:
         known = known_queues(settings)
         unknown = [q for q in queues if q not in known]
@@ -160,6 +161,11 @@ def run(port: int | None, memory: bool, data_dir: str, worker_threads: int) -> N
     it signs with a random secret made on first start and kept in DATA_DIR/jwt-secret (0600),
     so tokens and webhook secrets survive restarts; with --memory, where nothing persists, a
     fresh one per start. A HOST other than loopback needs a JWT_SECRET of one's own.
+
+    While it runs, DATA_DIR/urls.json (0600) names the services it uses (MONGODB_URL of the
+    embedded server, REDIS_URL, BROKER_URL, MONGODB_DB, REDIS_PREFIX), so operator commands
+    started in the same directory (``taskmanager stats``, ``queues``...) need no settings;
+    removed on a clean stop. Without REDIS_URL its queues live in this process only.
     """
     from cli.embedded import EmbeddedMongo
     from cli.jobs import in_app as scheduler_in_app
@@ -167,7 +173,7 @@ def run(port: int | None, memory: bool, data_dir: str, worker_threads: int) -> N
     from workers.broker import build_broker
     from workers.pools import WorkerPools
 
-    settings = load_settings(DevSettings, need_services=False)
+    settings = load_settings(DevSettings, need_services=False, from_data_dir=False)
     secret_source = "JWT_SECRET"
     if settings.jwt_secret_generated:
         if memory:
@@ -181,6 +187,7 @@ def run(port: int | None, memory: bool, data_dir: str, worker_threads: int) -> N
     setup_sentry(settings, process="run")
     embedded: EmbeddedMongo | None = None
     worker_: WorkerPools | None = None
+    urls_file: Path | None = None
     # Python's default SIGTERM action kills the process without unwinding, which would leave
     # the embedded server running: until `serve` installs its own handler (it drains and
     # returns), a TERM must raise so that `finally` stops the children.
@@ -204,6 +211,7 @@ def run(port: int | None, memory: bool, data_dir: str, worker_threads: int) -> N
         )
         port = port or settings.port
         _banner(settings, embedded, memory, port, secret_source)
+        urls_file = write_urls(Path(data_dir), settings)
         worker_.start()
         app = create_app(settings, connections=connections, platform=platform)
         app.cleanup_ctx.append(scheduler_in_app(platform))
@@ -216,6 +224,43 @@ def run(port: int | None, memory: bool, data_dir: str, worker_threads: int) -> N
             worker_.stop()
         if embedded is not None:
             embedded.stop()
+        if urls_file is not None:
+            remove_urls(urls_file)
+
+
+def write_urls(data_dir: Path, settings: Settings) -> Path:
+    """Write ``data_dir/urls.json`` (0600, in a 0700 directory): the services this ``run``
+    uses, read by :func:`cli.common.load_settings` for variables the environment lacks.
+    ``REDIS_URL``/``BROKER_URL`` are ``null`` with the in-process stand-in (unreachable from
+    other processes: the commands say so)."""
+    import json
+
+    data_dir = data_dir.resolve()
+    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path = data_dir / URLS_FILE
+    body = {
+        "MONGODB_URL": settings.mongodb_url,
+        "MONGODB_DB": settings.mongodb_db,
+        "REDIS_URL": settings.redis_url,
+        "REDIS_PREFIX": settings.redis_prefix,
+        "BROKER_URL": settings.effective_broker_url,
+        "pid": os.getpid(),
+    }
+    tmp = data_dir / f".{URLS_FILE}.{os.getpid()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        json.dump(body, out, indent=2)
+    os.replace(tmp, path)
+    return path
+
+
+def remove_urls(path: Path) -> None:
+    """Remove ``path`` if this process wrote it (another ``run`` may have replaced it)."""
+    import json
+
+    with contextlib.suppress(OSError, ValueError):
+        if json.loads(path.read_text()).get("pid") == os.getpid():
+            path.unlink()
 
 
 def _exit_on_signal(signum: int, frame: object) -> None:

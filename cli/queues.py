@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 
 import click
 
-from cli.common import echo_table, load_settings, or_dash
+from cli.common import broker_settings, echo_json, echo_table, iso, load_settings, or_dash
 from config.connections import Connections
 
 T = TypeVar("T")
@@ -18,10 +18,8 @@ T = TypeVar("T")
 def _inspector() -> Any:
     from workers.broker import build_broker
 
-    settings = load_settings(need_services=False)
-    if settings.effective_broker_url is None:
-        raise click.ClickException("BROKER_URL or REDIS_URL must be set")
-    return build_broker(Connections(settings)).inspector
+    # Nothing here signs anything: no JWT_SECRET needed (cursors are read back by us).
+    return build_broker(Connections(broker_settings())).inspector
 
 
 def _backend_call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -38,15 +36,28 @@ def _backend_call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
 
 @click.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def queues(as_json: bool) -> None:
-    """Per queue: ready, delayed, in progress, dead-lettered, latency of the next message."""
+@click.option(
+    "--max-age",
+    type=click.FloatRange(min=0),
+    default=None,
+    metavar="SECONDS",
+    help="Exit 1 when a queue's next message has waited longer (for alerting scripts).",
+)
+def queues(as_json: bool, max_age: float | None) -> None:
+    """Per queue: ready, delayed, in progress, dead-lettered, latency of the next message.
+
+    Exit status: 0, or 1 when --max-age is given and a queue's latency exceeds it (the
+    breached queues are named on stderr)."""
     import dataclasses
-    import json
 
     inspector = _inspector()
     stats = _backend_call(inspector.stats)
+    breached = [
+        s.queue for s in stats if max_age is not None and (s.oldest_age_seconds or 0.0) > max_age
+    ]
     if as_json:
-        click.echo(json.dumps([dataclasses.asdict(s) for s in stats], indent=2))
+        echo_json([dataclasses.asdict(s) for s in stats])
+        _exit_on_breach(breached, max_age)
         return
     echo_table(
         ["QUEUE", "READY", "DELAYED", "IN PROGRESS", "DEAD", "LATENCY"],
@@ -63,6 +74,13 @@ def queues(as_json: bool) -> None:
         ],
     )
     _echo_outbox()
+    _exit_on_breach(breached, max_age)
+
+
+def _exit_on_breach(breached: list[str], max_age: float | None) -> None:
+    if breached:
+        click.echo(f"breach: {', '.join(breached)} waited longer than {max_age:g}s", err=True)
+        sys.exit(1)
 
 
 def _echo_outbox() -> None:
@@ -72,7 +90,7 @@ def _echo_outbox() -> None:
     from core.context import open_context
     from core.events import outbox_lag
 
-    settings = load_settings(need_services=False)
+    settings = load_settings(need_services=False, read_only=True)
     if not settings.mongodb_url or not settings.redis_url:
         return
 
@@ -102,7 +120,6 @@ def dead() -> None:
 def dead_list(queue: str | None, limit: int, cursor: str | None, as_json: bool) -> None:
     """List dead letters, oldest first."""
     import dataclasses
-    import json
 
     inspector = _inspector()
     names = [queue] if queue else list(inspector.queues)
@@ -113,8 +130,7 @@ def dead_list(queue: str | None, limit: int, cursor: str | None, as_json: bool) 
         items += page.items
         next_cursor = page.next_cursor if queue else None
     if as_json:
-        payload = {"items": [dataclasses.asdict(m) for m in items], "next_cursor": next_cursor}
-        click.echo(json.dumps(payload, indent=2, default=str))
+        echo_json({"items": [dataclasses.asdict(m) for m in items], "next_cursor": next_cursor})
         return
     if not items:
         click.echo("no dead letters")
@@ -126,7 +142,7 @@ def dead_list(queue: str | None, limit: int, cursor: str | None, as_json: bool) 
                 m.id,
                 m.queue,
                 m.actor,
-                or_dash(m.failed_at and m.failed_at.isoformat(timespec="seconds")),
+                iso(m.failed_at),
                 str(m.retries),
                 (m.error or "-")[:80],
             ]
@@ -142,7 +158,9 @@ def dead_list(queue: str | None, limit: int, cursor: str | None, as_json: bool) 
 @click.option("--ids", multiple=True, help="Ids from `dead list` (repeatable, or comma-separated).")
 @click.option("--all", "retry_all", is_flag=True, help="Every dead letter of the queue.")
 def dead_retry(queue: str, ids: tuple[str, ...], retry_all: bool) -> None:
-    """Put dead letters back on their queue as fresh messages (safe to repeat)."""
+    """Put dead letters back on their queue as fresh messages (safe to repeat).
+
+    Exit status 1 when one of --ids is not in the dead-letter queue (the others are retried)."""
     wanted = [i.strip() for chunk in ids for i in chunk.split(",") if i.strip()]
     if bool(wanted) == retry_all:
         raise click.UsageError("give either --ids or --all")
@@ -150,6 +168,7 @@ def dead_retry(queue: str, ids: tuple[str, ...], retry_all: bool) -> None:
     click.echo(f"retried {result.retried} message(s) on {queue}")
     if result.not_found:
         click.echo(f"not in the dead-letter queue: {', '.join(result.not_found)}", err=True)
+        sys.exit(1)
 
 
 @dead.command("purge")
@@ -191,7 +210,7 @@ def healthcheck_worker(max_age: float) -> None:
 
     from workers.registry import host_has_live_worker
 
-    settings = load_settings(need_services=False)
+    settings = load_settings(need_services=False, read_only=True)
     if settings.redis_url is None:
         raise click.ClickException("REDIS_URL must be set")
     client = Connections(settings).redis_sync()

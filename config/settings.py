@@ -120,6 +120,9 @@ class Settings(BaseSettings):
     #: Port of a ``taskmanager worker`` group's Prometheus endpoint (``HOST:PORT/metrics``,
     #: workers/metrics.py); 0 turns it off.
     worker_metrics_port: int = Field(9191, ge=0, le=65535)
+    #: Port of ``taskmanager archiver``'s Prometheus endpoint (``HOST:PORT/metrics``,
+    #: core/archive_metrics.py); 0 turns it off.
+    archiver_metrics_port: int = Field(9192, ge=0, le=65535)
     #: A message of an outbox event not finished this long after it was sent (or after its
     #: last retry's eta) is sent again by the relay (core/events.py, receipts).
     outbox_redeliver_after_s: float = Field(60.0, ge=0.5, le=86_400)

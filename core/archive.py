@@ -403,6 +403,13 @@ class Archiver:
         self.backups: set[asyncio.Task[Any]] = set()
         self.segments_written = 0
         self.lag_seconds = 0.0
+        #: Unix time up to which the archive is complete (the newest segment's ``covered``).
+        self.covered_until: float | None = None
+        #: Gaps detected, and the Unix time of the last one (0: none); see core/archive_metrics.
+        self.gaps = 0
+        self.last_gap = 0.0
+        #: An event read while closing a segment that belongs to the next one.
+        self._carry: Doc | None = None
 
     async def run(self) -> None:
         """Follow while leading; retry after an error; release the lock when cancelled."""
@@ -484,18 +491,26 @@ class Archiver:
             position = await asyncio.to_thread(self._resume_point)
         except (Gap, CorruptSegment) as exc:
             log.error("archive.gap", reason=str(exc))
+            self._gap()
             position = None
             reason = f"gap: {exc}"
         else:
             reason = "no archive yet"
         if position is None:
             position = await self._start_chain(reason)
+        if self.covered_until is None:
+            self.covered_until = float(position.end[0])
         while True:
             try:
                 position = await self._follow_chain(position)
             except Gap as exc:
                 log.error("archive.gap", chain=position.chain, reason=str(exc))
+                self._gap()
                 position = await self._start_chain(f"gap: {exc}")
+
+    def _gap(self) -> None:
+        self.gaps += 1
+        self.last_gap = time.time()
 
     async def _open(self, position: _Position) -> Any:
         db = self.ctx.store.db
@@ -515,6 +530,7 @@ class Archiver:
 
     async def _follow_chain(self, position: _Position) -> _Position:
         chain_dir = self.root / position.chain
+        self._carry = None
         stream = await self._open(position)
         try:
             while True:
@@ -549,6 +565,9 @@ class Archiver:
         self, stream: Any, writer: SegmentWriter, position: _Position
     ) -> _Position:
         opened = time.monotonic()
+        if self._carry is not None:
+            carried, self._carry = self._carry, None
+            await asyncio.to_thread(writer.add, carried)
         while time.monotonic() - opened < self.interval:
             event = await self._next(stream)
             if event is not None:
@@ -559,9 +578,17 @@ class Archiver:
         # second for clock skew) says up to when the segment is complete.
         covered = utcnow() - timedelta(seconds=1)
         now = await operation_time(self.ctx.store.db)
-        while (event := await self._next(stream)) is not None:
-            await asyncio.to_thread(writer.add, event)
+        # Drain up to ``now`` only: under steady writes the stream never runs dry. The first
+        # event after ``now`` opens the next segment; the token stays the one before it.
         token = stream.resume_token
+        while (event := await self._next(stream)) is not None:
+            if now is not None and ct_pair(event["clusterTime"]) > ct_pair(now):
+                self._carry = event
+                break
+            await asyncio.to_thread(writer.add, event)
+            token = stream.resume_token
+        else:
+            token = stream.resume_token
         end = ct_pair(now) if now is not None else writer.last
         covered = max(covered, ct_moment(end))
         seg = await asyncio.to_thread(writer.close, end, token, covered)
@@ -578,7 +605,8 @@ class Archiver:
             },
         )
         self.segments_written += 1
-        self.lag_seconds = max(0.0, time.time() - seg.end[0])
+        self.covered_until = covered.timestamp()
+        self.lag_seconds = max(0.0, time.time() - self.covered_until)
         log.info(
             "archive.segment",
             chain=position.chain,

@@ -9,8 +9,8 @@ every worker process, every second,
 
 1. refreshes this broker's Dramatiq heartbeat (its consumers refresh it on every fetch; this
    makes it independent of how they poll) and this process's registration
-   (``{prefix}workers:<id>``: host, pid, queues, in-flight count; read by ``/admin/workers``
-   and ``taskmanager healthcheck worker``);
+   (``{prefix}workers:<id>``: host, pid, queues, in-flight, processed and failed counts; read
+   by ``/admin/workers``, ``taskmanager workers|stats`` and ``taskmanager healthcheck worker``);
 2. runs Dramatiq's maintenance on every queue and delay queue, which requeues the messages of
    brokers that stopped beating ``heartbeat_timeout`` ago.
 
@@ -82,6 +82,10 @@ class WorkerHeartbeat(OutcomeMiddleware):
         self.queues: list[str] = []
         self.threads = 0
         self._in_flight: set[str] = set()
+        #: Messages this process ran since it started: succeeded, and failed attempts (a
+        #: retried message counts once per failure). Shown by ``taskmanager workers|stats``.
+        self.processed = 0
+        self.failed = 0
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -157,15 +161,20 @@ class WorkerHeartbeat(OutcomeMiddleware):
         message: dramatiq.broker.MessageProxy,
         exception: BaseException | None,
     ) -> None:
-        """Count the message out."""
+        """Count the message out, as processed or failed."""
         with self._lock:
             self._in_flight.discard(self._message_key(message))
+            if exception is None:
+                self.processed += 1
+            else:
+                self.failed += 1
 
     def after_skip_message(
         self, broker: dramatiq.Broker, message: dramatiq.broker.MessageProxy
     ) -> None:
-        """A skipped message is out too."""
-        self.message_ended(broker, message, None)
+        """A skipped message is out too (neither processed nor failed)."""
+        with self._lock:
+            self._in_flight.discard(self._message_key(message))
 
     @staticmethod
     def _message_key(message: dramatiq.broker.MessageProxy) -> str:
@@ -192,6 +201,8 @@ class WorkerHeartbeat(OutcomeMiddleware):
                 "started_at": self.started_at,
                 "last_beat": now,
                 "in_flight": self.in_flight,
+                "processed": self.processed,
+                "failed": self.failed,
             },
         )
         pipe.expire(key, WORKER_TTL_SECONDS)

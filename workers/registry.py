@@ -43,6 +43,9 @@ class WorkerInfo:
     last_beat: datetime
     heartbeat_age_seconds: float
     in_flight: int
+    #: Messages run since the process started, and failed attempts (0 from older workers).
+    processed: int = 0
+    failed: int = 0
 
 
 def registry_index(prefix: str) -> str:
@@ -86,6 +89,8 @@ def list_workers(client: redis.Redis, prefix: str) -> list[WorkerInfo]:
                     last_beat=_utc(last),
                     heartbeat_age_seconds=max(0.0, (now - last) / 1000),
                     in_flight=int(fields["in_flight"]),
+                    processed=int(fields.get("processed", 0)),
+                    failed=int(fields.get("failed", 0)),
                 )
             )
         except (KeyError, ValueError):

@@ -121,3 +121,33 @@ def test_verify_reports_a_corrupt_deflate_stream_naming_the_file(env: Path, db: 
         p.startswith("problem: tasks: unreadable") and "tasks.bson.gz" in p for p in problems
     ), problems
     assert f"backup {backup_id}: " in verified.stdout and "problem(s)" in verified.stdout
+
+
+def test_list_shows_the_restorable_window(env: Path, db: Any) -> None:
+    from datetime import timedelta
+
+    from core import archive
+
+    db["tasks"].insert_one({"title": "t"})
+    created = invoke("create")
+    assert created.exit_code == 0, created.output
+    backup_id = re.search(r"^backup (\S+):", created.stdout, re.M).group(1)  # type: ignore[union-attr]
+    listed = invoke("list")
+    assert listed.exit_code == 0, listed.output
+    assert "restorable window: none" in listed.stdout
+
+    # An archive chain from before the backup to 30 s after its reads ended.
+    [full] = archive.full_backups(Settings(backup_dir=str(env)))
+    chain = env / "archive" / "20200101T000000Z-abcdef"
+    chain.mkdir(parents=True)
+    end = (full.consistent[0] + 30, 0)
+    writer = archive.SegmentWriter(chain, chain.name, 1, (full.start[0] - 60, 0), None)
+    writer.close(end, {"_data": "t"}, archive.ct_moment(end))
+    listed = invoke("list")
+    assert listed.exit_code == 0, listed.output
+    start = archive.ct_moment(full.consistent) + timedelta(seconds=1)
+    assert (
+        f"restorable window: {start.isoformat(timespec='seconds')} to "
+        f"{archive.ct_moment(end).isoformat(timespec='seconds')} (full backup {backup_id}, "
+        f"archive chain {chain.name})"
+    ) in listed.stdout

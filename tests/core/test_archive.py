@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import stat
+import urllib.request
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -12,9 +13,10 @@ from typing import Any
 
 import pytest
 from bson.timestamp import Timestamp
+from prometheus_client.parser import text_string_to_metric_families
 
 from config.connections import Connections
-from core import archive, backups
+from core import archive, archive_metrics, backups
 from core.archive import CorruptSegment, NotRestorable, SegmentWriter
 from core.context import Context, open_context
 
@@ -120,10 +122,13 @@ async def test_archiver_then_restore_to_a_moment(ctx: Context) -> None:
         written = arch.segments_written
         while arch.segments_written < written + 3:
             await asyncio.sleep(0.1)
+        await _check_metrics(arch)
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+    [window] = archive.windows(ctx.settings)
+    assert window.start <= moment <= end <= window.end
     into = ctx.settings.mongodb_db + "_r"
     try:
         result = await archive.restore_at(ctx, moment, into)
@@ -136,3 +141,25 @@ async def test_archiver_then_restore_to_a_moment(ctx: Context) -> None:
             await archive.restore_at(ctx, moment - timedelta(hours=1), into, drop=True)
     finally:
         await ctx.store.client.drop_database(into)
+
+
+async def _check_metrics(arch: archive.Archiver) -> None:
+    """The leader's lag is small while it writes segments; its endpoint serves the families."""
+    server = await asyncio.to_thread(archive_metrics.serve, arch, "127.0.0.1", 0)
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/metrics"
+        body = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read())
+    finally:
+        await asyncio.to_thread(server.shutdown)
+        server.server_close()
+    samples = {
+        s.name: s.value
+        for family in text_string_to_metric_families(body.decode())
+        for s in family.samples
+    }
+    assert set(archive_metrics.NAMES) <= samples.keys()
+    assert 0 <= samples["taskmanager_archive_lag_seconds"] < 5
+    assert samples["taskmanager_archive_leader"] == 1
+    assert samples["taskmanager_archive_segments_written_total"] == arch.segments_written
+    assert samples["taskmanager_archive_gaps_total"] == 0
+    assert samples["taskmanager_archive_last_gap_timestamp_seconds"] == 0

@@ -32,7 +32,7 @@ DASHBOARD = REPO / "deploy" / "grafana" / "taskmanager-dashboard.json"
 
 WEB_SERVICES = ("web1", "web2")
 WORKER_SERVICES = ("worker", "worker-webhooks")
-APP_SERVICES = (*WEB_SERVICES, *WORKER_SERVICES, "scheduler")
+APP_SERVICES = (*WEB_SERVICES, *WORKER_SERVICES, "scheduler", "archiver")
 WEB_PORT = 8000
 # What every app process needs to find its peers and run in production.
 REQUIRED_ENV = (
@@ -574,6 +574,7 @@ def test_app_commands_name_the_taskmanager_subcommands() -> None:
         assert "--processes" in worker
         assert "--threads" in worker
     assert services()["scheduler"]["command"] == ["taskmanager", "scheduler"]
+    assert services()["archiver"]["command"] == ["taskmanager", "archiver"]
 
 
 def test_webhook_deliveries_run_in_their_own_worker_service() -> None:
@@ -586,7 +587,7 @@ def test_webhook_deliveries_run_in_their_own_worker_service() -> None:
 
 def test_non_web_app_services_override_the_http_healthcheck() -> None:
     # The image's HEALTHCHECK polls :8000/healthz, which only `taskmanager web` serves.
-    for name in (*WORKER_SERVICES, "scheduler"):
+    for name in (*WORKER_SERVICES, "scheduler", "archiver"):
         check = services()[name].get("healthcheck")
         assert check, f"{name} would inherit the image's HTTP healthcheck"
         assert check.get("disable") or "/healthz" not in json.dumps(check.get("test"))
@@ -737,6 +738,7 @@ def test_deployments_select_their_own_pods() -> None:
         "taskmanager-worker",
         "taskmanager-worker-webhooks",
         "taskmanager-scheduler",
+        "taskmanager-archiver",
     } <= deployments.keys()
     for name, dep in deployments.items():
         selector = dep["spec"]["selector"]["matchLabels"]
@@ -769,6 +771,7 @@ def test_deployments_run_the_right_subcommand() -> None:
     assert command("taskmanager-worker")[:2] == ["taskmanager", "worker"]
     assert command("taskmanager-worker-webhooks")[:2] == ["taskmanager", "worker"]
     assert command("taskmanager-scheduler") == ["taskmanager", "scheduler"]
+    assert command("taskmanager-archiver") == ["taskmanager", "archiver"]
     # Webhook deliveries have their own pods; the general workers serve every other queue.
     general, hooks = app_queues()
     assert queues_of(command("taskmanager-worker")) == general
@@ -911,6 +914,10 @@ def test_worker_and_scheduler_settings() -> None:
     assert worker_grace >= 60
     assert worker_grace > web_grace
     assert deployments["taskmanager-scheduler"]["spec"]["replicas"] == 2
+    # One archiver (the lock would make more idle); never two at once during a rollout.
+    archiver = deployments["taskmanager-archiver"]["spec"]
+    assert archiver["replicas"] == 1
+    assert archiver["strategy"]["type"] == "Recreate"
 
 
 def test_ingress_routes_to_the_web_service() -> None:
@@ -995,7 +1002,28 @@ def exported_metric_names() -> set[str]:
         for family in reg.collect():
             names.update(family.name + s for s in suffixes.get(family.type, ("",)))
     # Yielded only by the replica holding the queue-exporter lease, with a fresh reading.
-    return names | {"taskmanager_queue_messages", "taskmanager_queue_oldest_age_seconds"}
+    names |= {"taskmanager_queue_messages", "taskmanager_queue_oldest_age_seconds"}
+    return names | archiver_metric_names()
+
+
+def archiver_metric_names() -> set[str]:
+    """Sample names ``taskmanager archiver`` exports (read from a leading archiver's registry,
+    checked against the documented list)."""
+    from types import SimpleNamespace
+
+    from core import archive_metrics
+
+    leading = SimpleNamespace(
+        lock=SimpleNamespace(leads=True),
+        covered_until=0.0,
+        segments_written=0,
+        gaps=0,
+        last_gap=0.0,
+    )
+    registry = archive_metrics.registry_for(leading)  # type: ignore[arg-type]
+    names = {s.name for family in registry.collect() for s in family.samples}
+    assert names == set(archive_metrics.NAMES)
+    return names
 
 
 def alert_rules() -> list[dict[str, Any]]:
@@ -1054,3 +1082,19 @@ def test_worker_pods_are_scraped_on_the_worker_metrics_port() -> None:
         assert annotations["prometheus.io/port"] == str(port), name
         assert annotations["prometheus.io/path"] == "/metrics", name
         assert container_ports(deployment)["metrics"] == port, name
+
+
+def test_archiver_pod_is_scraped_and_shares_the_backups_volume() -> None:
+    from config.settings import Settings
+
+    port = Settings.model_fields["archiver_metrics_port"].default
+    archiver = of_kind("Deployment")["taskmanager-archiver"]
+    annotations = archiver["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true"
+    assert annotations["prometheus.io/port"] == str(port)
+    assert container_ports(archiver)["metrics"] == port
+    volumes = {v["name"]: v for v in pod_spec(archiver)["volumes"]}
+    claim = volumes["backups"]["persistentVolumeClaim"]["claimName"]
+    worker = of_kind("Deployment")["taskmanager-worker"]
+    worker_volumes = {v["name"]: v for v in pod_spec(worker)["volumes"]}
+    assert worker_volumes["backups"]["persistentVolumeClaim"]["claimName"] == claim

@@ -22,9 +22,9 @@ def procfile() -> dict[str, list[str]]:
     return entries
 
 
-def test_procfile_runs_web_workers_and_scheduler() -> None:
+def test_procfile_runs_web_workers_scheduler_and_archiver() -> None:
     entries = procfile()
-    assert set(entries) == {"web", "worker", "worker-webhooks", "scheduler"}
+    assert set(entries) == {"web", "worker", "worker-webhooks", "scheduler", "archiver"}
     for name, argv in entries.items():
         assert argv[:2] == ["taskmanager", name.split("-")[0]], argv
         # The command and its options parse (``--help`` after them runs nothing).

@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import asyncio
 import random
+import socket
 import subprocess
+import urllib.request
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from pymongo import AsyncMongoClient
 
 from config.settings import Settings
@@ -52,6 +55,19 @@ def _state_at(ledger: Ledger, moment: datetime) -> dict[int, dict[str, Any]]:
     return before[-1] if before else {}
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _scrape(url: str) -> dict[str, float]:
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        text = resp.read().decode()
+    return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
+
+
 def _restore(env: dict[str, str], at: datetime, into: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [taskmanager_exe(), "backup", "restore", "--at", at.isoformat(), "--into", into, "--yes"],
@@ -64,6 +80,7 @@ def _restore(env: dict[str, str], at: datetime, into: str) -> subprocess.Complet
 
 async def test_restore_to_moments_while_writes_continue(make_settings: Any, tmp_path: Path) -> None:
     settings: Settings = make_settings(backup_dir=str(tmp_path / "backups"))
+    metrics_port = _free_port()
     env = clean_env(
         APP_ENV="test",
         MONGODB_URL=settings.mongodb_url or "",
@@ -73,6 +90,8 @@ async def test_restore_to_moments_while_writes_continue(make_settings: Any, tmp_
         JWT_SECRET=settings.jwt_secret.get_secret_value(),
         BACKUP_DIR=settings.backup_dir,
         ARCHIVE_INTERVAL="1",
+        HOST="127.0.0.1",
+        ARCHIVER_METRICS_PORT=str(metrics_port),
         LOG_FORMAT="console",
     )
     client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(settings.mongodb_url)
@@ -95,6 +114,10 @@ async def test_restore_to_moments_while_writes_continue(make_settings: Any, tmp_
         )
         assert backup.returncode == 0, backup.stderr
         await asyncio.sleep(6)
+        # The archiver's lag, as Prometheus scrapes it: a second or two at ARCHIVE_INTERVAL=1.
+        metrics = await asyncio.to_thread(_scrape, f"http://127.0.0.1:{metrics_port}/metrics")
+        assert 0 <= metrics["taskmanager_archive_lag_seconds"] < 10, metrics
+        assert metrics["taskmanager_archive_leader"] == 1
         stop.set()
         await writer
         t_end = ledger[-1][0] + timedelta(milliseconds=5)

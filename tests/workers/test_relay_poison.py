@@ -314,9 +314,12 @@ async def test_poison_between_good_ones_end_to_end(
 
     # Fixed, then replayed: delivered.
     await ctx.store["events"].update_one({"_id": poison["_id"]}, {"$set": {"data": {"task": {}}}})
-    replayed = await cli("replay", "--ids", f"{poison['_id']},{ObjectId()}")
-    assert replayed.exit_code == 0, replayed.output
+    stranger = ObjectId()
+    replayed = await cli("replay", "--ids", f"{poison['_id']},{stranger}")
+    # The known one is replayed; the unknown id is named and makes the exit non-zero.
+    assert replayed.exit_code == 1, replayed.output
     assert "replayed 1 event(s)" in replayed.output
+    assert f"not set aside: {stranger}" in replayed.output
     await _eventually(lambda: _searchable(client, auth, "zebra", zebra), ON_TIME, "replayed")
     doc = await _doc(ctx, poison)
     assert "dispatched_at" in doc and "set_aside_at" not in doc
