@@ -31,6 +31,7 @@ import uuid
 
 import dramatiq
 import redis
+from dramatiq.broker import MessageProxy
 from dramatiq.brokers.redis import RedisBroker
 
 from config.connections import Connections
@@ -156,10 +157,7 @@ class WorkerHeartbeat(OutcomeMiddleware):
             self._in_flight.add(self._message_key(message))
 
     def message_ended(
-        self,
-        broker: dramatiq.Broker,
-        message: dramatiq.broker.MessageProxy,
-        exception: BaseException | None,
+        self, broker: dramatiq.Broker, message: MessageProxy, exception: BaseException | None
     ) -> None:
         """Count the message out, as processed or failed."""
         with self._lock:

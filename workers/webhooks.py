@@ -50,6 +50,7 @@ import dramatiq
 import structlog
 from aiohttp.abc import AbstractResolver, ResolveResult
 from bson import ObjectId
+from dramatiq.broker import MessageProxy
 
 from config.logging import get_logger
 from config.settings import Settings
@@ -99,10 +100,7 @@ class RetryRefund(OutcomeMiddleware):
     """
 
     def message_ended(
-        self,
-        broker: dramatiq.Broker,
-        message: dramatiq.broker.MessageProxy,
-        exception: BaseException | None,
+        self, broker: dramatiq.Broker, message: MessageProxy, exception: BaseException | None
     ) -> None:
         """Pre-pay the retry that ``Retries`` is about to count."""
         if isinstance(exception, Deferred):

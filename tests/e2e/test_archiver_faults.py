@@ -21,7 +21,7 @@ from pymongo import AsyncMongoClient
 
 from config.settings import Settings
 from core import archive
-from tests.e2e.helpers import Proc, clean_env, start, taskmanager_exe, wait_until
+from tests.e2e.helpers import Proc, process_env, start, taskmanager_exe, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -75,13 +75,9 @@ async def test_killed_archiver_resumes_without_gap_or_duplicate(
 ) -> None:
     settings: Settings = make_settings(backup_dir=str(tmp_path / "backups"))
     root = Path(settings.backup_dir) / "archive"
-    env = clean_env(
+    env = process_env(
+        settings,
         APP_ENV="test",
-        MONGODB_URL=settings.mongodb_url or "",
-        MONGODB_DB=settings.mongodb_db,
-        REDIS_URL=settings.redis_url or "",
-        REDIS_PREFIX=settings.redis_prefix,
-        JWT_SECRET=settings.jwt_secret.get_secret_value(),
         BACKUP_DIR=settings.backup_dir,
         ARCHIVE_INTERVAL="1",
         ARCHIVER_METRICS_PORT="0",

@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from pymongo import AsyncMongoClient
 
 from config.settings import Settings
-from tests.e2e.helpers import clean_env, start, taskmanager_exe
+from tests.e2e.helpers import process_env, start, taskmanager_exe
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -81,13 +81,9 @@ def _restore(env: dict[str, str], at: datetime, into: str) -> subprocess.Complet
 async def test_restore_to_moments_while_writes_continue(make_settings: Any, tmp_path: Path) -> None:
     settings: Settings = make_settings(backup_dir=str(tmp_path / "backups"))
     metrics_port = _free_port()
-    env = clean_env(
+    env = process_env(
+        settings,
         APP_ENV="test",
-        MONGODB_URL=settings.mongodb_url or "",
-        MONGODB_DB=settings.mongodb_db,
-        REDIS_URL=settings.redis_url or "",
-        REDIS_PREFIX=settings.redis_prefix,
-        JWT_SECRET=settings.jwt_secret.get_secret_value(),
         BACKUP_DIR=settings.backup_dir,
         ARCHIVE_INTERVAL="1",
         HOST="127.0.0.1",
