@@ -73,8 +73,10 @@ from core.backup_format import (
     ID_RE,
     SKIP,
     data_collections,
+    fsync_dir,
     operation_time,
     read_manifest,
+    write_json_atomically,
 )
 from core.context import Context
 from core.errors import Conflict, FieldError, Invalid
@@ -178,26 +180,6 @@ def _new_chain_id() -> str:
     return f"{utcnow():%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_json(path: Path, value: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
-    os.fchmod(fd, FILE_MODE)
-    with os.fdopen(fd, "w") as out:
-        json.dump(value, out, indent=2)
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
 def _mkdir(path: Path) -> None:
     path.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
     os.chmod(path, DIR_MODE)
@@ -269,7 +251,7 @@ class SegmentWriter:
         self.file.close()
         final = self.chain_dir / segment_name(self.seq, self.start, end)
         os.replace(self.tmp, final)
-        _fsync_dir(self.chain_dir)
+        fsync_dir(self.chain_dir)
         return SegmentFile(final, self.seq, self.start, end)
 
     def abort(self) -> None:
@@ -593,7 +575,7 @@ class Archiver:
         covered = max(covered, ct_moment(end))
         seg = await asyncio.to_thread(writer.close, end, token, covered)
         await asyncio.to_thread(
-            _write_json,
+            write_json_atomically,
             self.root / STATE,
             {
                 "chain": position.chain,

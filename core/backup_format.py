@@ -17,6 +17,7 @@ Taking, listing and pruning backups is :mod:`core.backups`; verifying and restor
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -41,6 +42,32 @@ BATCH = 1000
 #: A backup holds password hashes and emails: its directory and files are the owner's only.
 DIR_MODE = 0o700
 FILE_MODE = 0o600
+
+
+def fsync_dir(path: Path) -> None:
+    """Make the entries of directory ``path`` (a rename into it) survive a crash."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json_atomically(path: Path, value: dict[str, Any]) -> None:
+    """Write ``value`` as JSON to ``path`` (mode :data:`FILE_MODE`) so that a reader sees the
+    old file or the whole new one, and the new one survives a crash: written aside, fsynced,
+    renamed into place, then the directory fsynced."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
+    os.fchmod(fd, FILE_MODE)
+    with os.fdopen(fd, "w") as out:
+        json.dump(value, out, indent=2)
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
 #: What a manifest may name as a collection's file: one plain name inside the backup's
 #: directory (as ``core.backups`` writes them), never a path leaving it.
 FILE_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,250}\.bson\.gz")

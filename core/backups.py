@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import gzip
 import hashlib
-import json
 import os
 import re
 import secrets
@@ -55,6 +54,7 @@ from core.backup_format import (
     operation_time,
     read_manifest,
     to_json,
+    write_json_atomically,
 )
 from core.context import Context
 from core.errors import Conflict, NotFound
@@ -342,22 +342,6 @@ def _make_dir(path: Path) -> None:
     os.chmod(path, DIR_MODE)
 
 
-def _write_manifest(path: Path, manifest: dict[str, Any]) -> None:
-    tmp = path / (MANIFEST + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
-    os.fchmod(fd, FILE_MODE)
-    with os.fdopen(fd, "w") as out:
-        json.dump(manifest, out, indent=2)
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(tmp, path / MANIFEST)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)  # the rename itself must survive a crash
-    finally:
-        os.close(fd)
-
-
 async def create(
     ctx: Context,
     backup_id: str | None = None,
@@ -524,7 +508,7 @@ async def _take(
             "start": [start_ct.time, start_ct.inc],
             "consistent": [consistent_ct.time, consistent_ct.inc],
         }
-    await asyncio.to_thread(_write_manifest, path, manifest)
+    await asyncio.to_thread(write_json_atomically, path / MANIFEST, manifest)
     return manifest
 
 
