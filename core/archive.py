@@ -892,13 +892,7 @@ async def restore_at(
         at = at.replace(tzinfo=UTC)
     into = into or ctx.settings.mongodb_db
     client = ctx.store.client
-    present = await restoring.occupied(ctx, into)
-    if present and not drop:
-        listed = ", ".join(f"{n} ({c})" for n, c in sorted(present.items()))
-        raise Conflict(
-            f"Database {into!r} holds data: {listed}. Restore with drop (--drop) to replace it, "
-            "or into another database"
-        )
+    await restoring.refuse_occupied(ctx, into, drop=drop)
     started = time.monotonic()
     plan_ = await asyncio.to_thread(plan, ctx.settings, at, progress)
     scratch = _scratch_name(into)

@@ -232,6 +232,18 @@ async def occupied(ctx: Context, database: str | None = None) -> dict[str, int]:
     return counts
 
 
+async def refuse_occupied(ctx: Context, database: str, *, drop: bool) -> None:
+    """Refuse (:class:`Conflict`) to restore into ``database`` while it holds data, unless
+    ``drop``: restoring over data would mix two states."""
+    present = await occupied(ctx, database)
+    if present and not drop:
+        listed = ", ".join(f"{n} ({c})" for n, c in sorted(present.items()))
+        raise Conflict(
+            f"Database {database!r} holds data: {listed}. Restoring would mix two states; "
+            "restore with drop (--drop) to replace it, or into another database"
+        )
+
+
 async def restore(
     ctx: Context,
     backup_id: str,
@@ -259,13 +271,7 @@ async def restore(
     assert manifest is not None  # verified
     store = ctx.store if database is None else Store(ctx.store.client, database)
     db = store.db
-    present = await occupied(ctx, db.name)
-    if present and not drop:
-        listed = ", ".join(f"{n} ({c})" for n, c in sorted(present.items()))
-        raise Conflict(
-            f"Database {db.name!r} holds data: {listed}. Restoring would mix two states; "
-            "restore with drop (--drop) to replace it, or into another database"
-        )
+    await refuse_occupied(ctx, db.name, drop=drop)
     started = time.monotonic()
     dropped = []
     if drop:
