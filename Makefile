@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test lint typecheck pytest bench clean browser promtool
+.PHONY: install run test lint typecheck pytest bench chaos clean browser promtool nginx
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -58,8 +58,29 @@ pytest: install browser promtool
 
 test: lint typecheck pytest
 
+# Runs the benchmarks (about 25 min, bounded) and writes BENCHMARKS.md and docs/bench/*.png.
+# SOAK_SECONDS sets the memory soak's length (the issue's 10 minutes by default).
+SOAK_SECONDS ?= 600
+
 bench: install
-	$(BIN)/python -m bench
+	$(BIN)/python -m bench report --soak-seconds $(SOAK_SECONDS)
+
+# The chaos runner (chaos/, writes RELIABILITY.md) puts Debian's nginx in front of two web
+# processes for the rolling-restart scenario: install the package when missing and root.
+NGINX := /usr/sbin/nginx
+
+nginx:
+	@if [ -x $(NGINX) ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "make: installing Debian's nginx for the chaos runner"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light >/dev/null; \
+	else \
+	  echo "make: $(NGINX) is missing and this is not root: run 'sudo apt-get install nginx-light'" \
+	    "(the rolling-restart scenario of make chaos fails without it)"; \
+	fi
+
+chaos: install nginx
+	$(BIN)/python -m chaos
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

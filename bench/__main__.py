@@ -1,13 +1,26 @@
 """``python -m bench [NAME] [options]``: run one benchmark, or every one with no name.
 
-``make bench`` runs them all with their defaults; each prints its report and writes it to
-``bench/results/<name>-latest.txt``. Options follow a name (``python -m bench api --help``).
+Each prints its report and writes it to ``bench/results/<name>-latest.txt``. Options follow a
+name (``python -m bench api --help``). ``make bench`` runs ``report``, which runs api, workers,
+peers, growth and soak in one run and writes BENCHMARKS.md (dr and fairness are read from
+their results files, not re-run).
 
 - ``api``: throughput and latency of the task endpoints beside the bare-aiohttp ceiling and
   the raw store cost, in one run (bench/api.py);
 - ``steps``: the CPU cost of single steps of a request (bench/steps.py);
 - ``workers``: no-op throughput of our broker set-up beside bare Dramatiq, and events through
-  the real actors at a steady write rate with write-to-effect latencies (bench/workers.py).
+  the real actors at a steady write rate with write-to-effect latencies (bench/workers.py);
+- ``dr``: disaster recovery with real processes: the archiver's RPO under steady writes, the
+  RTO of a point-in-time restore of 100k tasks, the archiver's CPU per 1,000 writes
+  (bench/dr.py);
+- ``fairness``: one user's burst beside another's writes, and 100 users' bursts, with fair
+  dispatch off and on side by side (bench/fairness.py);
+- ``peers``: bare Dramatiq, Celery and RQ doing one Redis INCR per message (bench/peers.py);
+- ``growth``: list, search, stats and activity latency from 100 to 10,000 tasks per user
+  (bench/growth.py);
+- ``soak``: memory of every process over a soak under a mixed load (bench/soak.py);
+- ``report``: ``make bench``: runs api, workers, peers, growth and soak and writes
+  BENCHMARKS.md with plots in docs/bench/ (bench/report.py).
 """
 
 from __future__ import annotations
@@ -22,6 +35,13 @@ BENCHMARKS: dict[str, str] = {
     "api": "bench.api",
     "steps": "bench.steps",
     "workers": "bench.workers",
+    "dr": "bench.dr",
+    "fairness": "bench.fairness",
+    "peers": "bench.peers",
+    "growth": "bench.growth",
+    "soak": "bench.soak",
+    #: Runs api, workers, peers, growth and soak and writes BENCHMARKS.md (``make bench``).
+    "report": "bench.report",
 }
 
 
@@ -48,6 +68,8 @@ def main(argv: list[str]) -> int:
         return 2
     status = 0
     for name in BENCHMARKS:
+        if name == "report":  # runs the others again; ``python -m bench report`` on its own
+            continue
         status = max(status, runner(name)([]))
     return status
 

@@ -15,6 +15,7 @@ import click
 from cli.common import load_settings, run_async
 from config.connections import Connections
 from config.logging import get_logger, setup_logging
+from config.settings import Settings
 from core import archive, archive_metrics
 from core import restore as restoring
 from core.context import Context, open_context
@@ -69,23 +70,24 @@ def _moment(at: str) -> datetime:
         raise click.BadParameter(f"{at!r} is not an ISO 8601 moment", param_hint="--at") from exc
 
 
-def verify_at(at: str) -> None:
+def verify_at(at: str, settings: Settings | None = None) -> None:
     """``backup verify --at AT``: check the full backup and every segment a restore to AT
-    would use, writing nothing (exit 1 naming the file or the moment otherwise)."""
-    settings = load_settings(need_services=False)
-    setup_logging(settings, process="cli")
+    would use, writing nothing (exit 1 naming the file or the moment otherwise). ``settings``:
+    those of the caller (``BACKUP_DIR`` a folder downloaded from a target, say)."""
+    if settings is None:
+        settings = load_settings(need_services=False)
+        setup_logging(settings, process="cli")
     moment = _moment(at)
     try:
         chosen = archive.plan(settings, moment, None)
     except AppError as exc:
         raise click.ClickException(exc.detail) from exc
     report = restoring.verify(chosen.backup.path)
-    if not report.ok:
-        for problem in report.problems:
+    problems = report.problems
+    if problems:
+        for problem in problems:
             click.echo(f"problem: {problem}", err=True)
-        raise click.ClickException(
-            f"full backup {chosen.backup.id}: {len(report.problems)} problem(s)"
-        )
+        raise click.ClickException(f"full backup {chosen.backup.id}: {len(problems)} problem(s)")
     click.echo(
         f"{moment.isoformat()}: restorable from full backup {chosen.backup.id} plus "
         f"{chosen.events} events in {len(chosen.segments)} segment(s) of chain "
@@ -93,10 +95,14 @@ def verify_at(at: str) -> None:
     )
 
 
-def restore_at(at: str, into: str | None, drop: bool, yes: bool) -> None:
-    """``backup restore --at AT [--into DB] [--drop] [--yes]``."""
-    settings = load_settings()
-    setup_logging(settings, process="cli")
+def restore_at(
+    at: str, into: str | None, drop: bool, yes: bool, settings: Settings | None = None
+) -> None:
+    """``backup restore --at AT [--into DB] [--drop] [--yes]``; ``settings``: those of the
+    caller (``BACKUP_DIR`` a folder downloaded from a target, say)."""
+    if settings is None:
+        settings = load_settings()
+        setup_logging(settings, process="cli")
     moment = _moment(at)
     target = into or settings.mongodb_db
     try:

@@ -7,8 +7,11 @@ worker); every command reads ``BACKUP_DIR`` from the environment like the other 
 from __future__ import annotations
 
 import sys
+import tempfile
 from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
+from datetime import datetime
+from pathlib import Path
 from typing import Any, TypeVar
 
 import click
@@ -17,7 +20,14 @@ from cli.common import echo_table, load_settings, run_async
 from config.connections import Connections
 from config.logging import setup_logging
 from config.settings import Settings
-from core import archive, backup_format, backups, restore
+from core import (
+    archive,
+    backup_format,
+    backup_replication,
+    backup_targets,
+    backups,
+    restore,
+)
 from core.context import Context, open_context
 from core.errors import AppError
 from core.pagination import PageQuery
@@ -109,6 +119,46 @@ def backup_create() -> None:
     click.echo(f"path {result.path}")
     if result.pruned:
         click.echo(f"pruned {len(result.pruned)} older backup(s): {', '.join(result.pruned)}")
+    _echo_reports(result.replicated)
+
+
+def _echo_reports(reports: list[backup_replication.SyncReport]) -> None:
+    for r in reports:
+        if r.ok:
+            click.echo(
+                f"target {r.target} ({r.where}): up to date; uploaded {len(r.uploaded_fulls)} "
+                f"full backup(s), {r.uploaded_segments} segment(s), {_size(r.bytes)}; deleted "
+                f"{len(r.deleted_fulls)} full backup(s), {r.deleted_segments} segment(s)"
+            )
+        else:
+            click.echo(
+                f"target {r.target} ({r.where}): replication FAILED ({r.error}); the local "
+                "backup is complete, `taskmanager backup replicate` catches up",
+                err=True,
+            )
+
+
+@backup.command("replicate")
+@click.option(
+    "--target", "only", multiple=True, help="Only this target (primary, offsite); repeatable."
+)
+def backup_replicate(only: tuple[str, ...]) -> None:
+    """Copy to the remote targets (BACKUP_TARGET, BACKUP_OFFSITE_TARGET) what they lack of
+    BACKUP_DIR (full backups, manifest last; archive segments), then apply each one's
+    retention; exit 1 when a target failed."""
+    settings = load_settings_for_files()
+    try:
+        configured = backup_targets.remote_targets(settings)
+    except backup_targets.TargetError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if not configured:
+        raise click.ClickException(
+            "no remote target: set BACKUP_TARGET (and BACKUP_OFFSITE_TARGET)"
+        )
+    reports = backup_replication.replicate(settings, only or None)
+    _echo_reports(reports)
+    if not all(r.ok for r in reports):
+        sys.exit(1)
 
 
 @backup.command("list")
@@ -126,10 +176,14 @@ def backup_list(limit: int, as_json: bool) -> None:
 
     records = {r.id: r for r in _run(settings, work)}
     disk = {d.id: d for d in backups.scan(settings)}
+    remote = _remote_holdings(settings)
     rows = [
         _row(backup_id, records.get(backup_id), disk.get(backup_id))
         for backup_id in sorted(set(records) | set(disk), reverse=True)[:limit]
     ]
+    for row in rows:
+        held = ["local"] if row["on_disk"] == "complete" else []
+        row["targets"] = held + [n for n, h in remote.items() if h and row["id"] in h.fulls]
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
@@ -139,6 +193,49 @@ def backup_list(limit: int, as_json: bool) -> None:
     else:
         _backup_table(rows)
     _echo_windows(windows)
+    _echo_targets(settings, remote)
+
+
+def _remote_holdings(settings: Settings) -> dict[str, backup_replication.Holdings | None]:
+    """What each remote target holds (``None``: it could not be listed)."""
+    out: dict[str, backup_replication.Holdings | None] = {}
+    try:
+        configured = backup_targets.remote_targets(settings)
+    except backup_targets.TargetError as exc:
+        click.echo(f"targets: {exc}", err=True)
+        return out
+    for target in configured:
+        try:
+            out[target.name] = backup_replication.holdings(target.keys())
+        except Exception as exc:
+            out[target.name] = None
+            click.echo(f"target {target.name}: not listed ({type(exc).__name__}: {exc})", err=True)
+        finally:
+            target.close()
+    return out
+
+
+def _echo_targets(
+    settings: Settings, remote: dict[str, backup_replication.Holdings | None]
+) -> None:
+    """One line per remote target: what it holds, its last replication and last failure."""
+    status = backup_replication.read_status(settings)
+    for name, held in remote.items():
+        entry = status.get(name, {})
+        holds = (
+            "unreachable now"
+            if held is None
+            else f"{len(held.fulls)} full backup(s), "
+            f"{sum(len(s) for s in held.segments.values())} segment(s)"
+            + (f", {len(held.partial)} incomplete" if held.partial else "")
+        )
+        line = f"target {name}: {holds}; last replicated {entry.get('last_ok', 'never')}"
+        if entry.get("last_failure") and entry["last_failure"] >= entry.get("last_ok", ""):
+            line += (
+                f"; LAST REPLICATION FAILED at {entry['last_failure']} "
+                f"({entry.get('failures', 0)} failure(s) in all): {entry.get('last_error')}"
+            )
+        click.echo(line)
 
 
 def _echo_windows(windows: list[archive.Window]) -> None:
@@ -159,7 +256,7 @@ def _echo_windows(windows: list[archive.Window]) -> None:
 
 def _backup_table(rows: list[dict[str, Any]]) -> None:
     echo_table(
-        ["ID", "STATUS", "STARTED", "SIZE", "DOCUMENTS", "COLLECTIONS", "ON DISK"],
+        ["ID", "STATUS", "STARTED", "SIZE", "DOCUMENTS", "COLLECTIONS", "ON DISK", "TARGETS"],
         [
             [
                 str(r["id"]),
@@ -169,6 +266,7 @@ def _backup_table(rows: list[dict[str, Any]]) -> None:
                 "-" if r["documents"] is None else str(r["documents"]),
                 "-" if r["collections"] is None else str(r["collections"]),
                 str(r["on_disk"]),
+                ",".join(r["targets"]) or "-",
             ]
             for r in rows
         ],
@@ -203,12 +301,63 @@ def _row(
     }
 
 
+@contextmanager
+def fetched(
+    settings: Settings,
+    source: str | None,
+    *,
+    backup_id: str | None = None,
+    at: datetime | None = None,
+) -> Iterator[Settings]:
+    """``settings`` as they are without ``source``; else with ``BACKUP_DIR`` a temporary
+    folder (0700, removed afterwards) holding what a restore of ``backup_id`` (or to ``at``)
+    needs, downloaded from the target ``source`` (``primary``, ``offsite``, ``local`` or a
+    target URL). Checking it is left to the restore or verify that follows."""
+    if source is None:
+        yield settings
+        return
+    try:
+        target = backup_targets.find_target(settings, source)
+    except backup_targets.TargetError as exc:
+        raise click.ClickException(str(exc)) from exc
+    with tempfile.TemporaryDirectory(prefix="taskmanager-restore-") as tmp:
+        click.echo(f"downloading from target {target.name} ({target.describe()})", err=True)
+        try:
+            if backup_id is not None:
+                backup_replication.fetch_backup(target, backup_id, Path(tmp))
+            elif at is not None:
+                backup_replication.fetch_for_moment(target, at, Path(tmp))
+        except backup_targets.TargetError as exc:
+            raise click.ClickException(str(exc)) from exc
+        except Exception as exc:  # boto3's errors, OSError: the target did not answer
+            raise click.ClickException(
+                f"target {target.name} ({target.describe()}): {type(exc).__name__}: {exc}"
+            ) from exc
+        finally:
+            target.close()
+        yield settings.model_copy(update={"backup_dir": tmp})
+
+
+_FROM_HELP = (
+    "Read the backup from this target (primary, offsite, or a target URL) instead of "
+    "BACKUP_DIR: it is downloaded into a temporary folder first."
+)
+
+
+def _at_moment(at: str) -> datetime:
+    try:
+        return archive.parse_moment(at)
+    except ValueError as exc:
+        raise click.BadParameter(f"{at!r} is not an ISO 8601 moment", param_hint="--at") from exc
+
+
 @backup.command("verify")
 @click.argument("backup_id", metavar="[ID]", required=False)
 @click.option(
     "--at", "at", default=None, help="Check what a restore to this moment (ISO 8601) would use."
 )
-def backup_verify(backup_id: str | None, at: str | None) -> None:
+@click.option("--from", "source", default=None, help=_FROM_HELP)
+def backup_verify(backup_id: str | None, at: str | None, source: str | None) -> None:
     """Check a backup's files against its manifest, or (--at) the full backup and every archive
     segment a restore to that moment needs (exit 1 on any problem)."""
     if at is not None:
@@ -216,21 +365,30 @@ def backup_verify(backup_id: str | None, at: str | None) -> None:
 
         if backup_id is not None:
             raise click.UsageError("give a backup ID or --at, not both")
-        verify_at(at)
+        base = load_settings_for_files()
+        with fetched(base, source, at=_at_moment(at)) as settings:
+            verify_at(at, settings)
         return
     if backup_id is None:
         raise click.UsageError("give a backup ID or --at")
-    settings = load_settings_for_files()
+    with ExitStack() as stack:
+        base = load_settings_for_files()
+        settings = stack.enter_context(fetched(base, source, backup_id=backup_id))
+        _verify_id(settings, backup_id)
+
+
+def _verify_id(settings: Settings, backup_id: str) -> None:
     try:
         path = backup_format.locate(settings, backup_id)
     except AppError as exc:
         raise click.ClickException(exc.detail) from exc
     with _bars("verify") as progress:
         report = restore.verify(path, progress)
-    if not report.ok:
-        for problem in report.problems:
+    problems = report.problems
+    if problems:
+        for problem in problems:
             click.echo(f"problem: {problem}", err=True)
-        click.echo(f"backup {backup_id}: {len(report.problems)} problem(s)")
+        click.echo(f"backup {backup_id}: {len(problems)} problem(s)")
         sys.exit(1)
     click.echo(
         f"backup {backup_id}: ok ({sum(report.collections.values())} documents in "
@@ -249,6 +407,7 @@ def backup_verify(backup_id: str | None, at: str | None) -> None:
 @click.option("--at", "at", default=None, help="Point in time (ISO 8601) instead of an ID.")
 @click.option("--into", default=None, help="With --at: the target database (default MONGODB_DB).")
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+@click.option("--from", "source", default=None, help=_FROM_HELP)
 def backup_restore(
     backup_id: str | None,
     drop: bool,
@@ -256,19 +415,28 @@ def backup_restore(
     at: str | None,
     into: str | None,
     yes: bool,
+    source: str | None,
 ) -> None:
     """Restore a backup (ID) or the database as it was at a moment (--at, from a full backup
-    and the archive); stop web, workers, scheduler and archiver first."""
+    and the archive), from BACKUP_DIR or (--from) a remote target; stop web, workers,
+    scheduler and archiver first."""
     if at is not None:
         from cli.archive import restore_at
 
         if backup_id is not None:
             raise click.UsageError("give a backup ID or --at, not both")
-        restore_at(at, into or database, drop, yes)
+        with fetched(_settings(), source, at=_at_moment(at)) as settings:
+            restore_at(at, into or database, drop, yes, settings)
         return
     if backup_id is None:
         raise click.UsageError("give a backup ID or --at")
-    settings = _settings()
+    with fetched(_settings(), source, backup_id=backup_id) as settings:
+        _restore_id(settings, backup_id, drop, database, yes)
+
+
+def _restore_id(
+    settings: Settings, backup_id: str, drop: bool, database: str | None, yes: bool
+) -> None:
     target = database or settings.mongodb_db
     try:
         path = backup_format.locate(settings, backup_id)

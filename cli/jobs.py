@@ -64,14 +64,18 @@ def scheduler() -> None:
     run_async(go)
 
 
-@click.command()
+@click.group(invoke_without_command=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def schedules(as_json: bool) -> None:
-    """The schedule: each job's trigger, next run, last run and the current leader.
+@click.pass_context
+def schedules(click_ctx: click.Context, as_json: bool) -> None:
+    """The schedule: each job's trigger, next run, last run and the current leader
+    (``schedules history NAME``: a job's latest runs).
 
     The next run is the one the scheduler computed and stored (``schedules`` collection,
     written by the leader from the job's trigger and the last slot it fired); ``-`` until a
     scheduler has published it. Times are UTC (ISO 8601)."""
+    if click_ctx.invoked_subcommand is not None:
+        return
     settings = load_settings(read_only=True)
 
     async def go() -> list[dict[str, Any]]:
@@ -102,6 +106,59 @@ def schedules(as_json: bool) -> None:
             for row in rows
         ],
     )
+
+
+@schedules.command("history")
+@click.argument("name")
+@click.option(
+    "--limit", type=click.IntRange(1, 100), default=20, show_default=True, help="Runs to show."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def schedules_history(name: str, limit: int, as_json: bool) -> None:
+    """A scheduled job's latest runs, newest first: the slot it fired for, status, start,
+    duration and error (runs are kept 30 days). Exits 1 for a name not in the schedule."""
+    from web.handlers.history import run_out
+
+    names = [job.name for job in SCHEDULE]
+    if name not in names:
+        raise click.ClickException(
+            f"no scheduled job named {name!r} (the schedule: {', '.join(names)})"
+        )
+    settings = load_settings(read_only=True)
+
+    async def go() -> list[dict[str, Any]]:
+        async with open_context(settings, Connections(settings)) as ctx:
+            return await jobruns.recent(ctx, name, limit)
+
+    runs = [run_out(run) for run in run_async(go)]
+    if as_json:
+        echo_json([run.model_dump() for run in runs])
+        return
+    if not runs:
+        click.echo(f"{name}: no runs")
+        return
+    echo_table(
+        ["FIRE KEY", "SCHEDULED", "STATUS", "STARTED", "DURATION", "MANUAL", "ERROR"],
+        [
+            [
+                run.fire_key,
+                iso(run.scheduled_for),
+                run.status,
+                iso(run.started_at),
+                "-" if run.duration_seconds is None else f"{run.duration_seconds:.3f}s",
+                "yes" if run.manual else "no",
+                _one_line(run.error),
+            ]
+            for run in runs
+        ],
+    )
+
+
+def _one_line(text: str | None, width: int = 60) -> str:
+    if not text:
+        return "-"
+    line = " ".join(text.split())
+    return line if len(line) <= width else line[: width - 1] + "…"
 
 
 def _last_json(run: dict[str, Any] | None) -> dict[str, Any] | None:

@@ -4,7 +4,19 @@ from __future__ import annotations
 
 import click
 
-from cli import admin, archive, backup, jobs, monitor, outbox, processes, queues, reindex
+from cli import (
+    admin,
+    archive,
+    backlog,
+    backup,
+    jobs,
+    messages,
+    monitor,
+    outbox,
+    processes,
+    queues,
+    reindex,
+)
 from cli.common import DEFAULT_DATA_DIR, set_service_options
 
 
@@ -38,17 +50,29 @@ for command in (
     reindex.reindex,
     queues.queues,
     queues.dead,
+    messages.message,
     queues.healthcheck,
     monitor.workers,
     monitor.stats,
+    monitor.health,
     jobs.scheduler,
     jobs.schedules,
     jobs.run_job,
     backup.backup,
     archive.archiver,
     outbox.outbox,
+    backlog.backlog,
 ):
     main.add_command(command)
+# One message at a time and pausing (cli/messages.py), under the queue commands' groups.
+for group, sub in (
+    (queues.queues, messages.queues_messages),
+    (queues.queues, messages.queues_pause),
+    (queues.queues, messages.queues_resume),
+    (queues.dead, messages.dead_show),
+    (queues.dead, messages.dead_delete),
+):
+    group.add_command(sub)
 
 
 if __name__ == "__main__":

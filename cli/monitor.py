@@ -1,16 +1,19 @@
-"""The overview commands: ``taskmanager workers`` (each live worker process) and
-``taskmanager stats`` (platform totals, optionally repeated with ``--watch``), in the manner
-of ``rq info`` and ``sidekiqmon``. Both only read, so they need no ``JWT_SECRET``."""
+"""The overview commands: ``taskmanager workers`` (each live worker process and what its
+threads run), ``taskmanager stats`` (platform totals, optionally repeated with ``--watch``), in
+the manner of ``rq info`` and ``sidekiqmon``, and ``taskmanager health`` (the checks of
+``GET /admin/health``, with an exit status scripts can alert on). All only read, so they need
+no ``JWT_SECRET``."""
 
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
-from typing import Any
+from typing import Any, cast
 
 import click
 
-from cli.common import broker_settings, echo_json, echo_table, iso
+from cli.common import broker_settings, echo_json, echo_table, iso, load_settings, run_async
 from config.connections import Connections
 from config.settings import Settings
 
@@ -38,8 +41,9 @@ def _worker_settings() -> Settings:
 @click.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def workers(as_json: bool) -> None:
-    """Live worker processes: host, pid, state, queues, threads, busy (running now),
-    processed and failed (since the process started), started and last beat (UTC)."""
+    """Live worker processes: host, pid, state, threads, busy (running now), processed and
+    failed (since the process started), resident memory, uptime and last beat; under each,
+    what its busy threads run (thread, actor, queue, message id, for how long, arguments)."""
     found = _registry(_worker_settings())
     if as_json:
         echo_json([dataclasses.asdict(w) for w in found])
@@ -48,7 +52,20 @@ def workers(as_json: bool) -> None:
         click.echo("no live workers")
         return
     echo_table(
-        ["ID", "HOST", "PID", "STATE", "THREADS", "BUSY", "PROCESSED", "FAILED", "STARTED", "BEAT"],
+        [
+            "ID",
+            "HOST",
+            "PID",
+            "STATE",
+            "THREADS",
+            "BUSY",
+            "PROCESSED",
+            "FAILED",
+            "RSS",
+            "UPTIME",
+            "STARTED",
+            "BEAT",
+        ],
         [
             [
                 w.id[:12],
@@ -59,12 +76,49 @@ def workers(as_json: bool) -> None:
                 str(w.in_flight),
                 str(w.processed),
                 str(w.failed),
+                _mib(w.rss_bytes),
+                _duration(w.uptime_seconds),
                 iso(w.started_at),
                 f"{w.heartbeat_age_seconds:.1f}s ago",
             ]
             for w in found
         ],
     )
+    busy = [(w, b) for w in found for b in w.busy]
+    if busy:
+        click.echo("")
+        echo_table(
+            ["WORKER", "THREAD", "ACTOR", "QUEUE", "MESSAGE", "RUNNING", "STARTED", "ARGS"],
+            [
+                [
+                    w.id[:12],
+                    b.thread,
+                    b.actor,
+                    b.queue,
+                    b.message_id,
+                    _duration(b.running_seconds),
+                    iso(b.started_at),
+                    b.args_summary,
+                ]
+                for w, b in busy
+            ],
+        )
+
+
+def _mib(value: int | None) -> str:
+    return "-" if value is None else f"{value / 2**20:.0f}MiB"
+
+
+def _duration(seconds: float) -> str:
+    """``42s``, ``3m05s``, ``2h07m``, ``3d04h``."""
+    s = int(seconds)
+    if s < 60:
+        return f"{seconds:.0f}s" if seconds >= 1 else f"{seconds:.1f}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
 
 
 def _delayed_split(inspector: Any) -> tuple[int | None, int | None]:
@@ -139,11 +193,28 @@ def _now() -> Any:
     default=None,
     help="With --watch: stop after this many prints.",
 )
-def stats(as_json: bool, watch: float | None, count: int | None) -> None:
+@click.option(
+    "--history",
+    type=click.Choice(["1h", "24h"]),
+    is_flag=False,
+    flag_value="1h",
+    default=None,
+    help="Instead: per queue, processed and failed over the last hour (by minute) or day (by "
+    "10 minutes), with a sparkline; --history alone is 1h.",
+)
+def stats(as_json: bool, watch: float | None, count: int | None, history: str | None) -> None:
     """Totals over the platform: processed and failed (messages run and failed attempts, by the
     live worker processes since each started), busy (running now), enqueued (ready), retrying
     and scheduled (delayed: retries waiting for their backoff, messages sent with a delay),
-    dead (dead-lettered), plus live workers and the oldest waiting message's age."""
+    dead (dead-lettered), plus live workers and the oldest waiting message's age.
+
+    With --history: the history the workers keep in Redis (24 h): per queue, attempts
+    processed (succeeded or failed) and failed, and a sparkline of processed."""
+    if history is not None:
+        if watch is not None:
+            raise click.UsageError("--history and --watch do not go together")
+        _echo_history(_read_history(_worker_settings(), history), as_json=as_json)
+        return
     from workers.broker import build_broker
 
     settings = broker_settings()
@@ -176,3 +247,95 @@ def _echo_totals(totals: dict[str, Any], *, header: bool) -> None:
         click.echo(f"{name:<10} {'-' if value is None else value}")
     click.echo(f"{'workers':<10} {totals['workers']} ({totals['threads']} threads)")
     click.echo(f"{'oldest':<10} {'-' if age is None else f'{age:.1f}s'}")
+
+
+# -- stats --history -------------------------------------------------------------------------
+
+#: Sparkline levels, lowest first (a zero is the lowest; any count at least the second).
+BARS = "▁▂▃▄▅▆▇█"
+#: At most this many characters of sparkline (24 h: 144 points, 3 to a character).
+SPARK_WIDTH = 60
+
+
+def _read_history(settings: Settings, window: str) -> Any:
+    import asyncio
+
+    from cli.common import service_errors
+    from core.history import Window, read_history
+
+    async def go() -> Any:
+        client = Connections(settings).redis()
+        try:
+            return await read_history(client, settings.redis_prefix, cast(Window, window))
+        finally:
+            await client.aclose()
+
+    with service_errors():
+        return asyncio.run(go())
+
+
+def sparkline(values: list[int], width: int = SPARK_WIDTH) -> str:
+    """``values`` as block characters, summed in groups so the line is at most ``width``."""
+    group = max(1, -(-len(values) // width))
+    sums = [sum(values[i : i + group]) for i in range(0, len(values), group)]
+    top = max(sums, default=0)
+    if top == 0:
+        return BARS[0] * len(sums)
+    levels = len(BARS) - 1
+    return "".join(BARS[0] if v == 0 else BARS[max(1, -(-v * levels // top))] for v in sums)
+
+
+def _echo_history(found: Any, *, as_json: bool) -> None:
+    if as_json:
+        echo_json(found.model_dump())
+        return
+    click.echo(
+        f"{found.window} from {iso(found.since)} to {iso(found.until)} "
+        f"(one point per {found.step_seconds} s)"
+    )
+    if not found.queues:
+        click.echo("no messages processed in this window")
+        return
+    rows = []
+    for queue, series in found.queues.items():
+        processed, failed = sum(series.processed), sum(series.failed)
+        rate = f"{100 * failed / processed:.1f}%" if processed else "-"
+        rows.append([queue, str(processed), str(failed), rate, sparkline(series.processed)])
+    echo_table(["QUEUE", "PROCESSED", "FAILED", "FAILED%", "PROCESSED OVER TIME"], rows)
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def health(as_json: bool) -> None:
+    """The platform's health, check by check (as GET /api/v1/admin/health): every queue
+    against its latency objective (QUEUE_LATENCY_OBJECTIVES), live workers, dead letters, the
+    outbox, the scheduler's leader and the archiver's lag.
+
+    Exit status: 0 when ok, 1 when degraded or failing (an unreachable service is a failing
+    check)."""
+    from core.context import open_context
+    from workers.broker import build_broker
+    from workers.health import health_summary
+
+    settings = load_settings(read_only=True)
+    connections = Connections(settings)
+    platform = build_broker(connections)
+
+    async def go() -> Any:
+        async with open_context(settings, connections) as ctx:
+            return await health_summary(ctx, platform.inspector)
+
+    try:
+        summary = run_async(go)
+    finally:
+        platform.close()
+    if as_json:
+        echo_json(summary.model_dump())
+    else:
+        echo_table(
+            ["CHECK", "STATUS", "DETAIL"],
+            [[name, c.status, c.detail] for name, c in summary.checks.items()],
+        )
+        click.echo(f"status: {summary.status}")
+    if summary.status != "ok":
+        sys.exit(1)

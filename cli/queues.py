@@ -34,7 +34,7 @@ def _backend_call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         raise click.ClickException(f"the broker is unreachable: {exc}") from exc
 
 
-@click.command()
+@click.group(invoke_without_command=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.option(
     "--max-age",
@@ -43,32 +43,51 @@ def _backend_call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     metavar="SECONDS",
     help="Exit 1 when a queue's next message has waited longer (for alerting scripts).",
 )
-def queues(as_json: bool, max_age: float | None) -> None:
-    """Per queue: ready, delayed, in progress, dead-lettered, latency of the next message.
+@click.pass_context
+def queues(ctx: click.Context, as_json: bool, max_age: float | None) -> None:
+    """Per queue: ready, delayed, in progress, dead-lettered, latency of the next message
+    (a paused queue is marked [paused]). Subcommands browse, pause and resume a queue.
 
     Exit status: 0, or 1 when --max-age is given and a queue's latency exceeds it (the
     breached queues are named on stderr)."""
     import dataclasses
 
+    if ctx.invoked_subcommand is not None:
+        return
     inspector = _inspector()
     stats = _backend_call(inspector.stats)
     breached = [
         s.queue for s in stats if max_age is not None and (s.oldest_age_seconds or 0.0) > max_age
     ]
+    from workers.health import objective  # latency objective (QUEUE_LATENCY_OBJECTIVES)
+
+    settings = broker_settings()
+    goals = {s.queue: objective(settings, s) for s in stats}
     if as_json:
-        echo_json([dataclasses.asdict(s) for s in stats])
+        echo_json(
+            [
+                {
+                    **dataclasses.asdict(s),
+                    "objective_seconds": goals[s.queue].objective_seconds,
+                    "objective_met": goals[s.queue].met,
+                }
+                for s in stats
+            ]
+        )
         _exit_on_breach(breached, max_age)
         return
     echo_table(
-        ["QUEUE", "READY", "DELAYED", "IN PROGRESS", "DEAD", "LATENCY"],
+        ["QUEUE", "READY", "DELAYED", "IN PROGRESS", "DEAD", "LATENCY", "OBJECTIVE"],
         [
             [
-                s.queue,
+                s.queue + (" [paused]" if s.paused else ""),
                 str(s.ready),
                 str(s.delayed),
                 or_dash(s.in_progress),
                 str(s.dead),
                 "-" if s.oldest_age_seconds is None else f"{s.oldest_age_seconds:.1f}s",
+                f"{goals[s.queue].objective_seconds:g}s "
+                + {True: "met", False: "BREACHED", None: "-"}[goals[s.queue].met],
             ]
             for s in stats
         ],
@@ -113,20 +132,42 @@ def dead() -> None:
 
 
 @dead.command("list")
+@click.argument("queue_arg", metavar="[QUEUE]", required=False)
 @click.option("--queue", "-q", "queue", default=None, help="One queue (default: all).")
+@click.option("--actor", default=None, help="Only this actor's dead letters.")
+@click.option("--error", default=None, help="Only those whose error or traceback contains this.")
 @click.option("--limit", type=click.IntRange(1, 200), default=50, show_default=True)
 @click.option("--cursor", default=None, help="Continue after a previous page.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def dead_list(queue: str | None, limit: int, cursor: str | None, as_json: bool) -> None:
-    """List dead letters, oldest first."""
+def dead_list(
+    queue_arg: str | None,
+    queue: str | None,
+    actor: str | None,
+    error: str | None,
+    limit: int,
+    cursor: str | None,
+    as_json: bool,
+) -> None:
+    """List dead letters, oldest first (of QUEUE, or every queue), filtered by --actor and
+    --error (a case-insensitive substring of the error or traceback)."""
     import dataclasses
 
+    if queue_arg and queue and queue_arg != queue:
+        raise click.UsageError("give the queue once (QUEUE or --queue)")
+    queue = queue or queue_arg
     inspector = _inspector()
     names = [queue] if queue else list(inspector.queues)
     items = []
     next_cursor = None
     for name in names:
-        page = _backend_call(inspector.dead, name, limit=limit, cursor=cursor if queue else None)
+        page = _backend_call(
+            inspector.dead,
+            name,
+            limit=limit,
+            cursor=cursor if queue else None,
+            actor=actor,
+            error=error,
+        )
         items += page.items
         next_cursor = page.next_cursor if queue else None
     if as_json:

@@ -85,6 +85,62 @@ def _check_url(variable: str, url: str, schemes: tuple[str, ...]) -> None:
             raise ValueError(f"{variable} has a bad port {port!r}")
 
 
+#: ``QUEUE_LATENCY_OBJECTIVES`` by default (seconds), and the objective of a queue it does not
+#: name (unless it names ``default``).
+DEFAULT_LATENCY_OBJECTIVES = (
+    "notifications=60,cache=60,search=120,webhooks=300,analytics=600,maintenance=900"
+)
+DEFAULT_LATENCY_OBJECTIVE = 300.0
+_OBJECTIVE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,100}")
+
+
+def parse_latency_objectives(value: str) -> dict[str, float]:
+    """``QUEUE_LATENCY_OBJECTIVES`` (``queue=seconds,...``) as a dict; ``ValueError`` naming
+    the bad item. The key ``default`` is the objective of queues not listed."""
+    out: dict[str, float] = {}
+    for item in (part.strip() for part in value.split(",")):
+        if not item:
+            continue
+        name, sep, seconds = (x.strip() for x in item.partition("="))
+        where = f"QUEUE_LATENCY_OBJECTIVES item {item!r}"
+        if not sep or not _OBJECTIVE_NAME.fullmatch(name):
+            raise ValueError(f"{where}: expected queue=seconds (e.g. webhooks=300)")
+        if name in out:
+            raise ValueError(f"{where}: queue {name!r} is given twice")
+        try:
+            number = float(seconds)
+        except ValueError:
+            number = float("nan")
+        if not 0 < number <= 7 * 86400:  # NaN fails too
+            raise ValueError(f"{where}: seconds must be a number above 0 and at most 604800")
+        out[name] = number
+    return out
+
+
+#: A ``FAIR_SHARE_WEIGHTS`` key: a user id, ``role:<role>`` (a class of users) or ``default``.
+_WEIGHT_KEY = re.compile(r"^(role:[a-z_]{1,32}|default|[A-Za-z0-9_-]{1,64})$")
+
+
+def parse_share_weights(value: str) -> dict[str, int]:
+    """``FAIR_SHARE_WEIGHTS`` (``key=weight,...``) as a dict; ``ValueError`` naming the bad
+    item. A key is a user id, ``role:<role>`` (every user of that role) or ``default`` (every
+    user not otherwise named; 1 unless given); a weight multiplies ``FAIR_SHARE_WINDOW``."""
+    out: dict[str, int] = {}
+    for item in (part.strip() for part in value.split(",")):
+        if not item:
+            continue
+        name, sep, weight = (x.strip() for x in item.partition("="))
+        where = f"FAIR_SHARE_WEIGHTS item {item!r}"
+        if not sep or not _WEIGHT_KEY.fullmatch(name):
+            raise ValueError(f"{where}: expected user_id=weight, role:<role>=weight or default=N")
+        if name in out:
+            raise ValueError(f"{where}: {name!r} is given twice")
+        if not weight.isdigit() or not 1 <= int(weight) <= 1000:
+            raise ValueError(f"{where}: the weight must be a whole number from 1 to 1000")
+        out[name] = int(weight)
+    return out
+
+
 _RATE_RE = re.compile(r"^\s*([1-9]\d*)\s*/\s*(second|minute|hour|day)\s*$")
 _PERIODS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
 
@@ -126,6 +182,17 @@ class Settings(BaseSettings):
     #: A message of an outbox event not finished this long after it was sent (or after its
     #: last retry's eta) is sent again by the relay (core/events.py, receipts).
     outbox_redeliver_after_s: float = Field(60.0, ge=0.5, le=86_400)
+    #: Latency objective per queue: the longest its next message may wait, in seconds
+    #: (``queue=seconds,...``; ``default=`` sets it for queues not listed, else
+    #: :data:`DEFAULT_LATENCY_OBJECTIVE`). Read through :meth:`latency_objective`.
+    queue_latency_objectives: str = DEFAULT_LATENCY_OBJECTIVES
+    #: Fair dispatch (workers/fairness.py): the relay keeps at most ``fair_share_window``
+    #: events of each user in flight (sent, side effects not all finished), times the user's
+    #: weight (``FAIR_SHARE_WEIGHTS``: ``user_id=4,role:admin=2,default=1``), and fills the
+    #: windows round-robin; ``FAIR_SHARE=false`` sends the outbox in order, as it was written.
+    fair_share: bool = True
+    fair_share_window: int = Field(16, ge=1, le=10_000)
+    fair_share_weights: str = ""
 
     #: Unset by default: every process needs a random one, except ``taskmanager run``
     #: (:attr:`generate_missing_jwt_secret`), which makes one up on loopback.
@@ -152,8 +219,18 @@ class Settings(BaseSettings):
     #: Complete backups kept in ``backup_dir``; older ones are pruned after each successful
     #: backup (28 = 7 days of the 6-hourly schedule).
     backup_keep: int = Field(28, ge=1)
-    #: Seconds between two archive segments at most (``taskmanager archiver``): the RPO.
-    archive_interval: float = Field(60, gt=0)
+    #: Seconds between two archive segments at most (``taskmanager archiver``): the RPO is this
+    #: plus the ~1 s a segment takes to close and its 1 s margin, so 50 keeps it under 60 s.
+    archive_interval: float = Field(50, gt=0)
+    #: Concurrent ``insert_many`` batches per collection while a backup is restored
+    #: (core/restore.py); bench/dr.py measured the default against SecantusDB.
+    restore_concurrency: int = Field(2, ge=1, le=32)
+    #: Remote copy of ``backup_dir`` (core/backup_targets.py): ``s3://bucket/prefix`` (options
+    #: ``?endpoint_url=http://host:9000&region=...&keep=N``) or ``file:///path``; credentials
+    #: from the AWS_* variables, never in the URL. Unset: the local folder only.
+    backup_target: str | None = None
+    #: A second remote copy, the off-site one (another region or provider); same forms.
+    backup_offsite_target: str | None = None
     admin_email: str | None = None
     admin_password: SecretStr | None = None
     webhook_allow_hosts: CommaList = []
@@ -217,6 +294,32 @@ class Settings(BaseSettings):
             _check_url(name.upper(), value, _URL_SCHEMES[name])
         return value
 
+    @field_validator("backup_target", "backup_offsite_target")
+    @classmethod
+    def _check_targets(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None and not value.strip():
+            return None
+        if value is not None:
+            parts = urlsplit(value.strip())
+            if parts.scheme not in ("s3", "file") or "@" in parts.netloc:
+                raise ValueError(
+                    f"{str(info.field_name).upper()} must be s3://bucket/prefix or "
+                    "file:///path, without credentials (those come from AWS_* variables)"
+                )
+        return value
+
+    @field_validator("queue_latency_objectives")
+    @classmethod
+    def _check_objectives(cls, value: str) -> str:
+        parse_latency_objectives(value)
+        return value
+
+    @field_validator("fair_share_weights")
+    @classmethod
+    def _check_weights(cls, value: str) -> str:
+        parse_share_weights(value)
+        return value
+
     @field_validator("trusted_proxies")
     @classmethod
     def _check_networks(cls, value: list[str]) -> list[str]:
@@ -274,6 +377,12 @@ class Settings(BaseSettings):
     def effective_broker_url(self) -> str | None:
         """The broker URL: ``BROKER_URL``, else ``REDIS_URL`` (``None``: in-process stand-in)."""
         return self.broker_url or self.redis_url
+
+    def latency_objective(self, queue: str) -> float:
+        """The latency objective of ``queue`` (seconds): ``QUEUE_LATENCY_OBJECTIVES``'s entry,
+        else its ``default``, else :data:`DEFAULT_LATENCY_OBJECTIVE`."""
+        objectives = parse_latency_objectives(self.queue_latency_objectives)
+        return objectives.get(queue, objectives.get("default", DEFAULT_LATENCY_OBJECTIVE))
 
     @property
     def rate_limit_parsed(self) -> tuple[int, int]:

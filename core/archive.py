@@ -3,10 +3,12 @@
 **The archiver** (``taskmanager archiver``, its own process, one leader at a time through a
 Redis lock, :class:`Archiver`) follows a change stream on the configured database and writes
 what it sees to ``BACKUP_DIR/archive/<chain>/`` as *segments*, at least every
-``ARCHIVE_INTERVAL`` seconds (60): gzip'd lines of canonical Extended JSON (types survive), the
-first line a header, then one change event per line (its ``clusterTime`` and ``wallTime``
-included), the last a trailer holding the stream's resume token, the cluster time the segment
-covers to, its event count and the sha256 of every line before it. A segment is written to a
+``ARCHIVE_INTERVAL`` seconds (50 by default: with the time a segment takes to close and the
+1 s margin it keeps, the largest loss window stays under 60 s, bench/dr.py): gzip'd lines of
+canonical Extended JSON (types survive), the first line a header, then one change event per
+line (its ``clusterTime`` and ``wallTime`` included), the last a trailer holding the stream's
+resume token, the cluster time the segment covers to, its event count and the sha256 of
+every line before it. A segment is written to a
 ``.tmp`` name, fsync'd, then renamed to ``<seq>_<from>_<to>.jsonl.gz`` (``from``/``to``: the
 cluster times ``<seconds>.<increment>`` it covers), so a half-written one is never read: a
 ``.tmp`` left by a killed archiver is deleted when the next one starts, and that one resumes
@@ -66,11 +68,13 @@ from pymongo.errors import BulkWriteError, OperationFailure, PyMongoError
 
 from config.logging import get_logger
 from config.settings import Settings
+from core import backup_replication
 from core import restore as restoring
 from core.backup_format import (
     DIR_MODE,
     FILE_MODE,
     ID_RE,
+    REPLAY_MARGIN,
     SKIP,
     data_collections,
     fsync_dir,
@@ -87,9 +91,6 @@ log = get_logger(__name__)
 ARCHIVE = "archive"
 STATE = "state.json"
 FORMAT = 1
-#: Events replayed from this long before a full backup's first read (idempotent, so harmless),
-#: in case a write acknowledged before the read began was not yet visible to it.
-REPLAY_MARGIN = 10
 SEGMENT_RE = re.compile(r"(\d{8})_(\d{1,12})\.(\d{1,10})_(\d{1,12})\.(\d{1,10})\.jsonl\.gz")
 #: Resume failures meaning the stream cannot continue where it stopped: a gap.
 GAP_CODES = frozenset({9, 260, 280, 286})
@@ -392,6 +393,9 @@ class Archiver:
         self.last_gap = 0.0
         #: An event read while closing a segment that belongs to the next one.
         self._carry: Doc | None = None
+        #: The background copy of new segments to the remote targets (core.backup_replication).
+        self._replicating: asyncio.Task[None] | None = None
+        self._replicate_again = False
 
     async def run(self) -> None:
         """Follow while leading; retry after an error; release the lock when cancelled."""
@@ -419,7 +423,32 @@ class Archiver:
         finally:
             for task in self.backups:
                 task.cancel()
+            if self._replicating is not None:
+                self._replicating.cancel()
             await self.lock.release()
+
+    def _replicate_soon(self) -> None:
+        """Copy new segments to the remote targets in the background, one run at a time (a
+        segment closed meanwhile is taken by a run right after): a slow or unreachable target
+        never holds the archive back."""
+        settings = self.ctx.settings
+        if not (settings.backup_target or settings.backup_offsite_target):
+            return
+        if self._replicating is not None and not self._replicating.done():
+            self._replicate_again = True
+            return
+        self._replicating = asyncio.create_task(self._replicate(), name="archive-replication")
+
+    async def _replicate(self) -> None:
+        again = True
+        while again:
+            self._replicate_again = False
+            try:
+                # Failures of a target are logged and counted there; this is for the rest.
+                await asyncio.to_thread(backup_replication.replicate, self.ctx.settings)
+            except Exception as exc:
+                log.error("archive.replication_failed", error=repr(exc))
+            again = self._replicate_again
 
     def _resume_point(self) -> _Position | None:
         """Where the last complete segment ended (``None``: start a new chain); :class:`Gap`
@@ -435,7 +464,10 @@ class Archiver:
         chain_dir = found[-1]
         segs = segments(chain_dir)
         state = _read_state(self.root)
-        if state and state.get("chain") == chain_dir.name and state["seq"] > len(segs):
+        # The newest sequence number, not the count: retention deletes a chain's oldest
+        # segments (core.backup_replication.prune_local_segments).
+        newest = segs[-1].seq if segs else 0
+        if state and state.get("chain") == chain_dir.name and state["seq"] > newest:
             raise Gap(f"state.json names segment {state['seq']} of {chain_dir.name}: missing")
         if not segs:
             return None
@@ -596,6 +628,7 @@ class Archiver:
             events=writer.events,
             lag_seconds=round(self.lag_seconds, 1),
         )
+        self._replicate_soon()
         return _Position(position.chain, seg.seq, seg.end, token)
 
 

@@ -11,7 +11,10 @@ The archiver is a process of its own: it serves these on ``HOST:ARCHIVER_METRICS
 - ``taskmanager_archive_segments_written_total``: segments this process wrote;
 - ``taskmanager_archive_gaps_total``: gaps this process detected (token refused, history
   rolled over, ``invalidate``, a segment missing), each healed by a new chain and a full backup;
-- ``taskmanager_archive_last_gap_timestamp_seconds``: Unix time of the last of those (0: none).
+- ``taskmanager_archive_last_gap_timestamp_seconds``: Unix time of the last of those (0: none);
+- ``taskmanager_backup_replication_failures_total{target}``: copies of new segments (and of
+  full backups the archiver took) to a remote target (``primary``, ``offsite``) that failed in
+  this process (core/backup_replication.py); workers export the same counter for full backups.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from core import backup_replication
 
 if TYPE_CHECKING:
     from core.archive import Archiver
@@ -70,6 +75,14 @@ class ArchiverCollector(Collector):
             "Unix time of the last archive gap this process detected (0: none)",
             value=a.last_gap,
         )
+        failed = CounterMetricFamily(
+            "taskmanager_backup_replication_failures",
+            "Replications of BACKUP_DIR to a remote backup target that failed (this process)",
+            labels=["target"],
+        )
+        for target, count in sorted(backup_replication.failures.items()):
+            failed.add_metric([target], count)
+        yield failed
 
 
 def registry_for(archiver: Archiver) -> CollectorRegistry:

@@ -3,7 +3,9 @@
 A backup is the directory ``BACKUP_DIR/<id>/`` (``id``: UTC time plus a short random part, so
 names sort by age). It holds one gzip'd file per collection of length-prefixed BSON documents,
 written exactly as the server sent them (``RawBSONDocument``: ObjectIds, datetimes, int32 versus
-int64 and field order survive untouched), and ``manifest.json``, written last and atomically:
+int64 and field order survive untouched), beside it mongodump's metadata file
+(``<coll>.metadata.json.gz``, :mod:`core.backup_metadata`, so ``mongorestore`` can read the
+directory), and ``manifest.json``, written last and atomically:
 a directory without a manifest is an incomplete backup. The manifest names each collection's
 file, document count, size and sha256, its options and its index definitions.
 
@@ -39,6 +41,11 @@ MANIFEST = "manifest.json"
 FORMAT = 1
 ID_RE = re.compile(r"\d{8}T\d{6}Z-[0-9a-f]{6}")
 BATCH = 1000
+#: Seconds of change events a point-in-time restore replays from before a full backup's first
+#: read (idempotent, so harmless), in case a write acknowledged before the read began was not
+#: yet visible to it (core.archive); retention keeps the segments holding them
+#: (core.backup_replication).
+REPLAY_MARGIN = 10
 #: A backup holds password hashes and emails: its directory and files are the owner's only.
 DIR_MODE = 0o700
 FILE_MODE = 0o600

@@ -40,6 +40,7 @@ from pymongo.errors import OperationFailure
 
 from config.logging import get_logger
 from config.settings import Settings
+from core import backup_metadata, backup_replication
 from core.backup_format import (
     BATCH,
     COLLECTION,
@@ -56,6 +57,7 @@ from core.backup_format import (
     to_json,
     write_json_atomically,
 )
+from core.backup_replication import SyncReport
 from core.context import Context
 from core.errors import Conflict, NotFound
 from core.pagination import Page, PageQuery, keyset_page
@@ -87,6 +89,8 @@ class BackupResult:
     size: int
     read_mode: Literal["snapshot", "plain"]
     pruned: list[str] = field(default_factory=list)
+    #: One report per remote target (core.backup_replication): copied there, or why not.
+    replicated: list[SyncReport] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -355,7 +359,9 @@ async def create(
     ``backup_id`` names a backup recorded by :func:`request` or a scheduled fire's
     (:func:`id_for_fire`); without one, a new id is made (an operator's ``backup create``).
     Running it again after a failure starts over; after a success it returns the finished
-    backup. Older backups beyond ``BACKUP_KEEP`` are pruned once this one succeeded.
+    backup. Older backups beyond ``BACKUP_KEEP`` are pruned once this one succeeded, then the
+    remote targets are brought up to date (:func:`core.backup_replication.replicate`: a target
+    that fails is reported in ``replicated``, never a failed backup).
     """
     path = locate(ctx.settings, backup_id or new_id())
     record = await _claim(ctx, path.name, fire_key, manual=backup_id is None)
@@ -395,6 +401,10 @@ async def create(
         },
     )
     pruned = await prune(ctx)
+    # Copies on the remote targets: a failure there is logged, counted and shown by
+    # `backup list`, never a failed backup (the local one is complete); the next replication
+    # (the archiver's, the next backup's, `backup replicate`) catches up.
+    replicated = await asyncio.to_thread(backup_replication.replicate, ctx.settings)
     log.info(
         "backup.succeeded",
         backup_id=backup_id,
@@ -402,6 +412,7 @@ async def create(
         bytes=manifest["bytes"],
         read_mode=manifest["read_mode"],
         pruned=pruned,
+        replicated={r.target: r.ok for r in replicated},
     )
     return BackupResult(
         id=backup_id,
@@ -413,6 +424,7 @@ async def create(
         size=manifest["bytes"],
         read_mode=manifest["read_mode"],
         pruned=pruned,
+        replicated=replicated,
     )
 
 
@@ -475,9 +487,10 @@ async def _take(
                 documents, size, sha = await _dump(
                     coll, None, target, expected, progress, batch_size
                 )
+            specs = [spec async for spec in await db[name].list_indexes()]
             indexes = [
                 {k: v for k, v in spec.items() if k not in ("v", "ns")}
-                async for spec in await db[name].list_indexes()
+                for spec in specs
                 if spec["name"] != "_id_"
             ]
             entries[name] = {
@@ -488,6 +501,10 @@ async def _take(
                 "read": read,
                 "options": to_json(info.get("options", {})),
                 "indexes": to_json(indexes),
+                # mongodump's <coll>.metadata.json.gz, for mongorestore (core.backup_metadata).
+                "metadata": await asyncio.to_thread(
+                    backup_metadata.write, path, target.name, name, info, specs
+                ),
             }
     consistent_ct = await operation_time(db)
     reads = {e["read"] for e in entries.values()}
@@ -517,8 +534,16 @@ async def _take(
 
 async def prune(ctx: Context, keep: int | None = None) -> list[str]:
     """Delete complete backups beyond the newest ``keep`` (``BACKUP_KEEP``), and leftovers of
-    crashed attempts older than the oldest kept one; returns the ids removed."""
+    crashed attempts older than the oldest kept one; then the archive segments no kept backup
+    needs (:func:`core.backup_replication.prune_local_segments`). Returns the backup ids removed."""
     keep = keep or ctx.settings.backup_keep
+    try:
+        return await _prune_fulls(ctx, keep)
+    finally:
+        await asyncio.to_thread(backup_replication.prune_local_segments, ctx.settings, keep)
+
+
+async def _prune_fulls(ctx: Context, keep: int) -> list[str]:
     found = await asyncio.to_thread(scan, ctx.settings)
     complete = [b for b in found if b.complete]
     if len(complete) <= keep:

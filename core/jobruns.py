@@ -132,3 +132,13 @@ async def finish(
 async def latest(ctx: Context, job: str) -> Doc | None:
     """The most recent run of ``job``."""
     return await ctx.store["job_runs"].find_one({"job": job}, sort=[("enqueued_at", DESCENDING)])
+
+
+async def recent(ctx: Context, job: str, limit: int = 20) -> list[Doc]:
+    """The latest ``limit`` runs of ``job``, newest first (by when each was fired). Runs are
+    kept 30 days (the ``job_runs`` TTL index, core/store.py): at most 8,640 of the 5-minute
+    job, a few hundred of the others. Read through the ``job_latest`` index."""
+    cursor = ctx.store["job_runs"].find(
+        {"job": job}, sort=[("enqueued_at", DESCENDING)], limit=limit
+    )
+    return [doc async for doc in cursor]

@@ -29,6 +29,9 @@ INDEXES: dict[str, list[IndexModel]] = {
     "events": [
         # The outbox: the relay reads undispatched events in order.
         IndexModel([("pending", ASCENDING), ("_id", ASCENDING)], name="outbox", sparse=True),
+        # Fair dispatch (core/fairness.py): the events in flight (sent, side effects not all
+        # finished), marked with their user.
+        IndexModel([("inflight", ASCENDING)], name="inflight", sparse=True),
         # Events the relay set aside after repeated failures (core/events.py lists and counts).
         IndexModel([("set_aside_at", ASCENDING)], name="set_aside", sparse=True),
         # Receipts: events with messages still awaited, by when the relay's sweep looks again.

@@ -381,3 +381,91 @@ def signed(secret: str, headers: Mapping[str, str], body: bytes) -> bool:
 def bearer(token: str) -> dict[str, str]:
     """An Authorization header."""
     return {"Authorization": f"Bearer {token}"}
+
+
+class MotoServer:
+    """A real S3-protocol server on loopback: moto's server mode (``moto_server``), in a
+    process of its own. Buckets are made per test; its state lives in its memory."""
+
+    def __init__(self, port: int | None = None):
+        self.port = port or free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> MotoServer:
+        import sys
+
+        # Beside this interpreter (the venv's bin), else on PATH.
+        beside = os.path.join(os.path.dirname(sys.executable), "moto_server")
+        exe = beside if os.path.exists(beside) else shutil.which("moto_server") or "moto_server"
+        self.proc = subprocess.Popen(
+            [exe, "-H", "127.0.0.1", "-p", str(self.port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 30
+        import socket
+
+        while time.monotonic() < deadline:
+            with socket.socket() as sock, contextlib.suppress(OSError):
+                sock.settimeout(0.2)
+                sock.connect(("127.0.0.1", self.port))
+                return self
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        self.stop()
+        pytest.fail(f"moto_server did not start on port {self.port}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+    def bucket(self, name: str | None = None) -> str:
+        """A new empty bucket (the test's own), named ``name`` or at random."""
+        import boto3
+
+        name = name or f"tm-{uuid.uuid4().hex[:12]}"
+        client = boto3.session.Session().client(
+            "s3",
+            endpoint_url=self.endpoint,
+            region_name="us-east-1",
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing-secret",
+        )
+        client.create_bucket(Bucket=name)
+        client.close()
+        return name
+
+
+@pytest.fixture(scope="session")
+def moto_server() -> Iterator[MotoServer]:
+    """One moto S3 server for the session."""
+    server = MotoServer().start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def aws_env(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """Credentials for the moto server, as boto3 reads them (``AWS_*``); nothing of the
+    machine's own AWS configuration is read."""
+    values = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "moto-secret-" + uuid.uuid4().hex,
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_CONFIG_FILE": os.devnull,
+        "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+    }
+    for name, value in values.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
+    return values

@@ -51,6 +51,7 @@ _STATUS_TEXT = {
     415: "The body is not sent as application/json",
     422: "Validation failed (body, query parameters or headers); see errors",
     429: "Rate limited; see Retry-After",
+    501: "Not possible on this broker (e.g. reading ready or delayed messages on RabbitMQ)",
     503: "A store (MongoDB, or Redis where the operation cannot do without it) is "
     "unreachable, or the server is too busy to check a password; see Retry-After",
 }

@@ -6,21 +6,26 @@ and the dashboard polls several of them every few seconds.
 
 from __future__ import annotations
 
-from core import accounts, analytics, backups, search, task_models, webhooks
+from core import accounts, analytics, backups, history, search, task_models, webhooks
 from core import notifications as notif
 from core.pagination import PageQuery
 from web.handlers import accounts as acc
 from web.handlers import admin as adm
 from web.handlers import analytics as an
+from web.handlers import backlog as blg
 from web.handlers import backups as bk
 from web.handlers import dashboard as dash
+from web.handlers import history as hist
+from web.handlers import messages as msg
 from web.handlers import notifications as nt
+from web.handlers import overview as ov
 from web.handlers import probes
 from web.handlers import schedules as sch
 from web.handlers import search as sr
 from web.handlers import tasks as tk
 from web.handlers import webhooks as wh
 from web.routing import Route
+from workers import health
 
 API = "/api/v1"
 AUTH_ERRORS = (401,)
@@ -304,13 +309,13 @@ ROUTES: tuple[Route, ...] = (
         "GET",
         f"{API}/admin/queues/{{queue}}/dead",
         adm.list_dead,
-        "A queue's dead letters",
+        "A queue's dead letters (filter by actor, error)",
         "admin",
         auth="admin",
         rate_limited=False,
-        query=PageQuery,
+        query=adm.DeadQuery,
         response=adm.DeadList,
-        errors=(401, 403, 404, 503),
+        errors=(401, 403, 404, 422, 503),
     ),
     Route(
         "POST",
@@ -335,6 +340,96 @@ ROUTES: tuple[Route, ...] = (
         response=adm.PurgeOut,
         errors=(401, 403, 404, 503),
     ),
+    # Operators: one message at a time, pause (web/handlers/messages.py)
+    Route(
+        "GET",
+        f"{API}/admin/queues/{{queue}}/dead/{{id}}",
+        msg.get_dead,
+        "One dead letter, its traceback with our frames first",
+        "admin",
+        auth="admin",
+        rate_limited=False,
+        response=msg.MessageOut,
+        errors=(401, 403, 404, 501, 503),
+    ),
+    Route(
+        "DELETE",
+        f"{API}/admin/queues/{{queue}}/dead/{{id}}",
+        msg.delete_dead,
+        "Delete one dead letter",
+        "admin",
+        auth="admin",
+        rate_limited=False,
+        status=204,
+        errors=(401, 403, 404, 501, 503),
+    ),
+    Route(
+        "GET",
+        f"{API}/admin/queues/{{queue}}/messages",
+        msg.list_messages,
+        "A queue's ready (next taken first) or delayed (soonest first) messages",
+        "admin",
+        auth="admin",
+        rate_limited=False,
+        query=msg.MessagesQuery,
+        response=msg.MessagePage,
+        errors=(401, 403, 404, 422, 501, 503),
+    ),
+    Route(
+        "POST",
+        f"{API}/admin/queues/{{queue}}/messages/{{id}}/retry",
+        msg.retry_message,
+        "Retry a message now: ready or delayed to the head of the ready list, dead replayed",
+        "admin",
+        auth="admin",
+        rate_limited=False,
+        response=msg.RetriedOut,
+        errors=(401, 403, 404, 409, 501, 503),
+    ),
+    Route(
+        "DELETE",
+        f"{API}/admin/queues/{{queue}}/messages/{{id}}",
+        msg.delete_message,
+        "Delete one ready, delayed or dead message",
+        "admin",
+        auth="admin",
+        rate_limited=False,
+        status=204,
+        errors=(401, 403, 404, 409, 501, 503),
+    ),
+    Route(
+        "GET",
+        f"{API}/admin/messages/{{id}}",
+        msg.get_message,
+        "Find a message by id in every queue and state",
+        "admin",
+        auth="admin",
+        rate_limited=False,
+        response=msg.MessageOut,
+        errors=(401, 403, 404, 501, 503),
+    ),
+    Route(
+        "POST",
+        f"{API}/admin/queues/{{queue}}/pause",
+        msg.pause_queue,
+        "Pause a queue: workers take none of its messages until it is resumed",
+        "admin",
+        auth="admin",
+        rate_limited=False,
+        response=msg.PauseOut,
+        errors=(401, 403, 404, 503),
+    ),
+    Route(
+        "POST",
+        f"{API}/admin/queues/{{queue}}/resume",
+        msg.resume_queue,
+        "Resume a paused queue",
+        "admin",
+        auth="admin",
+        rate_limited=False,
+        response=msg.PauseOut,
+        errors=(401, 403, 404, 503),
+    ),
     Route(
         "GET",
         f"{API}/admin/workers",
@@ -345,6 +440,28 @@ ROUTES: tuple[Route, ...] = (
         rate_limited=False,
         response=adm.WorkerList,
         errors=(401, 403, 503),
+    ),
+    Route(
+        "GET",
+        f"{API}/admin/health",
+        ov.get_health,
+        "The platform's health: ok, degraded or failing, check by check",
+        "admin",
+        auth="admin",
+        rate_limited=False,
+        response=health.PlatformHealth,
+        errors=(401, 403),
+    ),
+    Route(
+        "GET",
+        f"{API}/admin/overview",
+        ov.get_overview,
+        "Everything the dashboard shows, in one call",
+        "admin",
+        auth="admin",
+        rate_limited=False,
+        response=ov.Overview,
+        errors=(401, 403),
     ),
     Route(
         "POST",
@@ -378,6 +495,42 @@ ROUTES: tuple[Route, ...] = (
         response=sch.RunStarted,
         status=202,
         errors=(404,),
+    ),
+    Route(
+        "GET",
+        f"{API}/admin/schedules/{{name}}/runs",
+        hist.list_schedule_runs,
+        "A scheduled job's latest runs, newest first",
+        "admin",
+        auth="admin",
+        rate_limited=False,
+        query=hist.RunsQuery,
+        response=hist.ScheduleRuns,
+        errors=(401, 403, 404, 422, 503),
+    ),
+    Route(
+        "GET",
+        f"{API}/admin/history",
+        hist.get_history,
+        "Processed and failed messages per queue and actor, last hour or day",
+        "admin",
+        auth="admin",
+        rate_limited=False,
+        query=history.HistoryQuery,
+        response=history.History,
+        errors=(401, 403, 422, 503),
+    ),
+    Route(
+        "GET",
+        f"{API}/admin/backlog",
+        blg.get_backlog,
+        "The users with the most messages waiting, per queue (outbox and broker)",
+        "admin",
+        auth="admin",
+        rate_limited=False,
+        query=blg.BacklogQuery,
+        response=blg.Backlog,
+        errors=(401, 403, 422, 503),
     ),
     # Operators: backups (taken by a worker; followed at the Location)
     Route(

@@ -23,9 +23,12 @@ from workers.actors import Catalogue, declare_actors
 from workers.catalogue import CATALOGUE
 from workers.dead_letter_notes import DeadLetterNotes
 from workers.heartbeat import WorkerHeartbeat
+from workers.history import HistoryRecorder
 from workers.metrics import WorkerMetrics
 from workers.middleware import MessageContext, OutboxReceipts
+from workers.pause import QueuePause
 from workers.queue_admin import QueueInspector, build_inspector
+from workers.queue_messages import DelayedReleaseGuard
 from workers.resources import WorkerResources
 from workers.webhooks import QUEUES as WEBHOOK_QUEUES
 from workers.webhooks import RetryRefund
@@ -70,6 +73,11 @@ def build_broker(connections: Connections, catalogue: Catalogue = CATALOGUE) -> 
         broker = RabbitmqBroker(url=url)
     else:
         broker = RedisBroker(client=connections.broker_redis(), **_redis_options(connections))
+    # First, before Dramatiq's own: a paused queue's message or a superseded delayed copy is
+    # skipped before any other middleware starts on it (workers/pause.py, queue_messages.py).
+    first = type(broker.middleware[0])
+    broker.add_middleware(QueuePause(connections), before=first)
+    broker.add_middleware(DelayedReleaseGuard(), before=first)
     broker.add_middleware(AsyncIO())
     broker.add_middleware(MessageContext())
     broker.add_middleware(WorkerMetrics(port=settings.worker_metrics_port))
@@ -77,6 +85,7 @@ def build_broker(connections: Connections, catalogue: Catalogue = CATALOGUE) -> 
     resources.broker = broker
     broker.add_middleware(resources)
     broker.add_middleware(WorkerHeartbeat(connections))
+    broker.add_middleware(HistoryRecorder(connections))
     broker.add_middleware(DeadLetterNotes(connections))
     broker.add_middleware(RetryRefund())
     # Last: its after_worker_shutdown (hooks run in reverse) flushes receipts before the

@@ -9,8 +9,10 @@ every worker process, every second,
 
 1. refreshes this broker's Dramatiq heartbeat (its consumers refresh it on every fetch; this
    makes it independent of how they poll) and this process's registration
-   (``{prefix}workers:<id>``: host, pid, queues, in-flight, processed and failed counts; read
-   by ``/admin/workers``, ``taskmanager workers|stats`` and ``taskmanager healthcheck worker``);
+   (``{prefix}workers:<id>``: host, pid, queues, in-flight, processed and failed counts, RSS,
+   and the busy view: per running message its thread, actor, message id, queue, a short
+   summary of its arguments (:func:`args_summary`) and when it started; read by
+   ``/admin/workers``, ``taskmanager workers|stats`` and ``taskmanager healthcheck worker``);
 2. runs Dramatiq's maintenance on every queue and delay queue, which requeues the messages of
    brokers that stopped beating ``heartbeat_timeout`` ago.
 
@@ -24,7 +26,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import resource
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -33,6 +38,7 @@ import dramatiq
 import redis
 from dramatiq.broker import MessageProxy
 from dramatiq.brokers.redis import RedisBroker
+from dramatiq.common import q_name
 
 from config.connections import Connections
 from config.logging import get_logger
@@ -43,6 +49,54 @@ log = get_logger(__name__)
 
 #: Seconds between beats (and sweeps).
 BEAT_INTERVAL = 1.0
+#: Longest arguments summary in the busy view (characters), and longest value in it.
+ARGS_SUMMARY_MAX = 160
+_VALUE_MAX = 40
+#: Keys whose values the summary never shows.
+_SECRET_KEY = re.compile(r"secret|token|passw|authoriz|signature|api.?key|cookie|credential", re.I)
+
+
+def args_summary(args: tuple[object, ...] | list[object], kwargs: dict[str, object]) -> str:
+    """A short, safe summary of a message's arguments for the busy view: scalars (ids, types)
+    as JSON cut at 40 characters, the top level of an object with its nested objects and lists
+    elided (a task event shows its ids and type, not the task's text), values under
+    secret-looking keys masked; the whole cut at :data:`ARGS_SUMMARY_MAX` characters."""
+    parts = [_summary(a) for a in args]
+    parts += [
+        f"{k}=***" if _SECRET_KEY.search(k) else f"{k}={_summary(v)}" for k, v in kwargs.items()
+    ]
+    text = ", ".join(parts)
+    return text if len(text) <= ARGS_SUMMARY_MAX else text[: ARGS_SUMMARY_MAX - 1] + "\u2026"
+
+
+def _summary(value: object, nested: bool = False) -> str:
+    if isinstance(value, dict):
+        if nested:
+            return "{\u2026}"
+        items = (
+            f"{k}: ***" if _SECRET_KEY.search(str(k)) else f"{k}: {_summary(v, True)}"
+            for k, v in value.items()
+        )
+        return "{" + ", ".join(items) + "}"
+    if isinstance(value, list | tuple):
+        return f"[{len(value)} items]"
+    text = json.dumps(value, default=str)
+    return text if len(text) <= _VALUE_MAX else text[: _VALUE_MAX - 1] + "\u2026"
+
+
+def rss_bytes() -> int | None:
+    """This process's resident memory: ``/proc/self/statm`` (Linux), else the peak RSS that
+    ``getrusage`` reports; ``None`` when neither answers."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    except (OSError, ValueError):
+        return None
+    return int(peak if sys.platform == "darwin" else peak * 1024)  # macOS: bytes; else KiB
 
 
 def sweep(broker: RedisBroker, queues: set[str] | None = None) -> None:
@@ -82,7 +136,8 @@ class WorkerHeartbeat(OutcomeMiddleware):
         self.started_at = 0
         self.queues: list[str] = []
         self.threads = 0
-        self._in_flight: set[str] = set()
+        #: The messages running now, by broker id: the busy view's entries.
+        self._in_flight: dict[str, dict[str, object]] = {}
         #: Messages this process ran since it started: succeeded, and failed attempts (a
         #: retried message counts once per failure). Shown by ``taskmanager workers|stats``.
         self.processed = 0
@@ -152,16 +207,24 @@ class WorkerHeartbeat(OutcomeMiddleware):
     def before_process_message(
         self, broker: dramatiq.Broker, message: dramatiq.broker.MessageProxy
     ) -> None:
-        """Count the message in."""
+        """Count the message in (on the worker thread that runs it), for the busy view."""
+        entry: dict[str, object] = {
+            "thread": threading.current_thread().name,
+            "actor": message.actor_name,
+            "message_id": message.message_id,
+            "queue": q_name(message.queue_name),
+            "args_summary": args_summary(message.args, message.kwargs),
+            "started_at": int(time.time() * 1000),
+        }
         with self._lock:
-            self._in_flight.add(self._message_key(message))
+            self._in_flight[self._message_key(message)] = entry
 
     def message_ended(
         self, broker: dramatiq.Broker, message: MessageProxy, exception: BaseException | None
     ) -> None:
         """Count the message out, as processed or failed."""
         with self._lock:
-            self._in_flight.discard(self._message_key(message))
+            self._in_flight.pop(self._message_key(message), None)
             if exception is None:
                 self.processed += 1
             else:
@@ -172,7 +235,7 @@ class WorkerHeartbeat(OutcomeMiddleware):
     ) -> None:
         """A skipped message is out too (neither processed nor failed)."""
         with self._lock:
-            self._in_flight.discard(self._message_key(message))
+            self._in_flight.pop(self._message_key(message), None)
 
     @staticmethod
     def _message_key(message: dramatiq.broker.MessageProxy) -> str:
@@ -187,6 +250,8 @@ class WorkerHeartbeat(OutcomeMiddleware):
             return
         now = int(time.time() * 1000)
         key = registry_key(self.prefix, self.worker_id)
+        with self._lock:
+            busy = list(self._in_flight.values())
         pipe = client.pipeline(transaction=True)
         pipe.hset(
             key,
@@ -198,9 +263,11 @@ class WorkerHeartbeat(OutcomeMiddleware):
                 "state": self.state,
                 "started_at": self.started_at,
                 "last_beat": now,
-                "in_flight": self.in_flight,
+                "in_flight": len(busy),
                 "processed": self.processed,
                 "failed": self.failed,
+                "busy": json.dumps(busy),
+                "rss_bytes": rss_bytes() or "",
             },
         )
         pipe.expire(key, WORKER_TTL_SECONDS)

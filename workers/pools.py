@@ -12,7 +12,9 @@ thread, our heartbeat registration, the actors' resources). So the first pool is
 ``Worker`` and emits those signals for the process, while the others see the broker through
 :class:`_QuietBroker`, which passes everything on except those four signals; the others start
 after the first and stop before it. The heartbeat registration is then widened to name every
-pool's queues and threads.
+pool's queues and threads. ``consumer_thread_boot`` passes through, so pausing a queue
+(:mod:`workers.pause`, which wraps each consumer thread's view of the broker then) works in
+every pool.
 """
 
 from __future__ import annotations

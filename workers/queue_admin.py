@@ -1,6 +1,9 @@
-"""Queue operations: per-queue counts and latency, and the dead-letter queue (list, replay,
-purge). Why a message died is recorded by :mod:`workers.dead_letter_notes`; the registry of live
-workers is :mod:`workers.registry`.
+"""Queue operations: per-queue counts and latency, the dead-letter queue (list with filters,
+replay, purge, one letter shown or deleted), one message at a time (browse, find, retry now,
+delete) and the paused flag. This module is the Redis inspector and :func:`build_inspector`;
+the interface and the shared types are :mod:`workers.queue_inspector` (re-exported here), the
+RabbitMQ inspector :mod:`workers.queue_admin_rabbitmq`. Why a message died is recorded by
+:mod:`workers.dead_letter_notes`; the registry of live workers is :mod:`workers.registry`.
 
 Everything here is synchronous (Redis and pika clients); the web layer runs it on a thread.
 
@@ -17,180 +20,64 @@ a queue ``q`` (see ``dramatiq/brokers/redis/dispatch.lua``):
   ``ns:q.XQ.msgs``; Dramatiq drops them after ``dead_message_ttl`` (7 days).
 
 For RabbitMQ only the counts Dramatiq's queues report are available (ready, delayed, dead);
-listing and replaying dead letters works by fetching them and returning the rest.
+listing, showing, replaying and deleting dead letters works by fetching them and returning the
+rest. Ready and delayed messages cannot be read without taking them from the workers, so
+browsing them, moving one ("retry now") and deleting one answer 501 (:class:`Unsupported`) on
+RabbitMQ; finding a message by id searches the dead letters only.
+
+Message-level operations on Redis (browse, find, retry now, delete one, tracebacks with our
+frames first) are :mod:`workers.queue_messages`; pausing a queue is :mod:`workers.pause`.
 """
 
 from __future__ import annotations
 
-import json
 import uuid
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
 import dramatiq
-import pika  # type: ignore[import-untyped]
-import pika.exceptions  # type: ignore[import-untyped]
 import redis
 from dramatiq.brokers.rabbitmq import RabbitmqBroker
 from dramatiq.brokers.redis import RedisBroker
-from dramatiq.common import dq_name, q_name, xq_name
+from dramatiq.common import dq_name, xq_name
 from dramatiq.errors import DecodeError
 from dramatiq.message import Message
 
 from config.connections import Connections
 from core.errors import NotFound
 from core.pagination import CursorCodec
-from workers.dead_letter_notes import error_summary, note_key
-from workers.registry import _now_ms, _utc
-
-#: Errors of the queue backends; the web layer answers 503 for them.
-BACKEND_ERRORS: tuple[type[Exception], ...] = (redis.RedisError, pika.exceptions.AMQPError)
-
-#: Options that describe one delivery attempt, dropped when a dead letter is replayed.
-ATTEMPT_OPTIONS = frozenset(
-    {
-        "retries",
-        "traceback",
-        "requeue_timestamp",
-        "redis_message_id",
-        "eta",
-        "dead_letter_error",
-    }
+from workers.pause import PauseStore
+from workers.queue_admin_rabbitmq import RabbitmqQueueInspector
+from workers.queue_inspector import (
+    ATTEMPT_OPTIONS,
+    BACKEND_ERRORS,
+    DeadMessage,
+    DeadPage,
+    QueueInspector,
+    QueueStats,
+    RetryResult,
+    Unsupported,
+    dead_detail,
+    matches,
+    replay_copy,
 )
+from workers.queue_inspector import dead_message as _dead_message
+from workers.queue_messages import MessageDetail, MessagePage, RedisMessages
+from workers.registry import _now_ms
 
-
-@dataclass(frozen=True)
-class QueueStats:
-    """Where the messages of one queue are.
-
-    ``in_progress`` counts messages fetched by a worker and not yet acked (running or
-    prefetched); ``oldest_age_seconds`` is how long the next message to be taken has waited
-    since it was enqueued (or last retried): 0 for an empty queue. ``None``: the broker does
-    not report it.
-    """
-
-    queue: str
-    ready: int
-    delayed: int
-    in_progress: int | None
-    dead: int
-    oldest_age_seconds: float | None
-
-
-@dataclass(frozen=True)
-class DeadMessage:
-    """One dead-lettered message."""
-
-    id: str
-    message_id: str
-    queue: str
-    actor: str
-    args: list[Any]
-    kwargs: dict[str, Any]
-    enqueued_at: datetime
-    failed_at: datetime | None
-    retries: int
-    error: str | None
-    traceback: str | None
-
-
-@dataclass(frozen=True)
-class DeadPage:
-    """One page of a dead-letter queue, oldest first."""
-
-    items: list[DeadMessage]
-    next_cursor: str | None
-
-
-@dataclass(frozen=True)
-class RetryResult:
-    """What a replay did: how many went back to the queue, which ids were not there."""
-
-    retried: int
-    not_found: list[str]
-
-
-def _dead_message(
-    queue: str, rid: str, score: float | None, raw: bytes, note: dict[str, Any] | None = None
-) -> DeadMessage:
-    message = Message.decode(raw)
-    options = {**message.options, **(note or {})}
-    tb = options.get("traceback")
-    return DeadMessage(
-        id=rid,
-        message_id=message.message_id,
-        queue=queue,
-        actor=message.actor_name,
-        args=list(message.args),
-        kwargs=dict(message.kwargs),
-        enqueued_at=_utc(message.message_timestamp),
-        failed_at=_utc(score) if score is not None else None,
-        retries=int(options.get("retries", 0)),
-        error=options.get("dead_letter_error") or error_summary(None, tb),
-        traceback=tb,
-    )
-
-
-def replay_copy(
-    message: Message[Any], queue: str, redis_message_id: str | None = None
-) -> Message[Any]:
-    """A fresh copy of a dead message for ``queue``: same id, actor and arguments, attempt
-    state (retries, traceback, delay) reset and timestamped now, so age limits and the
-    latency reading count from the replay."""
-    options = {k: v for k, v in message.options.items() if k not in ATTEMPT_OPTIONS}
-    if redis_message_id is not None:
-        options["redis_message_id"] = redis_message_id
-    return Message(
-        queue_name=queue,
-        actor_name=message.actor_name,
-        args=message.args,
-        kwargs=message.kwargs,
-        options=options,
-        message_id=message.message_id,
-        message_timestamp=_now_ms(),
-    )
-
-
-class QueueInspector:
-    """Reads and manages a broker's queues (base: every method raises)."""
-
-    #: Which broker this inspects (``redis`` or ``rabbitmq``).
-    kind = "none"
-
-    def __init__(self, queues: Iterable[str], cursors: CursorCodec):
-        self.queues = sorted(q_name(q) for q in queues)
-        #: Signs the dead-letter lists' cursors (scope ``dead:<queue>``), as every list's.
-        self.cursors = cursors
-
-    def check(self, queue: str) -> str:
-        """``queue`` if it is one of ours, else :class:`NotFound`."""
-        if queue not in self.queues:
-            raise NotFound(f"No queue named {queue!r}")
-        return queue
-
-    def stats(self) -> list[QueueStats]:
-        """Counts and latency of every queue."""
-        raise NotImplementedError
-
-    def dead(self, queue: str, *, limit: int = 50, cursor: str | None = None) -> DeadPage:
-        """A page of ``queue``'s dead letters, oldest first."""
-        raise NotImplementedError
-
-    def retry(self, queue: str, ids: list[str] | None = None) -> RetryResult:
-        """Put dead letters (all, or those ``ids``) back on ``queue`` as fresh messages.
-
-        Safe to run twice: a dead letter is removed and re-enqueued in one step, so a second
-        run finds it gone (reported in ``not_found``).
-        """
-        raise NotImplementedError
-
-    def purge(self, queue: str) -> int:
-        """Drop every dead letter of ``queue``; returns how many."""
-        raise NotImplementedError
-
+__all__ = [
+    "ATTEMPT_OPTIONS",
+    "BACKEND_ERRORS",
+    "DeadMessage",
+    "DeadPage",
+    "QueueInspector",
+    "QueueStats",
+    "RabbitmqQueueInspector",
+    "RedisQueueInspector",
+    "RetryResult",
+    "Unsupported",
+    "build_inspector",
+]
 
 # -- Redis -------------------------------------------------------------------------------------
 
@@ -237,14 +124,20 @@ class RedisQueueInspector(QueueInspector):
     kind = "redis"
 
     def __init__(
-        self, client: redis.Redis, namespace: str, queues: Iterable[str], cursors: CursorCodec
+        self,
+        client: redis.Redis,
+        namespace: str,
+        queues: Iterable[str],
+        cursors: CursorCodec,
+        pauses: PauseStore | None = None,
     ):
-        super().__init__(queues, cursors)
+        super().__init__(queues, cursors, pauses)
         # Typed loosely: redis-py's reply types are unions over every response decoding.
         self.client: Any = client
         self.namespace = namespace
         self._stats = client.register_script(_STATS_LUA)
         self._retry = client.register_script(_RETRY_LUA)
+        self.ops = RedisMessages(client, namespace)
 
     def key(self, name: str) -> str:
         """The Redis key of a broker structure (``q``, ``q.msgs``, ``q.XQ``, ...)."""
@@ -258,6 +151,7 @@ class RedisQueueInspector(QueueInspector):
         if not keys:
             return []
         rows = self._stats(keys=keys)
+        paused = self.paused_for_stats()
         now = _now_ms()
         out = []
         for q, (ready, pending, delayed, dead, head) in zip(self.queues, rows, strict=True):
@@ -280,44 +174,64 @@ class RedisQueueInspector(QueueInspector):
                     in_progress=max(0, int(pending) - int(ready)),
                     dead=int(dead),
                     oldest_age_seconds=age,
+                    paused=paused(q),
                 )
             )
         return out
 
-    def dead(self, queue: str, *, limit: int = 50, cursor: str | None = None) -> DeadPage:
+    def dead(
+        self,
+        queue: str,
+        *,
+        limit: int = 50,
+        cursor: str | None = None,
+        actor: str | None = None,
+        error: str | None = None,
+    ) -> DeadPage:
         zkey = self.key(xq_name(self.check(queue)))
-        rows: list[tuple[bytes, float]] = []
-        if not cursor:
-            rows = self.client.zrange(zkey, 0, limit, withscores=True)
-        else:
-            # Redis orders equal scores by member bytes, so (score, id) is the list order.
+        after: tuple[float, bytes] | None = None
+        if cursor:
             after_score, after_id = self.cursors.decode(f"dead:{queue}", cursor, 2)
-            after = (after_score, after_id.encode())
-            offset = 0
-            while len(rows) <= limit:
-                batch = self.client.zrangebyscore(
-                    zkey, after_score, "+inf", start=offset, num=limit + 1, withscores=True
-                )
-                if not batch:
-                    break
-                offset += len(batch)
-                rows += [(m, s) for m, s in batch if (s, m) > after]
-            rows = rows[: limit + 1]
-        more = len(rows) > limit
-        rows = rows[:limit]
-        hkey = self.key(f"{xq_name(queue)}.msgs")
-        bodies = self.client.hmget(hkey, [m for m, _ in rows]) if rows else []
-        items = []
-        for (member, score), body in zip(rows, bodies, strict=True):
-            if body is None:
+            after = (float(after_score), str(after_id).encode())
+        items: list[DeadMessage] = []
+        more = False
+        for member, score, item in self._dead_rows(queue, zkey, after, limit):
+            if not matches(item, actor, error):
                 continue
-            try:
-                items.append(_dead_message(queue, member.decode(), score, body))
-            except DecodeError:
-                continue
-        position = [rows[-1][1], rows[-1][0].decode()] if more else None
+            if len(items) == limit:
+                more = True
+                break
+            items.append(item)
+            after = (score, member)
+        position = [after[0], after[1].decode()] if more and after else None
         next_cursor = self.cursors.encode(f"dead:{queue}", position) if position else None
         return DeadPage(items=items, next_cursor=next_cursor)
+
+    def _dead_rows(
+        self, queue: str, zkey: str, after: tuple[float, bytes] | None, limit: int
+    ) -> Iterator[tuple[bytes, float, DeadMessage]]:
+        """Dead letters after ``after`` in list order (score, then id: how Redis orders equal
+        scores), in batches."""
+        hkey = self.key(f"{xq_name(queue)}.msgs")
+        batch_size = max(limit + 1, 200)
+        offset = 0
+        low = after[0] if after else "-inf"
+        while True:
+            rows = self.client.zrangebyscore(
+                zkey, low, "+inf", start=offset, num=batch_size, withscores=True
+            )
+            if not rows:
+                return
+            offset += len(rows)
+            rows = [(m, s) for m, s in rows if after is None or (s, m) > after]
+            bodies = self.client.hmget(hkey, [m for m, _ in rows]) if rows else []
+            for (member, score), body in zip(rows, bodies, strict=True):
+                if body is None:
+                    continue
+                try:
+                    yield member, score, _dead_message(queue, member.decode(), score, body)
+                except DecodeError:
+                    continue
 
     def retry(self, queue: str, ids: list[str] | None = None) -> RetryResult:
         self.check(queue)
@@ -325,6 +239,7 @@ class RedisQueueInspector(QueueInspector):
         hkey = self.key(f"{xq_name(queue)}.msgs")
         retried = 0
         not_found: list[str] = []
+        new_ids: list[str] = []
         if ids is not None:
             batches: Iterator[list[bytes]] = iter([[i.encode() for i in dict.fromkeys(ids)]])
         else:
@@ -345,9 +260,73 @@ class RedisQueueInspector(QueueInspector):
                 )
                 if done:
                     retried += 1
+                    new_ids.append(new_id)
                 elif ids is not None:
                     not_found.append(rid.decode())
-        return RetryResult(retried=retried, not_found=not_found)
+        return RetryResult(retried=retried, not_found=not_found, new_ids=new_ids)
+
+    def dead_detail(self, queue: str, rid: str) -> MessageDetail:
+        xq = xq_name(self.check(queue))
+        body = self.client.hget(self.key(f"{xq}.msgs"), rid)
+        score = self.client.zscore(self.key(xq), rid)
+        if body is None or score is None:
+            raise NotFound(f"No dead letter {rid!r} in {queue!r}")
+        return dead_detail(_dead_message(queue, rid, score, body), Message.decode(body).options)
+
+    def delete_dead(self, queue: str, rid: str) -> None:
+        if not self.ops.delete_dead(self.check(queue), rid):
+            raise NotFound(f"No dead letter {rid!r} in {queue!r}")
+
+    def messages(
+        self, queue: str, state: str = "ready", *, limit: int = 50, cursor: str | None = None
+    ) -> MessagePage:
+        self.check(queue)
+        scope = f"messages:{queue}:{state}"
+        if state == "ready":
+            start = 0
+            if cursor:
+                # The list moves as workers take from its head: continue after the last item
+                # shown if it is still there, else from the same index.
+                last_id, index = self.cursors.decode(scope, cursor, 2)
+                now_at = self.ops.index_of(queue, str(last_id))
+                start = now_at + 1 if now_at is not None else int(index)
+            items = self.ops.ready(queue, start, limit + 1)
+            more = len(items) > limit
+            items = items[:limit]
+            position = [items[-1].id, start + len(items)] if more and items else None
+        elif state == "delayed":
+            everything = self.ops.delayed(queue)
+            if cursor:
+                (last_id,) = self.cursors.decode(scope, cursor, 1)
+                ids = [m.id for m in everything]
+                everything = everything[ids.index(last_id) + 1 :] if last_id in ids else everything
+            items, more = everything[:limit], len(everything) > limit
+            position = [items[-1].id] if more and items else None
+        else:
+            raise NotFound(f"No message state {state!r} (ready or delayed)")
+        next_cursor = self.cursors.encode(scope, position) if position else None
+        return MessagePage(items=items, next_cursor=next_cursor)
+
+    def find(self, wanted: str) -> MessageDetail:
+        return self.ops.find(self.queues, wanted)
+
+    def _in_queue(self, queue: str, rid: str) -> MessageDetail:
+        detail = self.ops.find([self.check(queue)], rid)
+        if detail.queue != queue:
+            raise NotFound(f"No message {rid!r} in {queue!r}")
+        return detail
+
+    def retry_message(self, queue: str, rid: str) -> str:
+        detail = self._in_queue(queue, rid)
+        if detail.state == "dead":
+            result = self.retry(queue, [detail.id])
+            if not result.retried:
+                raise NotFound(f"No dead letter {detail.id!r} in {queue!r}")
+            return result.new_ids[0]
+        return self.ops.retry_now(queue, detail)
+
+    def delete_message(self, queue: str, rid: str) -> None:
+        self.ops.delete(queue, self._in_queue(queue, rid))
 
     def _all_dead(self, zkey: str) -> Iterator[list[bytes]]:
         # Only what was dead when the replay started: a replayed message that fails again at
@@ -374,150 +353,16 @@ class RedisQueueInspector(QueueInspector):
         return int(count)
 
 
-# -- RabbitMQ ----------------------------------------------------------------------------------
-
-
-class RabbitmqQueueInspector(QueueInspector):
-    """Counts from passive queue declarations; dead letters by fetching them.
-
-    RabbitMQ reports ready messages only: messages a worker holds (running, prefetched, or
-    delayed and waiting in its memory) are not counted, and there is no latency. Each call opens
-    its own short connection (pika connections are not thread-safe).
-    """
-
-    kind = "rabbitmq"
-
-    def __init__(
-        self,
-        parameters: pika.ConnectionParameters,
-        queues: Iterable[str],
-        cursors: CursorCodec,
-        notes: redis.Redis | None = None,
-        prefix: str = "",
-    ):
-        super().__init__(queues, cursors)
-        self.parameters = parameters
-        # Why each message died lives in Redis (see DeadLetterNotes), keyed by message id.
-        self.notes: Any = notes
-        self.prefix = prefix
-
-    def _notes(self, message_ids: list[str]) -> list[dict[str, Any] | None]:
-        if self.notes is None or not message_ids:
-            return [None] * len(message_ids)
-        try:
-            raw = self.notes.mget([note_key(self.prefix, i) for i in message_ids])
-        except redis.RedisError:
-            return [None] * len(message_ids)
-        return [json.loads(r) if r else None for r in raw]
-
-    @contextmanager
-    def _channel(self) -> Iterator[Any]:
-        connection = pika.BlockingConnection(self.parameters)
-        try:
-            yield connection.channel()
-        finally:
-            if connection.is_open:
-                connection.close()
-
-    def _count(self, connection_channel: Any, name: str) -> tuple[Any, int]:
-        try:
-            frame = connection_channel.queue_declare(queue=name, passive=True)
-            return connection_channel, int(frame.method.message_count)
-        except pika.exceptions.ChannelClosedByBroker as exc:
-            if exc.reply_code != 404:
-                raise
-            # A queue no worker declared yet holds nothing; the broker closed the channel.
-            return connection_channel.connection.channel(), 0
-
-    def stats(self) -> list[QueueStats]:
-        out = []
-        with self._channel() as ch:
-            for q in self.queues:
-                ch, ready = self._count(ch, q)
-                ch, delayed = self._count(ch, dq_name(q))
-                ch, dead = self._count(ch, xq_name(q))
-                out.append(QueueStats(q, ready, delayed, None, dead, None))
-        return out
-
-    def _fetch(self, ch: Any, queue: str, limit: int) -> Iterator[tuple[int, Any, bytes]]:
-        for _ in range(limit):
-            method, properties, body = ch.basic_get(queue=queue, auto_ack=False)
-            if method is None:
-                return
-            yield method.delivery_tag, properties, body
-
-    def dead(self, queue: str, *, limit: int = 50, cursor: str | None = None) -> DeadPage:
-        name = xq_name(self.check(queue))
-        offset = self.cursors.decode(f"dead:{queue}", cursor, 1)[0] if cursor else 0
-        rows: list[tuple[str, float | None, bytes]] = []
-        fetched = 0
-        with self._channel() as ch:
-            # Nothing is acked: closing the channel returns every fetched message, in order.
-            for _, properties, body in self._fetch(ch, name, offset + limit + 1):
-                fetched += 1
-                if offset < fetched <= offset + limit:
-                    message = Message.decode(body)
-                    rows.append((message.message_id, _death_ms(properties), body))
-        notes = self._notes([mid for mid, _, _ in rows])
-        items = [
-            _dead_message(queue, mid, when, body, note)
-            for (mid, when, body), note in zip(rows, notes, strict=True)
-        ]
-        more = fetched > offset + limit
-        next_cursor = self.cursors.encode(f"dead:{queue}", [offset + limit]) if more else None
-        return DeadPage(items=items, next_cursor=next_cursor)
-
-    def retry(self, queue: str, ids: list[str] | None = None) -> RetryResult:
-        name = xq_name(self.check(queue))
-        wanted = set(ids) if ids is not None else None
-        retried = 0
-        with self._channel() as ch:
-            ch, total = self._count(ch, name)
-            ch.confirm_delivery()
-            for tag, _properties, body in self._fetch(ch, name, total):
-                message = Message.decode(body)
-                if wanted is not None and message.message_id not in wanted:
-                    continue
-                copy = replay_copy(message, queue)
-                # Published (and confirmed) before the dead letter is acked: a crash in
-                # between replays it twice rather than losing it; actors are idempotent.
-                ch.basic_publish(
-                    exchange="",
-                    routing_key=queue,
-                    body=copy.encode(),
-                    properties=pika.BasicProperties(
-                        delivery_mode=2, priority=copy.options.get("broker_priority")
-                    ),
-                )
-                ch.basic_ack(tag)
-                retried += 1
-                if wanted is not None:
-                    wanted.discard(message.message_id)
-        return RetryResult(retried=retried, not_found=sorted(wanted or ()))
-
-    def purge(self, queue: str) -> int:
-        with self._channel() as ch:
-            ch, count = self._count(ch, xq_name(self.check(queue)))
-            if count:
-                frame = ch.queue_purge(queue=xq_name(queue))
-                count = int(frame.method.message_count)
-        return count
-
-
-def _death_ms(properties: Any) -> float | None:
-    deaths = (getattr(properties, "headers", None) or {}).get("x-death") or []
-    when = deaths[0].get("time") if deaths else None
-    return when.timestamp() * 1000 if isinstance(when, datetime) else None
-
-
 def build_inspector(broker: dramatiq.Broker, connections: Connections) -> QueueInspector:
     """The inspector for ``broker``, with a Redis client of its own."""
     queues = broker.get_declared_queues()
     cursors = CursorCodec.of(connections.settings)
+    prefix = connections.settings.redis_prefix
+    pauses = PauseStore(connections.redis_sync(), prefix)
     if isinstance(broker, RabbitmqBroker):
-        prefix = connections.settings.redis_prefix
         notes = connections.redis_sync()
-        return RabbitmqQueueInspector(broker.parameters, queues, cursors, notes, prefix)
+        return RabbitmqQueueInspector(broker.parameters, queues, cursors, notes, prefix, pauses)
     if isinstance(broker, RedisBroker):
-        return RedisQueueInspector(connections.broker_redis(), broker.namespace, queues, cursors)
-    return QueueInspector(queues, cursors)
+        client = connections.broker_redis()
+        return RedisQueueInspector(client, broker.namespace, queues, cursors, pauses)
+    return QueueInspector(queues, cursors, pauses)

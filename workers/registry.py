@@ -2,8 +2,10 @@
 beat.
 
 Each worker process registers itself and refreshes its registration every second
-(:class:`workers.heartbeat.WorkerHeartbeat`, the write side); ``/admin/workers`` and
-``taskmanager healthcheck worker`` read it through :func:`list_workers`.
+(:class:`workers.heartbeat.WorkerHeartbeat`, the write side); ``/admin/workers``,
+``taskmanager workers`` and ``taskmanager healthcheck worker`` read it through
+:func:`list_workers`. A registration also carries the busy view: what each worker thread runs
+now (:class:`BusyThread`), and the process's memory (RSS), processed and failed counts.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import json
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -27,6 +29,20 @@ def _utc(ms: float) -> datetime:
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
+
+
+@dataclass(frozen=True)
+class BusyThread:
+    """A message a worker thread is running now."""
+
+    thread: str
+    actor: str
+    message_id: str
+    queue: str
+    #: The arguments, shortened and with secret-looking values masked (workers/heartbeat.py).
+    args_summary: str
+    started_at: datetime
+    running_seconds: float
 
 
 @dataclass(frozen=True)
@@ -46,6 +62,11 @@ class WorkerInfo:
     #: Messages run since the process started, and failed attempts (0 from older workers).
     processed: int = 0
     failed: int = 0
+    #: What each busy thread runs (as of the last beat), longest running first.
+    busy: list[BusyThread] = field(default_factory=list)
+    #: Resident memory of the process (bytes; ``None`` when unknown), seconds since it started.
+    rss_bytes: int | None = None
+    uptime_seconds: float = 0.0
 
 
 def registry_index(prefix: str) -> str:
@@ -91,11 +112,34 @@ def list_workers(client: redis.Redis, prefix: str) -> list[WorkerInfo]:
                     in_flight=int(fields["in_flight"]),
                     processed=int(fields.get("processed", 0)),
                     failed=int(fields.get("failed", 0)),
+                    busy=_busy(fields.get("busy"), now),
+                    rss_bytes=int(fields["rss_bytes"]) if fields.get("rss_bytes") else None,
+                    uptime_seconds=max(0.0, (now - int(fields["started_at"])) / 1000),
                 )
             )
-        except (KeyError, ValueError):
+        except (KeyError, ValueError, TypeError):
             continue
     out.sort(key=lambda w: w.started_at, reverse=True)
+    return out
+
+
+def _busy(raw: str | None, now: int) -> list[BusyThread]:
+    """The ``busy`` field of a registration (JSON list; absent from older workers)."""
+    out = []
+    for item in json.loads(raw) if raw else []:
+        started = int(item["started_at"])
+        out.append(
+            BusyThread(
+                thread=str(item["thread"]),
+                actor=str(item["actor"]),
+                message_id=str(item["message_id"]),
+                queue=str(item["queue"]),
+                args_summary=str(item.get("args_summary", "")),
+                started_at=_utc(started),
+                running_seconds=max(0.0, (now - started) / 1000),
+            )
+        )
+    out.sort(key=lambda b: b.started_at)
     return out
 
 

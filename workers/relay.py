@@ -21,6 +21,13 @@ sweeps: each awaited message not finished by its due time (sent, or last retried
 ``OUTBOX_REDELIVER_AFTER_S`` before, past its retry's eta) is sent again, so a broker that lost
 its memory delays side effects without dropping them.
 
+Fair dispatch (``FAIR_SHARE``, on by default; ``core/fairness.py``): instead of the oldest
+events whoever wrote them, each round claims events round-robin across the users with pending
+events, each user within a window of events in flight (sent, side effects not all finished),
+so one user's burst waits in the outbox rather than in front of everyone else in the broker.
+While some user's window holds events back the relay looks again every ``fair_poll`` seconds.
+The relay also keeps the per-user backlog gauge (``workers/backlog.py``) up to date.
+
 Delivery is at least once; actors dedupe.
 """
 
@@ -41,9 +48,11 @@ from pymongo.errors import PyMongoError
 
 from config.logging import get_logger
 from core import events as outbox
+from core import fairness
 from core.context import Context
 from core.events import outbox_lag
 from core.store import Doc, utcnow
+from workers.backlog import publish_backlog
 from workers.catalogue import CATALOGUE
 
 log = get_logger(__name__)
@@ -96,6 +105,9 @@ class Relay:
         lag_interval: float = 1.0,
         redeliver_after: float | None = None,
         sweep_interval: float | None = None,
+        fair: bool | None = None,
+        fair_poll: float = 0.1,
+        backlog_interval: float = 5.0,
     ):
         self.ctx = ctx
         self.broker = broker
@@ -128,17 +140,48 @@ class Relay:
             if sweep_interval is not None
             else max(0.25, min(5.0, self.redeliver_after.total_seconds() / 4))
         )
+        #: Fair dispatch (``FAIR_SHARE`` unless given): windows per user, round-robin.
+        self.fair = ctx.settings.fair_share if fair is None else fair
+        self.windows = fairness.Windows.from_settings(ctx.settings)
+        #: While a window holds events back, the next round comes within this many seconds.
+        self.fair_poll = fair_poll
+        #: The per-user backlog gauge is refreshed at most this often (seconds).
+        self.backlog_interval = backlog_interval
+        self._roles = fairness.Roles()
+        self.view = fairness.PendingView()
+        self._turn = 0
+        #: Whether the last round left pending events behind a full window.
+        self.held_back = False
         self.wake = asyncio.Event()
+        self._backlog_read_at = -float("inf")
         self._lag_read_at = -float("inf")
         self._swept_at = -float("inf")
 
     async def run(self) -> None:
-        """Drain forever: immediately when woken, else every ``poll_interval`` seconds."""
+        """Drain forever: immediately when woken, else every ``poll_interval`` seconds. The
+        gauges are refreshed by a task of their own, so reading them (a pass over the pending
+        events) never delays a round."""
+        gauges = asyncio.create_task(self._keep_gauges(), name="outbox-gauges")
+        try:
+            await self._drain_forever()
+        finally:
+            gauges.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await gauges
+
+    async def _keep_gauges(self) -> None:
+        while True:
+            await self.refresh_lag()
+            await self.refresh_backlog()
+            await asyncio.sleep(min(self.lag_interval, self.backlog_interval))
+
+    async def _drain_forever(self) -> None:
         failures = 0
         while True:
             # Cleared before draining, so a write that lands during the drain wakes the next
             # round at once instead of waiting for the poll.
             self.wake.clear()
+            began = time.monotonic()
             try:
                 moved = await self.drain_once()
                 failures = 0
@@ -148,12 +191,15 @@ class Relay:
                 failures += 1
                 moved = 0
                 log.exception("relay.error", failures=failures)
-            await self.refresh_lag()
             await self._sweep_when_due()
             if moved >= self.batch_size:
                 continue
             backoff = min(self.max_backoff, 0.25 * 2**failures)
-            delay = backoff if failures else self.poll_interval
+            # Held back by full windows: look again soon, but never spend more than half the
+            # time (and the database's) on rounds that find the windows still full.
+            took = time.monotonic() - began
+            idle = max(self.fair_poll, took) if self.held_back else self.poll_interval
+            delay = backoff if failures else idle
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.wake.wait(), delay)
 
@@ -171,11 +217,23 @@ class Relay:
         OUTBOX_EVENTS.labels("set_aside").set(lag.set_aside)
         OUTBOX_OLDEST_AGE.set(lag.oldest_pending_age_seconds or 0.0)
 
+    async def refresh_backlog(self, *, force: bool = False) -> None:
+        """Update the per-user backlog gauge (at most every ``backlog_interval`` seconds)."""
+        if not force and time.monotonic() - self._backlog_read_at < self.backlog_interval:
+            return
+        self._backlog_read_at = time.monotonic()
+        try:
+            await publish_backlog(self.ctx)
+        except PyMongoError:
+            log.warning("relay.backlog_unreadable", exc_info=True)
+
     async def drain_once(self) -> int:
         """Claim, send and settle one batch; returns how many events it settled or released.
 
         Raises the broker's error after releasing the unsent rest when the broker is down.
         """
+        if self.fair:
+            return await self._drain_fairly()
         events = self.ctx.store["events"]
         now = utcnow()
         free = {
@@ -198,8 +256,48 @@ class Relay:
         claimed = (
             await events.find({"lease_owner": token, "pending": True}).sort("_id", 1).to_list()
         )
+        return await self._send_claimed(token, claimed)
+
+    async def _drain_fairly(self) -> int:
+        """One fair round (``core/fairness.py``): plan, claim, send, settle."""
+        now = utcnow()
+        plan = await fairness.plan_round(
+            self.ctx,
+            self.view,
+            now,
+            self.windows,
+            limit=self.batch_size,
+            turn=self._turn,
+            roles=self._roles,
+            horizon=self.redeliver_after + timedelta(seconds=5),
+        )
+        self._turn = plan.next_turn
+        self.held_back = bool(plan.full)
+        if not plan.chosen:
+            return 0
+        token = secrets.token_hex(8)
+        claimed = await fairness.claim(self.ctx, plan.chosen, now, self.lease, token)
+        # Claimed (ours now), or found sent or leased by another relay: either way not ours to
+        # pick again; those that come back (failed, released) are seen at the next whole read.
+        self.view.forget([d["_id"] for d in plan.chosen])
+        return await self._send_claimed(token, claimed)
+
+    async def _send_claimed(self, token: str, claimed: list[Doc]) -> int:
         if not claimed:
             return 0
+        # A stop (the relay's task cancelled, as on SIGTERM) while a batch is out waits for
+        # that batch to be sent and settled: cancelled mid-way, its events would wait out
+        # their lease before another relay took them (a webhook 30 s late after a rolling
+        # restart; RELIABILITY.md). The web's shutdown bounds the wait.
+        batch = asyncio.ensure_future(self._send_and_settle(token, claimed))
+        try:
+            return await asyncio.shield(batch)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                await batch
+            raise
+
+    async def _send_and_settle(self, token: str, claimed: list[Doc]) -> int:
         outcome = Outcome()
         try:
             await asyncio.to_thread(self._enqueue, claimed, outcome)
@@ -270,6 +368,8 @@ class Relay:
                 },
                 "$set": {"dispatched_at": now},
             }
+            if self.fair and actors:  # it takes a place in its user's window
+                update["$set"][fairness.INFLIGHT] = True
             if actors:
                 due = now + self.redeliver_after
                 awaited = outbox.receipt(
@@ -278,6 +378,8 @@ class Relay:
                 for op, fields in awaited.items():
                     update.setdefault(op, {}).update(fields)
             await events.update_many({"_id": {"$in": ids}, "lease_owner": token}, update)
+        if outcome.failed or outcome.outage is not None:
+            self.view.stale()  # they stay pending: see them again at the next round
         for event_id, error in outcome.failed.items():
             await self._charge(token, by_id[event_id], error)
         if outcome.outage is not None:
@@ -285,7 +387,7 @@ class Relay:
             # broker's return) retries it instead of waiting out the lease.
             with contextlib.suppress(PyMongoError):
                 await events.update_many(
-                    {"lease_owner": token, "pending": True},
+                    {"_id": {"$in": list(by_id)}, "lease_owner": token, "pending": True},
                     {"$unset": {"lease_until": "", "lease_owner": ""}},
                 )
 

@@ -121,15 +121,26 @@ def test_workers_and_stats_show_a_live_worker(
     assert "notifications" in worker["queues"]
     assert ISO_Z.match(worker["started_at"]) and ISO_Z.match(worker["last_beat"])
 
+    [running] = worker["busy"]
+    assert (running["actor"], running["queue"]) == ("op_hold", "notifications")
+    assert worker["rss_bytes"] > 0 and worker["uptime_seconds"] >= 0
+
     result = invoke("workers")
     assert result.exit_code == 0, result.output
-    header, row = result.output.splitlines()
+    header, row, blank, busy_header, busy_row = result.output.splitlines()
+    assert blank == ""
     assert header.split() == [
-        "ID", "HOST", "PID", "STATE", "THREADS", "BUSY", "PROCESSED", "FAILED", "STARTED", "BEAT"
+        "ID", "HOST", "PID", "STATE", "THREADS", "BUSY", "PROCESSED", "FAILED", "RSS", "UPTIME",
+        "STARTED", "BEAT",
     ]  # fmt: skip
     cells = row.split()
     assert cells[3:6] == ["running", "2", "1"]
-    assert ISO_Z.match(cells[8]), cells[8]
+    assert cells[8].endswith("MiB")
+    assert ISO_Z.match(cells[10]), cells[10]
+    assert busy_header.split() == [
+        "WORKER", "THREAD", "ACTOR", "QUEUE", "MESSAGE", "RUNNING", "STARTED", "ARGS"
+    ]  # fmt: skip
+    assert busy_row.split()[2:5] == ["op_hold", "notifications", running["message_id"]]
 
 
 def test_no_workers_is_said(ops_env: Settings) -> None:

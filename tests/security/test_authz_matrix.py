@@ -15,6 +15,7 @@ serve the whole module.
 
 from __future__ import annotations
 
+import asyncio
 import re
 import uuid
 from collections.abc import AsyncIterator
@@ -91,10 +92,23 @@ EXPECTED: dict[tuple[str, str], Row] = {
     ("GET", f"{API}/admin/queues/{{queue}}/dead"):               Row(401, 403, 403, 200),
     ("POST", f"{API}/admin/queues/{{queue}}/dead/retry"):        Row(401, 403, 403, 200),
     ("DELETE", f"{API}/admin/queues/{{queue}}/dead"):            Row(401, 403, 403, 200),
+    ("GET", f"{API}/admin/queues/{{queue}}/dead/{{id}}"):          Row(401, 403, 403, 200),
+    ("DELETE", f"{API}/admin/queues/{{queue}}/dead/{{id}}"):       Row(401, 403, 403, 204),
+    ("GET", f"{API}/admin/queues/{{queue}}/messages"):           Row(401, 403, 403, 200),
+    ("POST", f"{API}/admin/queues/{{queue}}/messages/{{id}}/retry"):  Row(401, 403, 403, 200),
+    ("DELETE", f"{API}/admin/queues/{{queue}}/messages/{{id}}"):   Row(401, 403, 403, 204),
+    ("GET", f"{API}/admin/messages/{{id}}"):                      Row(401, 403, 403, 200),
+    ("POST", f"{API}/admin/queues/{{queue}}/pause"):             Row(401, 403, 403, 200),
+    ("POST", f"{API}/admin/queues/{{queue}}/resume"):            Row(401, 403, 403, 200),
     ("GET", f"{API}/admin/workers"):                             Row(401, 403, 403, 200),
+    ("GET", f"{API}/admin/health"):                              Row(401, 403, 403, 200),
+    ("GET", f"{API}/admin/overview"):                            Row(401, 403, 403, 200),
     ("POST", f"{API}/admin/users/{{user_id}}/revoke-sessions"):  Row(401, 403, 403, 204),
     ("GET", f"{API}/admin/schedules"):                           Row(401, 403, 403, 200),
     ("POST", f"{API}/admin/schedules/{{name}}/run"):             Row(401, 403, 403, 202),
+    ("GET", f"{API}/admin/schedules/{{name}}/runs"):             Row(401, 403, 403, 200),
+    ("GET", f"{API}/admin/history"):                             Row(401, 403, 403, 200),
+    ("GET", f"{API}/admin/backlog"):                             Row(401, 403, 403, 200),
     ("GET", f"{API}/admin/backups"):                             Row(401, 403, 403, 200),
     ("POST", f"{API}/admin/backups"):                            Row(401, 403, 403, 202),
     ("GET", f"{API}/admin/backups/{{id}}"):                      Row(401, 403, 403, 200),
@@ -282,6 +296,32 @@ async def _backup(world: World) -> str:
     return backup_id
 
 
+async def _ready_message(world: World) -> str:
+    """A message waiting in the welcome queue (no worker runs here): its broker id."""
+    actor = world.app[PLATFORM].actors["send_welcome_email"]
+    message = await asyncio.to_thread(actor.send, {"user_id": world.users["owner"].id})
+    return str(message.options["redis_message_id"])
+
+
+async def _dead_letter(world: World) -> str:
+    """A dead letter of the welcome queue, stored where Dramatiq's nack puts one."""
+    platform = world.app[PLATFORM]
+    actor = platform.actors["send_welcome_email"]
+    rid = str(uuid.uuid4())
+    message = actor.message({"user_id": world.users["owner"].id}).copy(
+        options={"redis_message_id": rid}
+    )
+    inspector = platform.inspector
+    xq = inspector.key(f"{actor.queue_name}.XQ")
+
+    def store() -> None:
+        inspector.client.zadd(xq, {rid: int(utcnow().timestamp() * 1000)})
+        inspector.client.hset(f"{xq}.msgs", rid, message.encode())
+
+    await asyncio.to_thread(store)
+    return rid
+
+
 async def _path_params(world: World, route: Route) -> dict[str, str]:
     """Values for the route's path parameters, created as the owner."""
     names = re.findall(r"\{(\w+)\}", route.path)
@@ -300,6 +340,10 @@ async def _path_params(world: World, route: Route) -> dict[str, str]:
             params[name] = await _backup(world)
         elif (before, name) == ("queues", "queue"):
             params[name] = world.app[PLATFORM].actors["send_welcome_email"].queue_name
+        elif (before, name) == ("messages", "id"):
+            params[name] = await _ready_message(world)
+        elif (before, name) == ("dead", "id"):
+            params[name] = await _dead_letter(world)
         elif (before, name) == ("schedules", "name"):
             params[name] = "due-soon-reminders"
         elif (before, name) == ("users", "user_id"):

@@ -1,192 +1,51 @@
-"""The operator dashboard (``GET /admin``) in headless Chromium, against the real app.
+"""The operator dashboard (``GET /admin``) in headless Chromium, against the real app: sign
+in, queues, dead letters, schedules, backups, sessions, and the page's lockdown.
 
 The app is served on a loopback port with the real MongoDB (SecantusDB) and Redis, an
 in-process worker takes its messages, and the browser is Debian's Chromium driven by
 Playwright (never a browser build downloaded by Playwright). The tests click what an operator
-clicks and check what the API then holds.
+clicks and check what the API then holds. The cockpit (history, busy view, one message at a
+time, pause, objectives, backlog) is tests/web/test_dashboard_cockpit.py; the fixtures are in
+tests/web/dashboard_support.py.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 import threading
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import dramatiq
-import pytest
-from aiohttp import web
-from playwright.async_api import Browser, ConsoleMessage, Page, Request, async_playwright, expect
+from playwright.async_api import Page, expect
 
 from jobs.schedule import SCHEDULE
 from jobs.scheduler import Scheduler
-from tests.conftest import bearer, eventually
-from web.app import create_app
+from tests.conftest import eventually
+from tests.web.dashboard_support import (
+    ADMIN,
+    MARKUP,
+    UI_TIMEOUT_MS,
+    Served,
+    Watched,
+    browser,
+    dead_rows,
+    has_count,
+    row_ids,
+    save_screenshot,
+    served,
+    sign_in,
+    watched,
+)
 from web.handlers.dashboard import CONTENT_SECURITY_POLICY
 from web.keys import CONTEXT, PLATFORM
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--no-first-run",
-    "--disable-sync",
-    "--disable-quic",
-]
-ADMIN = {"email": "ops@example.com", "password": "admin password 1"}
-SCREENSHOT = "/tmp/dashboard.png"
-#: Data that would run if the page ever inserted it as markup.
-MARKUP = '<img src="/x.png" onerror="window.pwned = 1">'
-#: Long enough for a few of the page's 5 s polls.
-UI_TIMEOUT_MS = 20_000
-
-
-@pytest.fixture
-async def browser() -> AsyncIterator[Browser]:
-    """Debian's Chromium, headless; a missing one is a failure, never a skip."""
-    if not os.access(CHROMIUM, os.X_OK):
-        pytest.fail(
-            f"{CHROMIUM} is missing: `make browser` installs Debian's chromium package (as root), "
-            "or run `apt-get install chromium`; this test never downloads a browser"
-        )
-    async with async_playwright() as pw:
-        chromium = await pw.chromium.launch(
-            executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS
-        )
-        try:
-            yield chromium
-        finally:
-            await chromium.close()
-
-
-@dataclass
-class Served:
-    """The real app on a loopback port."""
-
-    app: web.Application
-    base: str
-
-    async def call(
-        self, method: str, path: str, token: str | None = None, **kwargs: Any
-    ) -> tuple[int, Any]:
-        """One API call (status, JSON body or None)."""
-        headers = bearer(token) if token else {}
-        async with (
-            aiohttp.ClientSession() as http,
-            http.request(method, self.base + path, headers=headers, **kwargs) as resp,
-        ):
-            body = await resp.json() if "json" in resp.content_type else None
-            return resp.status, body
-
-    async def login(self, email: str, password: str) -> dict[str, Any]:
-        """Sign in over the API; the token pair."""
-        status, body = await self.call(
-            "POST", "/api/v1/auth/login", json={"email": email, "password": password}
-        )
-        assert status == 200, body
-        return body  # type: ignore[no-any-return]
-
-
-@pytest.fixture
-async def served(make_settings: Any, tmp_path: Path) -> AsyncIterator[Served]:
-    """The app as ``taskmanager web`` builds it, on 127.0.0.1 with a free port."""
-    settings = make_settings(
-        admin_email=ADMIN["email"],
-        admin_password=ADMIN["password"],
-        backup_dir=str(tmp_path / "backups"),
-    )
-    app = create_app(settings)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    host, port = runner.addresses[0][:2]
-    try:
-        yield Served(app, f"http://{host}:{port}")
-    finally:
-        await runner.cleanup()
-
-
-@dataclass
-class Watched:
-    """A page plus everything it asked for and complained about."""
-
-    page: Page
-    base: str
-    requests: list[str] = field(default_factory=list)
-    console_errors: list[str] = field(default_factory=list)
-    page_errors: list[str] = field(default_factory=list)
-
-    def assert_stayed_local(self) -> None:
-        """Every request went to the app itself (nothing from a CDN or elsewhere)."""
-        assert self.requests, "the page made no request at all"
-        strays = [u for u in self.requests if not u.startswith(self.base + "/")]
-        assert not strays, f"requests left the app: {strays}"
-
-    def assert_clean(self, *expected_statuses: int) -> None:
-        """No script error, no CSP violation; console errors only for failed requests with
-        one of ``expected_statuses`` (Chromium logs every 4xx answer a fetch gets)."""
-        assert not self.page_errors, self.page_errors
-        allowed = re.compile(
-            r"Failed to load resource: the server responded with a status of (\d+)"
-        )
-        unexpected = [
-            m
-            for m in self.console_errors
-            if not ((hit := allowed.search(m)) and int(hit.group(1)) in expected_statuses)
-        ]
-        assert not unexpected, unexpected
-
-
-@pytest.fixture
-async def watched(browser: Browser, served: Served) -> AsyncIterator[Watched]:
-    """A fresh browser context and page on the served app, watched."""
-    context = await browser.new_context(viewport={"width": 1360, "height": 900})
-    page = await context.new_page()
-    page.set_default_timeout(UI_TIMEOUT_MS)
-    expect.set_options(timeout=UI_TIMEOUT_MS)
-    w = Watched(page, served.base)
-
-    def on_request(request: Request) -> None:
-        w.requests.append(request.url)
-
-    def on_console(message: ConsoleMessage) -> None:
-        if message.type == "error":
-            w.console_errors.append(message.text)
-
-    page.on("request", on_request)
-    page.on("console", on_console)
-    page.on("pageerror", lambda exc: w.page_errors.append(str(exc)))
-    try:
-        yield w
-    finally:
-        await context.close()
-
-
-async def sign_in(page: Page, base: str, email: str, password: str) -> None:
-    """Open the dashboard and sign in through its form."""
-    await page.goto(f"{base}/admin")
-    await page.get_by_label("Email").fill(email)
-    await page.get_by_label("Password").fill(password)
-    await page.get_by_role("button", name="Sign in").click()
-
-
-def dead_rows(page: Page, queue: str) -> Any:
-    return page.locator(f'#dead-body section[data-queue="{queue}"] tbody tr')
-
-
-async def row_ids(page: Page, queue: str) -> set[str]:
-    ids = await dead_rows(page, queue).evaluate_all("rows => rows.map(r => r.dataset.id)")
-    return set(ids)
+__all__ = ["browser", "served", "watched"]  # fixtures used by name
 
 
 class Flaky:
@@ -206,7 +65,7 @@ class Flaky:
 
 
 async def test_admin_operates_queues_dead_letters_schedules_and_backups(
-    served: Served, watched: Watched, worker_for: Any
+    served: Served, watched: Watched, worker_for: Any, tmp_path: Path
 ) -> None:
     app, page = served.app, watched.page
     platform = app[PLATFORM]
@@ -227,7 +86,7 @@ async def test_admin_operates_queues_dead_letters_schedules_and_backups(
         page_ = await asyncio.to_thread(platform.inspector.dead, queue)
         return {m.id: m.args[0] for m in page_.items}
 
-    await eventually(lambda: _has(dead, 3), timeout=15)
+    await eventually(lambda: has_count(dead, 3), timeout=15)
     by_tag = {tag: id_ for id_, tag in (await dead()).items()}
     scheduler = Scheduler(app[CONTEXT], platform)
     # One acquisition stands for a running scheduler (which renews every 2 s): held long
@@ -312,11 +171,17 @@ async def test_admin_operates_queues_dead_letters_schedules_and_backups(
     await expect(page.locator("#schedules-meta")).to_contain_text(scheduler.lock.instance)
     status = page.locator('#schedules-body tr[data-job="analytics-rollup"] .last-status')
     await expect(status).to_have_text("never")
+    await page.get_by_role("button", name="History of analytics-rollup").click()
+    history = page.locator('#schedules-body tr[data-history="analytics-rollup"]')
+    await expect(history).to_contain_text("No runs recorded yet.")
     await page.get_by_role("button", name="Run analytics-rollup now").click()
     await expect(status).to_have_text("succeeded")
-    await expect(
-        page.locator('#schedules-body tr[data-job="analytics-rollup"] td.duration')
-    ).to_have_text(re.compile(r"\d+(\.\d)? m?s"))
+    # Its history (kept open, refreshed by the polls) lists the manual run with its duration.
+    run = history.locator("tbody tr")
+    await expect(run).to_have_count(1)
+    await expect(run.locator(".run-status")).to_have_text("succeeded")
+    await expect(run.locator(".tag")).to_have_text("manual")
+    await expect(run.locator("td.duration")).to_have_text(re.compile(r"\d+(\.\d)? m?s"))
 
     # Backups: start one; the worker takes it and the panel follows it to success.
     await expect(page.get_by_text("No backups yet.")).to_be_visible()
@@ -330,7 +195,7 @@ async def test_admin_operates_queues_dead_letters_schedules_and_backups(
     assert backup["status"] == "succeeded" and backup["manual"] is True
     await expect(page.locator(f'#backups-body tr[data-backup="{backup["id"]}"]')).to_have_count(1)
 
-    await page.screenshot(path=SCREENSHOT, full_page=True)
+    await save_screenshot(page, tmp_path, "dashboard-operations")
     watched.assert_stayed_local()
     watched.assert_clean()
 
@@ -382,7 +247,7 @@ async def test_a_non_admin_is_told_the_admin_role_is_needed(
     # waiting out more than one poll interval (5 s).
     await page.wait_for_timeout(6000)
     admin_calls = [u for u in watched.requests if "/api/v1/admin/" in u]
-    assert admin_calls == [f"{served.base}/api/v1/admin/queues"], admin_calls
+    assert admin_calls == [f"{served.base}/api/v1/admin/overview"], admin_calls
 
 
 async def test_an_expired_access_token_is_refreshed_once_then_the_session_ends(
@@ -459,10 +324,6 @@ async def test_the_page_is_public_static_and_locked_down(served: Served) -> None
         js = (Path(__file__).parents[2] / "web" / "static" / "admin.js").read_text()
         assert "innerHTML" not in js and "insertAdjacentHTML" not in js
         assert "eval(" not in js
-
-
-async def _has(read: Callable[[], Awaitable[dict[str, str]]], count: int) -> bool:
-    return len(await read()) == count
 
 
 async def _disjoint(

@@ -7,9 +7,10 @@ every answer must match it: no 5xx, a documented status, content type, headers a
 ``application/problem+json`` for every error.
 
 Real credentials and real resources (tasks with their ETags, webhooks and their deliveries,
-queue and schedule names, cursors) are mixed into the drawn requests, so each operation is
-exercised beyond 401 and 404; what a JSON schema cannot say (an email must be deliverable, a
-webhook target must resolve to an allowed address) is filled in for the valid cases only.
+queue and schedule names, queued messages ready, delayed and dead, cursors) are mixed into the
+drawn requests, so each operation is exercised beyond 401 and 404; what a JSON schema cannot
+say (an email must be deliverable, a webhook target must resolve to an allowed address) is
+filled in for the valid cases only.
 
 Besides this per-operation run, ``test_schemathesis_run_with_every_check_finds_nothing`` runs
 schemathesis' engine as ``st run --checks all`` does (coverage, fuzzing and stateful phases,
@@ -58,6 +59,14 @@ ADMIN_EMAIL = "fuzz-admin@example.com"
 #: Nobody listens there: deliveries fail and are retried, but they exist.
 HOOK_URL = "http://127.0.0.1:9/hook"
 MAX_EXAMPLES = 40
+#: Operations on one queued message, and the states of the messages each is given in turn.
+MESSAGE_STATES = {
+    "get_dead": ["dead"],
+    "delete_dead": ["dead"],
+    "retry_message": ["ready", "delayed", "dead"],
+    "delete_message": ["ready", "delayed", "dead"],
+    "get_message": ["ready", "delayed", "dead"],
+}
 OPERATIONS = [(route.method, route.path) for route in ROUTES]
 ROUTE_OF = {(route.method, route.path): route for route in ROUTES}
 #: A request the schema calls valid may still be refused for the state it meets (412).
@@ -102,12 +111,14 @@ class LiveServer:
         self.thread.start()
         return self.run(self._start())
 
-    def start_worker(self) -> None:
-        """Run the app's actors in this process (for what only workers create)."""
+    def start_worker(self, queues: set[str] | None = None) -> None:
+        """Run the app's actors in this process (for what only workers create): of every queue,
+        or only of ``queues`` (once per test: the first call decides)."""
         from web.keys import PLATFORM
 
         if self.worker is None:
-            self.worker = Worker(self.app[PLATFORM].broker, worker_threads=2, worker_timeout=100)
+            broker = self.app[PLATFORM].broker
+            self.worker = Worker(broker, queues=queues, worker_threads=2, worker_timeout=100)
             self.worker.start()
 
     def stop(self) -> None:
@@ -126,9 +137,9 @@ class LiveServer:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(60)
 
     async def _start(self) -> str:
-        from web.app import create_app
+        from web.app import MAX_LINE_SIZE, create_app
 
-        self.runner = web.AppRunner(create_app(self.settings))
+        self.runner = web.AppRunner(create_app(self.settings), max_line_size=MAX_LINE_SIZE)
         await self.runner.setup()
         site = web.TCPSite(self.runner, "127.0.0.1", 0)
         await site.start()
@@ -220,6 +231,31 @@ class Live:
         )
         assert self.server.run(create_notifications(self.server.app[CONTEXT], [item])) == 1
         return str(self.call("GET", "/notifications", self.user)["items"][0]["id"])
+
+    def new_message(self, state: str) -> tuple[str, str]:
+        """A fresh message of the app's broker in ``state``: ``(queue, broker id)``. A dead
+        letter is a welcome message whose argument is no event (it dies at once in a worker
+        that takes only that queue); a ready or delayed one (due in a day) waits in a queue no
+        worker takes."""
+        from web.keys import PLATFORM
+
+        actors = self.server.app[PLATFORM].actors
+        if state != "dead":
+            actor = actors["index_task"]
+            delay = 86_400_000 if state == "delayed" else None
+            sent = actor.send_with_options(args=({"id": "fuzz"},), delay=delay)
+            return actor.queue_name, str(sent.options["redis_message_id"])
+        actor = actors["send_welcome_email"]
+        self.server.start_worker({actor.queue_name})
+        rid = str(actor.send({"id": "fuzz"}).options["redis_message_id"])
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            url = f"{self.base}{API}/admin/messages/{rid}"
+            resp = self.http.get(url, headers=self.admin, timeout=30)
+            if resp.status_code == 200 and resp.json()["state"] == "dead":
+                return actor.queue_name, rid
+            time.sleep(0.05)
+        raise AssertionError("the worker made no dead letter")
 
     def victim(self) -> str:
         """Another user's id, for operations on users (revoking the fuzzing user's own logins
@@ -366,6 +402,7 @@ class Fuzz:
         self.auth = auth
         self.op_id = op_id
         self.seen: set[int] = set()
+        self.messages = 0  # real messages given so far (their states go in turn)
 
     def example(self, case: Case, data: st.DataObject) -> None:
         """Send one drawn case (twice when it repeats an Idempotency-Key) and validate."""
@@ -484,6 +521,14 @@ class Fuzz:
             real["id"], real["delivery_id"] = live.new_delivery()
         elif path.startswith(f"{API}/webhooks/"):
             real["id"] = live.new_webhook()
+        elif self.op_id in MESSAGE_STATES:
+            # In turn, not drawn: with a few dozen examples a draw would leave one state out.
+            states = MESSAGE_STATES[self.op_id]
+            state = states[self.messages % len(states)]
+            self.messages += 1
+            queue, real["id"] = live.new_message(state)
+            if "queue" in params:
+                real["queue"] = queue
         elif path.startswith(f"{API}/admin/queues/"):
             real["queue"] = data.draw(st.sampled_from(live.names("/admin/queues", "queue")))
         elif path.startswith(f"{API}/admin/backups/"):

@@ -326,7 +326,16 @@ def test_cli_queues_and_dead_letters(
     out = invoke("queues")
     assert out.exit_code == 0, out.output
     header, *rows = out.output.splitlines()
-    assert header.split() == ["QUEUE", "READY", "DELAYED", "IN", "PROGRESS", "DEAD", "LATENCY"]
+    assert header.split() == [
+        "QUEUE",
+        "READY",
+        "DELAYED",
+        "IN",
+        "PROGRESS",
+        "DEAD",
+        "LATENCY",
+        "OBJECTIVE",
+    ]
     [row] = [r.split() for r in rows if r.split()[0] == queue]
     assert row[1:5] == ["0", "1", "0", "2"]
     assert rows[-1].startswith("outbox: 0 event(s) pending"), rows[-1]

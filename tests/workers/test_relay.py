@@ -73,3 +73,32 @@ async def test_concurrent_relays_claim_each_event_once(platform: Any, ctx: Any) 
         await asyncio.gather(*(r.drain_once() for r in relays))
     assert len(sent) == 40
     assert len(set(sent)) == 40
+
+
+async def test_a_stop_mid_batch_settles_the_batch_before_the_relay_ends(
+    platform: Any, ctx: Any
+) -> None:
+    """Found by `make chaos` (rolling restart): the web's SIGTERM cancels the relay; a cancel
+    landing while a batch was being sent used to skip its settling, leaving the events pending
+    under the stopping relay's lease (their side effects 30 s late)."""
+    await _pending(ctx, 3)
+    relay = Relay(ctx, platform.broker, lease_seconds=300)
+    sending, release = asyncio.Event(), asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def slow(claimed: list[Any], outcome: Outcome) -> None:
+        loop.call_soon_threadsafe(sending.set)
+        asyncio.run_coroutine_threadsafe(release.wait(), loop).result(10)
+        outcome.sent.extend(e["_id"] for e in claimed)
+
+    relay._enqueue = slow  # type: ignore[method-assign]
+    task = asyncio.create_task(relay.run())
+    await asyncio.wait_for(sending.wait(), 10)
+    task.cancel()
+    await asyncio.sleep(0.2)
+    assert not task.done()  # still finishing the batch it had out
+    release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, 10)
+    assert await ctx.store["events"].count_documents({"pending": True}) == 0
+    assert await ctx.store["events"].count_documents({"dispatched_at": {"$exists": True}}) == 3

@@ -342,6 +342,8 @@ async def test_queue_depth_summed_over_two_web_replicas_is_the_true_depth(
             )
             assert total == true_depth
             assert sum(value(s, "taskmanager_queue_stats_up") for s in rounds) == 1
+            objective = "taskmanager_queue_latency_objective_seconds"  # QUEUE_LATENCY_OBJECTIVES
+            assert sum(value(s, objective, queue=queue) for s in rounds) == 120.0
             exporters = [s for s in rounds if value(s, "taskmanager_queue_stats_up") == 1]
             assert value(exporters[0], "taskmanager_queue_oldest_age_seconds", queue=queue) >= 0
         holder = client.get(f"{settings.redis_prefix}metrics:queue-exporter")

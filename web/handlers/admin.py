@@ -7,6 +7,7 @@ runs on a thread, never on the event loop.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -21,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from config.connections import Connections
 from config.logging import get_logger
+from config.settings import Settings
 from core import accounts
 from core.errors import Unavailable
 from core.events import OutboxLag, outbox_lag
@@ -28,7 +30,7 @@ from core.pagination import Page, PageQuery
 from web.keys import CONNECTIONS, CONTEXT, PLATFORM
 from web.metrics import QUEUE_EXPORTER
 from web.routing import body, claims, json_response, query
-from workers import queue_admin, registry
+from workers import health, queue_admin, registry
 
 log = get_logger(__name__)
 T = TypeVar("T")
@@ -48,6 +50,17 @@ class QueueOut(BaseModel):
     in_progress: int | None = Field(description="Fetched by a worker, not yet acked")
     dead: int
     oldest_age_seconds: float | None = Field(description="Latency: age of the next message")
+    paused: bool | None = Field(
+        description="Paused: workers take none of its messages until it is resumed (None: "
+        "the paused set could not be read)"
+    )
+    objective_seconds: float = Field(
+        description="Latency objective: the longest the next message may wait "
+        "(QUEUE_LATENCY_OBJECTIVES)"
+    )
+    objective_met: bool | None = Field(
+        description="Whether the latency is within the objective (None: not reported)"
+    )
 
 
 class QueueList(BaseModel):
@@ -86,6 +99,18 @@ class PurgeOut(BaseModel):
     purged: int
 
 
+class BusyOut(BaseModel):
+    """A message a worker thread is running now (as of the worker's last beat)."""
+
+    thread: str
+    actor: str
+    message_id: str
+    queue: str
+    args_summary: str = Field(description="Arguments, shortened; secret-looking values masked")
+    started_at: datetime
+    running_seconds: float
+
+
 class WorkerOut(BaseModel):
     """One live worker process."""
 
@@ -99,6 +124,11 @@ class WorkerOut(BaseModel):
     last_beat: datetime
     heartbeat_age_seconds: float
     in_flight: int
+    processed: int = Field(description="Messages run since the process started")
+    failed: int = Field(description="Failed attempts since the process started")
+    busy: list[BusyOut] = Field(description="What each busy thread runs, longest running first")
+    rss_bytes: int | None = Field(description="Resident memory of the process")
+    uptime_seconds: float
 
 
 class WorkerList(BaseModel):
@@ -136,24 +166,58 @@ async def _call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         raise Unavailable(f"The broker is unreachable: {type(exc).__name__}") from exc
 
 
-async def list_queues(request: web.Request) -> web.Response:
-    """Per queue: ready, delayed, in progress, dead-lettered, latency."""
-    inspector = _inspector(request)
+def queue_out(settings: Settings, stats: queue_admin.QueueStats) -> QueueOut:
+    """One queue's row, with its latency objective (workers/health.py)."""
+    goal = health.objective(settings, stats)
+    return QueueOut.model_validate(
+        {
+            **dataclasses.asdict(stats),
+            "objective_seconds": goal.objective_seconds,
+            "objective_met": goal.met,
+        }
+    )
+
+
+async def queue_list(app: web.Application) -> QueueList:
+    """What ``GET /admin/queues`` answers (the overview's ``queues`` too)."""
+    inspector = app[PLATFORM].inspector
     stats = await _call(inspector.stats)
-    return json_response(
-        QueueList(
-            broker=inspector.kind,
-            items=[QueueOut.model_validate(s, from_attributes=True) for s in stats],
-            outbox=await outbox_lag(request.app[CONTEXT]),
-        )
+    settings = app[CONNECTIONS].settings
+    return QueueList(
+        broker=inspector.kind,
+        items=[queue_out(settings, s) for s in stats],
+        outbox=await outbox_lag(app[CONTEXT]),
+    )
+
+
+async def list_queues(request: web.Request) -> web.Response:
+    """Per queue: ready, delayed, in progress, dead-lettered, latency and its objective."""
+    return json_response(await queue_list(request.app))
+
+
+class DeadQuery(PageQuery):
+    """A dead-letter list's page, optionally filtered (filters and cursor go together)."""
+
+    actor: Annotated[str, StringConstraints(min_length=1, max_length=200)] | None = Field(
+        None, description="Only this actor's dead letters"
+    )
+    error: Annotated[str, StringConstraints(min_length=1, max_length=200)] | None = Field(
+        None, description="Only those whose error or traceback contains this (any case)"
     )
 
 
 async def list_dead(request: web.Request) -> web.Response:
-    """A page of a queue's dead letters, oldest first."""
-    q = query(request, PageQuery)
+    """A page of a queue's dead letters, oldest first (filtered by actor and error)."""
+    q = query(request, DeadQuery)
     inspector = _inspector(request)
-    page = await _call(inspector.dead, request.match_info["queue"], limit=q.limit, cursor=q.cursor)
+    page = await _call(
+        inspector.dead,
+        request.match_info["queue"],
+        limit=q.limit,
+        cursor=q.cursor,
+        actor=q.actor,
+        error=q.error,
+    )
     return json_response(DeadList(items=page.items, next_cursor=page.next_cursor))
 
 
@@ -172,9 +236,9 @@ async def purge_dead(request: web.Request) -> web.Response:
     return json_response(PurgeOut(purged=purged))
 
 
-async def list_workers(request: web.Request) -> web.Response:
-    """Live workers with heartbeat age and in-flight count."""
-    connections = request.app[CONNECTIONS]
+async def worker_list(app: web.Application) -> WorkerList:
+    """What ``GET /admin/workers`` answers (the overview's ``workers`` too)."""
+    connections = app[CONNECTIONS]
     prefix = connections.settings.redis_prefix
 
     def read() -> list[registry.WorkerInfo]:
@@ -185,22 +249,29 @@ async def list_workers(request: web.Request) -> web.Response:
             client.close()
 
     workers = await _call(read)
-    return json_response(
-        WorkerList(items=[WorkerOut.model_validate(w, from_attributes=True) for w in workers])
-    )
+    return WorkerList(items=[WorkerOut.model_validate(w, from_attributes=True) for w in workers])
+
+
+async def list_workers(request: web.Request) -> web.Response:
+    """Live workers: heartbeat age, in-flight count, and what each busy thread runs."""
+    return json_response(await worker_list(request.app))
 
 
 # -- Prometheus -------------------------------------------------------------------------------
 
 
 class QueueMetrics(Collector):
-    """``taskmanager_queue_messages{queue,state}`` and ``taskmanager_queue_oldest_age_seconds``
-    from the last reading; :func:`refresh_queue_metrics` takes a new one off the loop."""
+    """``taskmanager_queue_messages{queue,state}``, ``taskmanager_queue_oldest_age_seconds``
+    and ``taskmanager_queue_latency_objective_seconds`` (``QUEUE_LATENCY_OBJECTIVES``, which the
+    TaskmanagerQueueAgeOverObjective alert compares the age with) from the last reading;
+    :func:`refresh_queue_metrics` takes a new one off the loop."""
 
     def __init__(self) -> None:
         self.reading: tuple[float, list[queue_admin.QueueStats]] | None = None
         self._busy = threading.Lock()
         self._source: queue_admin.QueueInspector | None = None
+        #: The objectives' source (the settings of the last refresh given ``connections``).
+        self._settings: Settings | None = None
 
     def refresh(
         self, inspector: queue_admin.QueueInspector, connections: Connections | None = None
@@ -211,9 +282,11 @@ class QueueMetrics(Collector):
         if not self._busy.acquire(blocking=False):
             return
         try:
-            if connections is not None and not QUEUE_EXPORTER.held(connections):
-                self.reading = None  # another replica exports the queue gauges
-                return
+            if connections is not None:
+                self._settings = connections.settings
+                if not QUEUE_EXPORTER.held(connections):
+                    self.reading = None  # another replica exports the queue gauges
+                    return
             if (
                 self.reading is not None
                 and self._source is inspector
@@ -249,7 +322,20 @@ class QueueMetrics(Collector):
             "How long the next message of the queue has waited",
             labels=["queue"],
         )
+        paused = GaugeMetricFamily(
+            "taskmanager_queue_paused",
+            "1 while the queue is paused (workers take none of its messages)",
+            labels=["queue"],
+        )
+        objective = GaugeMetricFamily(
+            "taskmanager_queue_latency_objective_seconds",
+            "The longest the next message of the queue may wait (QUEUE_LATENCY_OBJECTIVES)",
+            labels=["queue"],
+        )
+        settings = self._settings
         for s in reading[1]:
+            if settings is not None:
+                objective.add_metric([s.queue], settings.latency_objective(s.queue))
             for state, value in (
                 ("ready", s.ready),
                 ("delayed", s.delayed),
@@ -260,8 +346,12 @@ class QueueMetrics(Collector):
                     messages.add_metric([s.queue, state], float(value))
             if s.oldest_age_seconds is not None:
                 age.add_metric([s.queue], s.oldest_age_seconds)
+            if s.paused is not None:
+                paused.add_metric([s.queue], 1.0 if s.paused else 0.0)
         yield messages
         yield age
+        yield paused
+        yield objective
 
 
 QUEUE_METRICS = QueueMetrics()

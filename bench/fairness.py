@@ -1,0 +1,560 @@
+"""The fairness benchmark (issue 13): one user's burst beside another user's writes, and 100
+users with bursts of different sizes, with fair dispatch on and off side by side in one run.
+
+What runs (all on loopback, all started and stopped here): SecantusDB in memory and Redis (the
+machine's on 6379 under a unique key prefix, else a private ``redis-server``); for each mode
+(``FAIR_SHARE=false``, then ``true``) a fresh database and prefix, a real ``taskmanager web``
+(which runs the outbox relay) and two ``taskmanager worker`` processes split as deployed (the
+general queues on 4 threads; the webhook pool on 8), and a webhook receiver in this process.
+
+Per mode:
+
+* **idle**: user B (a real account with a webhook) creates ``--idle-probes`` tasks one by
+  one; per task the write's acknowledgement → the first ``GET /search`` that returns it, and
+  → its webhook received;
+* **burst**: user A (with a webhook too) writes ``--burst`` tasks through
+  ``core.tasks.create`` (the API's write path, 16 at a time); as soon as they are written,
+  B creates ``--probes`` tasks one second apart, measured as when idle. A's drain time: from
+  A's first write to A's last webhook received;
+* **many users**: ``--users`` users (no webhooks) write bursts of different sizes (1 up to
+  ``--max-burst``, quadratic spread), each user's burst written as a block, users in random
+  order; completion delay of a task = its search entry's ``indexed_at`` minus its
+  ``created_at`` (MongoDB's timestamps). Jain's index over the per-user mean completion
+  delay, ``(Σx)² / (n·Σx²)`` (1 = every user waits alike), and over the per-user mean delay
+  divided by the user's burst size (each user's wait per unit of its own demand).
+
+Targets (reported, never asserted): during A's burst, B's write → searchable and write →
+webhook p95 ≤ 2 x idle p95 + 1 s; A's drain time grows ≤ 10 % with fairness on; Jain's index
+over per-user mean completion delay ≥ 0.9 with fairness on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import random
+import string
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from bench.procs import Child, Services, clean_env, cpu_model, taskmanager_exe, wait_http
+from bench.workers import finite, log_errors
+from cli.embedded import free_port
+from config.connections import Connections
+from config.settings import Settings
+from core import tasks
+from core.context import open_context
+from core.task_models import TaskCreate
+
+API = "/api/v1"
+SECRET = "bench-secret-" + "f" * 40
+PASSWORD = "bench password 1"
+RESULTS = Path(__file__).resolve().parent / "results"
+P95_FACTOR, P95_SLACK_S = 2.0, 1.0
+DRAIN_GROWTH_TARGET = 0.10
+JAIN_TARGET = 0.9
+MODES = ("off", "on")
+
+
+@dataclass
+class Options:
+    """Command-line settings of one run."""
+
+    burst: int = 2000
+    probes: int = 10
+    idle_probes: int = 5
+    users: int = 100
+    max_burst: int = 25
+    window: int = 16
+    timeout: float = 1200.0
+    seed: int = 13
+    out: Path | None = RESULTS / "fairness-latest.txt"
+    json_out: Path | None = None
+
+
+@dataclass
+class ModeResult:
+    """What one mode measured (seconds)."""
+
+    mode: str
+    idle_search: list[float] = field(default_factory=list)
+    idle_hook: list[float] = field(default_factory=list)
+    burst_search: list[float] = field(default_factory=list)
+    burst_hook: list[float] = field(default_factory=list)
+    burst_written_s: float = math.nan
+    a_drain_s: float = math.nan
+    a_waiting_at_probes: int = 0
+    jain_delay: float = math.nan
+    jain_per_task: float = math.nan
+    users_mean_delay_s: dict[str, float] = field(default_factory=dict)
+    many_drain_s: float = math.nan
+    errors: list[str] = field(default_factory=list)
+
+
+def p95(values: list[float]) -> float:
+    """The 95th percentile (nearest rank); NaN for no values."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(0.95 * len(ordered)) - 1)]
+
+
+def jain(values: list[float]) -> float:
+    """Jain's fairness index of ``values``: 1 when all are equal, 1/n when one takes all."""
+    if not values or not any(values):
+        return math.nan
+    return sum(values) ** 2 / (len(values) * sum(v * v for v in values))
+
+
+def burst_sizes(users: int, largest: int) -> list[int]:
+    """Burst sizes from 1 to ``largest``, spread quadratically (many small, a few large)."""
+    if users == 1:
+        return [largest]
+    return [1 + round((largest - 1) * (i / (users - 1)) ** 2) for i in range(users)]
+
+
+def word() -> str:
+    """A word no other task has (letters only)."""
+    return "zf" + "".join(random.choices(string.ascii_lowercase, k=10))
+
+
+class Receiver:
+    """A webhook receiver on loopback: when each path got its requests (monotonic), by task."""
+
+    def __init__(self) -> None:
+        self.got: dict[str, list[tuple[float, str]]] = {}
+        self.port = 0
+        self._runner: web.AppRunner | None = None
+
+    async def start(self) -> None:
+        """Listen on a free loopback port."""
+        app = web.Application()
+        app.router.add_post("/{name}", self._handle)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = int(self._runner.addresses[0][1])
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        task_id = str(body.get("data", {}).get("task", {}).get("id"))
+        self.got.setdefault(request.match_info["name"], []).append((time.monotonic(), task_id))
+        return web.Response(text="ok")
+
+    def first(self, name: str, task_id: str) -> float | None:
+        """When ``name`` first got the delivery of ``task_id``."""
+        return next((at for at, tid in self.got.get(name, []) if tid == task_id), None)
+
+    async def close(self) -> None:
+        """Stop listening."""
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+
+class Stack:
+    """One mode's processes and clients."""
+
+    def __init__(self, bench: FairnessBench, mode: str):
+        self.bench = bench
+        self.mode = mode
+        svc = bench.services
+        tag = f"{mode}{uuid.uuid4().hex[:6]}"
+        self.db = f"{svc.db}_{tag}"
+        self.prefix = f"{svc.prefix}{tag}:"
+        self.env = clean_env(
+            APP_ENV="production",
+            HOST="127.0.0.1",
+            MONGODB_URL=svc.mongo.url,
+            MONGODB_DB=self.db,
+            REDIS_URL=svc.redis_url,
+            REDIS_PREFIX=self.prefix,
+            JWT_SECRET=SECRET,
+            ACCESS_TOKEN_TTL="3600",
+            LOG_LEVEL="WARNING",
+            RATE_LIMIT="1000000/minute",
+            WEBHOOK_ALLOW_HOSTS="127.0.0.1",
+            WORKER_METRICS_PORT="0",
+            FAIR_SHARE="true" if mode == "on" else "false",
+            FAIR_SHARE_WINDOW=str(bench.opts.window),
+        )
+        self.settings = Settings(
+            mongodb_url=svc.mongo.url,
+            mongodb_db=self.db,
+            redis_url=svc.redis_url,
+            redis_prefix=self.prefix,
+            jwt_secret=SECRET,
+            log_level="WARNING",
+        )
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.children: list[Child] = []
+        self.http: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        """Start web and the two worker pools; wait for the web to be ready."""
+        exe, svc = taskmanager_exe(), self.bench.services
+        general = ["-Q", "notifications", "-Q", "cache", "-Q", "search", "-Q", "analytics"]
+        self.children = [
+            svc.spawn(f"web-{self.mode}", [exe, "web", "--port", str(self.port)], self.env),
+            svc.spawn(
+                f"worker-{self.mode}",
+                [exe, "worker", "-p", "1", "-t", "4", *general, "-Q", "maintenance"],
+                self.env,
+            ),
+            svc.spawn(
+                f"hooks-{self.mode}",
+                [exe, "worker", "-p", "1", "-t", "8", "-Q", "webhooks"],
+                self.env,
+            ),
+        ]
+        await wait_http(self.children[0], f"{self.base}/readyz", timeout=60)
+        self.http = aiohttp.ClientSession(
+            base_url=self.base, timeout=aiohttp.ClientTimeout(total=15)
+        )
+
+    async def stop(self) -> None:
+        """Stop the processes (their error lines are kept)."""
+        if self.http is not None:
+            await self.http.close()
+        for child in self.children:
+            await asyncio.to_thread(child.stop)
+
+    async def call(self, method: str, path: str, token: str | None = None, body: Any = None) -> Any:
+        """One API call; its JSON answer (raises on a non-2xx)."""
+        assert self.http is not None
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        async with self.http.request(method, path, json=body, headers=headers) as resp:
+            text = await resp.text()
+            if resp.status >= 300:
+                raise RuntimeError(f"{method} {path}: {resp.status} {text[:300]}")
+            return json.loads(text) if text else None
+
+    async def account(self, name: str, hook_url: str | None) -> tuple[str, str]:
+        """Register a user (with a webhook on task.created); returns (user id, token)."""
+        body = {"email": f"{name}-{uuid.uuid4().hex[:6]}@example.com", "password": PASSWORD}
+        answer = await self.call("POST", f"{API}/auth/register", body={**body, "name": name})
+        token = answer["access_token"]
+        if hook_url is not None:
+            await self.call(
+                "POST", f"{API}/webhooks", token, {"url": hook_url, "events": ["task.created"]}
+            )
+        return str(answer["user"]["id"]), token
+
+
+class FairnessBench:
+    """Runs both modes and reports them side by side."""
+
+    def __init__(self, opts: Options):
+        self.opts = opts
+        self.services: Services
+        self.results: dict[str, Any] = {"options": {k: str(v) for k, v in vars(opts).items()}}
+        self.modes: dict[str, ModeResult] = {}
+
+    def note(self, text: str) -> None:
+        """Progress on stderr (the report goes to stdout)."""
+        print(f"[fairness] {text}", file=sys.stderr, flush=True)
+
+    def run(self) -> str:
+        """Run both modes; returns the report."""
+        random.seed(self.opts.seed)
+        self.results["started_at"] = datetime.now(UTC).isoformat(timespec="seconds")
+        self.results["load_average_start"] = os.getloadavg()
+        self.services = Services.start()
+        try:
+            self.results["services"] = (
+                f"SecantusDB {version('SecantusDB')} in memory; Redis "
+                f"{self.services.redis_version()} ({self.services.redis_source})"
+            )
+            asyncio.run(self._all_modes())
+        finally:
+            self.services.stop()
+        self.results["load_average_end"] = os.getloadavg()
+        self.results["modes"] = {k: vars(v) for k, v in self.modes.items()}
+        return self.report()
+
+    async def _all_modes(self) -> None:
+        for mode in MODES:
+            self.modes[mode] = result = ModeResult(mode)
+            self.note(f"fairness {mode}")
+            try:
+                await asyncio.wait_for(self._mode(mode, result), self.opts.timeout)
+            except Exception as exc:  # reported, the other mode still runs
+                result.errors.append(f"{type(exc).__name__}: {exc}"[:500])
+
+    async def _mode(self, mode: str, result: ModeResult) -> None:
+        receiver = Receiver()
+        await receiver.start()
+        stack = Stack(self, mode)
+        try:
+            await stack.start()
+            hooks = f"http://127.0.0.1:{receiver.port}"
+            user_a, _ = await stack.account("a", f"{hooks}/a")
+            _, token_b = await stack.account("b", f"{hooks}/b")
+            for _ in range(self.opts.idle_probes):
+                search, hook = await self._probe(stack, receiver, token_b)
+                result.idle_search.append(search)
+                result.idle_hook.append(hook)
+            await self._burst(stack, receiver, user_a, token_b, result)
+            await self._many_users(stack, result)
+        finally:
+            await stack.stop()
+            for child in stack.children:
+                result.errors += log_errors(child)
+            await receiver.close()
+
+    async def _probe(self, stack: Stack, receiver: Receiver, token: str) -> tuple[float, float]:
+        """B writes one task; seconds to searchable and to its webhook (NaN: not in 60 s)."""
+        w = word()
+        task = await stack.call("POST", f"{API}/tasks", token, {"title": f"probe {w}"})
+        acked = time.monotonic()
+        searchable = hook = math.nan
+        while time.monotonic() - acked < 60 and (math.isnan(searchable) or math.isnan(hook)):
+            if math.isnan(searchable):
+                hits = await stack.call("GET", f"{API}/search?q={w}&limit=5", token)
+                if any(h["task"]["id"] == task["id"] for h in hits["items"]):
+                    searchable = time.monotonic() - acked
+            at = receiver.first("b", task["id"])
+            if at is not None and math.isnan(hook):
+                hook = at - acked
+            await asyncio.sleep(0.05)
+        return searchable, hook
+
+    async def _write(self, settings: Settings, work: list[str]) -> None:
+        """Create one task per owner in ``work`` (in order, 16 at a time)."""
+        gate = asyncio.Semaphore(16)
+        async with open_context(settings, Connections(settings)) as ctx:
+
+            async def one(i: int, owner: str) -> None:
+                async with gate:
+                    await tasks.create(ctx, owner, TaskCreate(title=f"bench item {i}"))
+
+            await asyncio.gather(*(one(i, o) for i, o in enumerate(work)))
+
+    async def _burst(
+        self, stack: Stack, receiver: Receiver, user_a: str, token_b: str, result: ModeResult
+    ) -> None:
+        n = self.opts.burst
+        started = time.monotonic()
+        await self._write(stack.settings, [user_a] * n)
+        result.burst_written_s = time.monotonic() - started
+        self.note(f"{stack.mode}: A wrote {n} tasks in {result.burst_written_s:.1f} s")
+        result.a_waiting_at_probes = n - len(receiver.got.get("a", []))
+        for _ in range(self.opts.probes):
+            probe_started = time.monotonic()
+            search, hook = await self._probe(stack, receiver, token_b)
+            result.burst_search.append(search)
+            result.burst_hook.append(hook)
+            await asyncio.sleep(max(0.0, 1.0 - (time.monotonic() - probe_started)))
+        deadline = started + self.opts.timeout / 2
+        while len({t for _, t in receiver.got.get("a", [])}) < n:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"A's webhooks: {len(receiver.got.get('a', []))} of {n}")
+            await asyncio.sleep(0.1)
+        result.a_drain_s = max(at for at, _ in receiver.got["a"]) - started
+        self.note(f"{stack.mode}: A drained in {result.a_drain_s:.1f} s")
+
+    async def _many_users(self, stack: Stack, result: ModeResult) -> None:
+        sizes = burst_sizes(self.opts.users, self.opts.max_burst)
+        owners = [f"u{i:03d}{uuid.uuid4().hex[:6]}" for i in range(len(sizes))]
+        order = list(range(len(sizes)))
+        random.shuffle(order)
+        work = [owners[i] for i in order for _ in range(sizes[i])]
+        started = time.monotonic()
+        await self._write(stack.settings, work)
+        async with open_context(stack.settings, Connections(stack.settings)) as ctx:
+            index = ctx.store["search_index"]
+            deadline = started + self.opts.timeout / 2
+            while await index.count_documents({"owner": {"$in": owners}}) < len(work):
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the many users' tasks were not all indexed in time")
+                await asyncio.sleep(0.5)
+            result.many_drain_s = time.monotonic() - started
+            created = {
+                d["_id"]: d["created_at"]
+                for d in await ctx.store["tasks"]
+                .find({"owner": {"$in": owners}}, {"created_at": 1})
+                .to_list()
+            }
+            delays: dict[str, list[float]] = {}
+            async for d in index.find({"owner": {"$in": owners}}, {"owner": 1, "indexed_at": 1}):
+                wait = (d["indexed_at"] - created[d["_id"]]).total_seconds()
+                delays.setdefault(str(d["owner"]), []).append(wait)
+        means = {o: sum(v) / len(v) for o, v in delays.items()}
+        size_of = dict(zip(owners, sizes, strict=True))
+        result.users_mean_delay_s = means
+        result.jain_delay = jain(list(means.values()))
+        result.jain_per_task = jain([m / size_of[o] for o, m in means.items()])
+        self.note(
+            f"{stack.mode}: Jain {result.jain_delay:.3f} (per task {result.jain_per_task:.3f})"
+        )
+
+    # --- the report -----------------------------------------------------------------------
+
+    def report(self) -> str:
+        """The report: figures side by side, then the targets."""
+        off, on = self.modes.get("off", ModeResult("off")), self.modes.get("on", ModeResult("on"))
+        o = self.opts
+        lines = [
+            "Fairness benchmark (python -m bench fairness)",
+            f"started {self.results['started_at']}; {cpu_model()}; {os.cpu_count()} CPUs; "
+            f"load average at start {self._load('start')}, at end {self._load('end')}",
+            f"{self.results.get('services', '')}",
+            f"per mode: web (relay) + worker (4 threads, general queues) + worker (8 threads, "
+            f"webhooks); FAIR_SHARE_WINDOW={o.window}",
+            "",
+            f"1. B's write → effect, idle ({o.idle_probes}) and during A's {o.burst}-task burst "
+            f"({o.probes} probes, 1 s apart), p95 in seconds",
+            f"{'':34}{'fairness off':>14}{'fairness on':>14}",
+        ]
+
+        def row(label: str, a: float, b: float, fmt: str = "{:.2f}") -> str:
+            def cell(v: float) -> str:
+                return "-" if math.isnan(v) else fmt.format(v)
+
+            return f"{label:34}{cell(a):>14}{cell(b):>14}"
+
+        lines += [
+            row("idle: write → searchable", p95(off.idle_search), p95(on.idle_search)),
+            row("idle: write → webhook", p95(off.idle_hook), p95(on.idle_hook)),
+            row("burst: write → searchable", p95(off.burst_search), p95(on.burst_search)),
+            row("burst: write → webhook", p95(off.burst_hook), p95(on.burst_hook)),
+            row(
+                "A's webhooks waiting at probes",
+                off.a_waiting_at_probes,
+                on.a_waiting_at_probes,
+                "{:.0f}",
+            ),
+            row("A's burst written (s)", off.burst_written_s, on.burst_written_s, "{:.1f}"),
+            row("A's drain time (s)", off.a_drain_s, on.a_drain_s, "{:.1f}"),
+            "",
+            f"2. {o.users} users, bursts of 1 to {o.max_burst} tasks "
+            f"({sum(burst_sizes(o.users, o.max_burst))} in all), write → search entry",
+            f"{'':34}{'fairness off':>14}{'fairness on':>14}",
+            row("Jain over per-user mean delay", off.jain_delay, on.jain_delay, "{:.3f}"),
+            row("Jain over mean delay / burst", off.jain_per_task, on.jain_per_task, "{:.3f}"),
+            row("all indexed after (s)", off.many_drain_s, on.many_drain_s, "{:.1f}"),
+            row("smallest user's mean delay (s)", *self._user_delay(off, on, min)),
+            row("largest user's mean delay (s)", *self._user_delay(off, on, max)),
+            "",
+            "3. Targets (fairness on)",
+        ]
+        for label, ok in self._targets(off, on):
+            lines.append(f"  {'PASS' if ok else 'MISS'}  {label}")
+        errors = off.errors + on.errors
+        if errors:
+            lines += ["", "Errors:"] + [f"  {e}" for e in errors[:20]]
+        return "\n".join(lines) + "\n"
+
+    def _load(self, when: str) -> str:
+        value = self.results.get(f"load_average_{when}")
+        return "-" if not value else "/".join(f"{x:.1f}" for x in value)
+
+    def _user_delay(self, off: ModeResult, on: ModeResult, pick: Any) -> tuple[float, float]:
+        sizes = burst_sizes(self.opts.users, self.opts.max_burst)
+        target = pick(sizes)
+
+        def of(result: ModeResult) -> float:
+            # Owners are named u<index>...: the index gives the burst size.
+            values = [
+                m for o, m in result.users_mean_delay_s.items() if sizes[int(o[1:4])] == target
+            ]
+            return sum(values) / len(values) if values else math.nan
+
+        return of(off), of(on)
+
+    def _targets(self, off: ModeResult, on: ModeResult) -> list[tuple[str, bool]]:
+        out = []
+        for name, idle, burst in (
+            ("searchable", on.idle_search, on.burst_search),
+            ("webhook", on.idle_hook, on.burst_hook),
+        ):
+            bound = P95_FACTOR * p95(idle) + P95_SLACK_S
+            got = p95(burst)
+            out.append(
+                (
+                    f"B's write → {name} p95 during the burst {got:.2f} s <= 2 x idle "
+                    f"{p95(idle):.2f} s + 1 s = {bound:.2f} s",
+                    got <= bound,
+                )
+            )
+        growth = on.a_drain_s / off.a_drain_s - 1 if off.a_drain_s else math.nan
+        out.append(
+            (
+                f"A's drain time grows {growth * 100:+.1f} % "
+                f"(<= {DRAIN_GROWTH_TARGET * 100:.0f} %)",
+                growth <= DRAIN_GROWTH_TARGET,
+            )
+        )
+        out.append(
+            (
+                f"Jain's index over per-user mean completion delay {on.jain_delay:.3f} >= "
+                f"{JAIN_TARGET}",
+                on.jain_delay >= JAIN_TARGET,
+            )
+        )
+        return out
+
+
+def parse(argv: list[str]) -> Options:
+    """Command-line options of ``python -m bench fairness``."""
+    ap = argparse.ArgumentParser(
+        prog="python -m bench fairness", description=__doc__.split("\n")[0]
+    )
+    ap.add_argument("--burst", type=int, default=2000, help="A's tasks")
+    ap.add_argument("--probes", type=int, default=10, help="B's writes during the burst")
+    ap.add_argument("--idle-probes", type=int, default=5, help="B's writes when idle")
+    ap.add_argument("--users", type=int, default=100, help="users of the many-users part")
+    ap.add_argument("--max-burst", type=int, default=25, help="largest of their bursts")
+    ap.add_argument("--window", type=int, default=16, help="FAIR_SHARE_WINDOW")
+    ap.add_argument("--timeout", type=float, default=1200.0, help="bound of each mode (s)")
+    ap.add_argument("--seed", type=int, default=13)
+    ap.add_argument(
+        "--out", type=Path, default=RESULTS / "fairness-latest.txt", help="report ('-': none)"
+    )
+    ap.add_argument("--json", type=Path, default=None, help="also write the results as JSON")
+    ns = ap.parse_args(argv)
+    if min(ns.burst, ns.probes, ns.idle_probes, ns.users, ns.max_burst, ns.window) < 1:
+        ap.error("counts must be at least 1")
+    return Options(
+        burst=ns.burst,
+        probes=ns.probes,
+        idle_probes=ns.idle_probes,
+        users=ns.users,
+        max_burst=ns.max_burst,
+        window=ns.window,
+        timeout=ns.timeout,
+        seed=ns.seed,
+        out=None if str(ns.out) == "-" else ns.out,
+        json_out=ns.json,
+    )
+
+
+def main(argv: list[str]) -> int:
+    """Run the fairness benchmark; print the report and write it to the results file."""
+    opts = parse(argv)
+    bench = FairnessBench(opts)
+    report = bench.run()
+    sys.stdout.write(report)
+    if opts.out is not None:
+        opts.out.parent.mkdir(parents=True, exist_ok=True)
+        opts.out.write_text(report)
+    if opts.json_out is not None:
+        opts.json_out.write_text(json.dumps(finite(bench.results), indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

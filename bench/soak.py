@@ -1,0 +1,304 @@
+"""Memory over a soak: every process of the platform under a steady mixed load, its RSS
+sampled throughout (``python -m bench soak --seconds 600``).
+
+What runs (loopback only, bounded by ``--seconds``, stopped here): SecantusDB in memory and
+Redis (the machine's under a unique key prefix, else a private one; every key deleted at the
+end); TWO ``taskmanager web`` processes, ONE ``taskmanager worker --processes 1 --threads 8``
+and ONE ``taskmanager scheduler``. The load, open loop at ``--rate`` requests/s spread over
+both web processes and several users: create, update and delete tasks, read the list, a
+filtered page, one task, stats, search and activity. Every write causes the real side effects
+(cache refresh, search entry, analytics fold, webhook fan-out) in the worker.
+
+Reported per process: RSS after the warm-up (the first ``--warmup-share`` of the soak), at the
+end and the peak; growth = end / after-warm-up - 1. Targets: growth <= 10 %, RSS <= 200 MB.
+Also: requests by status class (a 5xx is an error), and error lines in the logs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import sys
+import time
+from collections import Counter
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from bench.api import API, PASSWORD, SECRET, WORDS, task_body
+from bench.peers import children_of
+from bench.procs import Child, Services, clean_env, rss_mb, taskmanager_exe, wait_http
+from cli.embedded import free_port
+
+RESULTS = Path(__file__).resolve().parent / "results"
+GROWTH_TARGET = 0.10
+RSS_TARGET_MB = 200.0
+#: (weight, kind) of the mixed load.
+MIX = (
+    (15, "create"),
+    (8, "update"),
+    (2, "delete"),
+    (20, "list"),
+    (8, "list_todo"),
+    (12, "get"),
+    (15, "stats"),
+    (10, "search"),
+    (10, "activity"),
+)
+
+
+class Soak:
+    """One soak run."""
+
+    def __init__(self, seconds: float, rate: float, interval: float, warmup_share: float):
+        self.seconds = seconds
+        self.rate = rate
+        self.interval = interval
+        self.warmup_share = warmup_share
+        self.procs: dict[str, Child] = {}
+        self.samples: dict[str, list[tuple[float, float]]] = {}
+        self.statuses: Counter[str] = Counter()
+        self.by_kind: Counter[str] = Counter()
+
+    def note(self, text: str) -> None:
+        """Progress on stderr."""
+        print(f"[bench soak] {text}", file=sys.stderr, flush=True)
+
+    def pids(self) -> dict[str, int]:
+        """The processes sampled: each web, the worker's parent and worker process, the
+        scheduler."""
+        out = {name: child.pid for name, child in self.procs.items() if child.alive()}
+        worker = self.procs.get("worker")
+        if worker is not None:
+            for i, pid in enumerate(children_of(worker.pid)):
+                out[f"worker process {i + 1}"] = pid
+            out["worker (parent)"] = out.pop("worker")
+        return out
+
+    def sample(self, t: float) -> None:
+        """Note every process's RSS now."""
+        for name, pid in self.pids().items():
+            try:
+                mb = rss_mb(pid)[0]
+            except OSError:
+                continue
+            if mb > 0:  # 0: a helper process exiting (no address space left)
+                self.samples.setdefault(name, []).append((round(t, 1), mb))
+
+    async def run(self) -> dict[str, Any]:
+        """Start everything, soak, sample, stop."""
+        svc = Services.start()
+        started = time.monotonic()
+        try:
+            env = clean_env(
+                APP_ENV="production",
+                HOST="127.0.0.1",
+                MONGODB_URL=svc.mongo.url,
+                MONGODB_DB=svc.db,
+                REDIS_URL=svc.redis_url,
+                REDIS_PREFIX=svc.prefix,
+                JWT_SECRET=SECRET,
+                ACCESS_TOKEN_TTL="3600",
+                LOG_LEVEL="WARNING",
+                RATE_LIMIT="1000000/minute",
+                WORKER_METRICS_PORT=str(free_port()),  # never another run's port
+            )
+            ports = [free_port(), free_port()]
+            for i, port in enumerate(ports):
+                self.procs[f"web {i + 1}"] = svc.spawn(
+                    f"web{i}", [taskmanager_exe(), "web", "--port", str(port)], env
+                )
+            worker_args = [taskmanager_exe(), "worker", "--processes", "1", "--threads", "8"]
+            self.procs["worker"] = svc.spawn("worker", worker_args, env)
+            self.procs["scheduler"] = svc.spawn("scheduler", [taskmanager_exe(), "scheduler"], env)
+            for i, port in enumerate(ports):
+                await wait_http(self.procs[f"web {i + 1}"], f"http://127.0.0.1:{port}/readyz", 60)
+            await asyncio.sleep(2.0)  # the worker and scheduler finish importing
+            self.note(f"soaking for {self.seconds:g} s at {self.rate:g} requests/s")
+            await self.load(ports)
+            dead = [name for name, child in self.procs.items() if not child.alive()]
+            logs = {
+                name: [ln for ln in child.output().splitlines() if '"level": "error"' in ln][-3:]
+                for name, child in self.procs.items()
+            }
+        finally:
+            svc.stop()
+        return self.summary(dead, logs, time.monotonic() - started)
+
+    async def load(self, ports: list[int]) -> None:
+        """Open-loop mixed load for ``seconds``, sampling RSS every ``interval``."""
+        rng = random.Random(11)
+        kinds = [k for w, k in MIX for _ in range(w)]
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
+            users = []
+            for u in range(4):
+                body = {"email": f"soak{u}-{rng.random()}@example.com", "password": PASSWORD}
+                url = f"http://127.0.0.1:{ports[u % 2]}{API}/auth/register"
+                async with http.post(url, json={**body, "name": f"soak{u}"}) as resp:
+                    data = await resp.json()
+                    if resp.status != 201:
+                        raise RuntimeError(f"register answered {resp.status}: {data}")
+                users.append({"auth": {"Authorization": f"Bearer {data['access_token']}"}})
+            ids: list[list[str]] = [[] for _ in users]
+            pending: set[asyncio.Task[None]] = set()
+            gate = asyncio.Semaphore(64)
+            t0 = time.monotonic()
+            next_sample = 0.0
+            i = 0
+            now = datetime.now(UTC)
+            while (elapsed := time.monotonic() - t0) < self.seconds:
+                if elapsed >= next_sample:
+                    self.sample(elapsed)
+                    next_sample += self.interval
+                due = t0 + i / self.rate
+                await asyncio.sleep(max(0.0, due - time.monotonic()))
+                u = i % len(users)
+                base = f"http://127.0.0.1:{ports[i % 2]}{API}"
+                kind = rng.choice(kinds) if ids[u] else "create"
+                task = asyncio.create_task(
+                    self.one(http, gate, base, users[u]["auth"], kind, ids[u], rng, now, i)
+                )
+                pending.add(task)
+                task.add_done_callback(pending.discard)
+                i += 1
+            if pending:
+                await asyncio.wait(pending, timeout=30)
+            self.sample(time.monotonic() - t0)
+
+    async def one(
+        self,
+        http: aiohttp.ClientSession,
+        gate: asyncio.Semaphore,
+        base: str,
+        auth: dict[str, str],
+        kind: str,
+        ids: list[str],
+        rng: random.Random,
+        now: datetime,
+        i: int,
+    ) -> None:
+        """One request of the mix."""
+        method, path, body = "GET", "/tasks", None
+        target = rng.choice(ids) if ids else ""
+        if kind == "create":
+            method, body = "POST", task_body(rng, now, i)
+        elif kind == "update":
+            method, path, body = (
+                "PATCH",
+                f"/tasks/{target}",
+                {"status": rng.choice(["todo", "done"])},
+            )
+        elif kind == "delete" and len(ids) > 20:
+            method, path = "DELETE", f"/tasks/{target}"
+            ids.remove(target)
+        elif kind == "list_todo":
+            path = "/tasks?status=todo"
+        elif kind in ("get", "delete"):
+            path = f"/tasks/{target}"
+        elif kind == "stats":
+            path = "/tasks/stats"
+        elif kind == "search":
+            path = f"/search?q={rng.choice(WORDS)}"
+        elif kind == "activity":
+            path = f"/tasks/{target}/activity"
+        try:
+            async with gate, http.request(method, base + path, json=body, headers=auth) as resp:
+                data = await resp.read()
+                status = resp.status
+            if kind == "create" and status == 201:
+                ids.append(str(json.loads(data)["id"]))
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            self.statuses[f"failed: {type(exc).__name__}"] += 1
+            return
+        self.statuses[f"{status // 100}xx"] += 1
+        self.by_kind[kind] += 1
+
+    def summary(self, dead: list[str], logs: dict[str, list[str]], took: float) -> dict[str, Any]:
+        """Per process: after warm-up, end, peak, growth and verdicts."""
+        procs = {}
+        cut = self.seconds * self.warmup_share
+        for name, series in sorted(self.samples.items()):
+            after = next((mb for t, mb in series if t >= cut), series[-1][1])
+            end = series[-1][1]
+            peak = max(mb for _, mb in series)
+            growth = end / after - 1 if after else 0.0
+            procs[name] = {
+                "after_warmup_mb": round(after, 1),
+                "end_mb": round(end, 1),
+                "peak_mb": round(peak, 1),
+                "growth": round(growth, 4),
+                "pass_growth": growth <= GROWTH_TARGET,
+                "pass_rss": peak <= RSS_TARGET_MB,
+                "series": series,
+            }
+        return {
+            "seconds": self.seconds,
+            "rate": self.rate,
+            "interval": self.interval,
+            "warmup_seconds": round(cut, 1),
+            "took": round(took, 1),
+            "statuses": dict(self.statuses),
+            "by_kind": dict(self.by_kind),
+            "errors_5xx": self.statuses.get("5xx", 0)
+            + sum(v for k, v in self.statuses.items() if k.startswith("failed")),
+            "dead": dead,
+            "log_errors": logs,
+            "procs": procs,
+        }
+
+
+def report(res: dict[str, Any]) -> str:
+    """The text report."""
+    lines = [
+        "Memory over a soak (python -m bench soak): 2 web, 1 worker (1 process, 8 threads), "
+        "1 scheduler",
+        f"  load      {res['rate']:g} requests/s open loop for {res['seconds']:g} s, mixed: "
+        + ", ".join(f"{k} {v}" for k, v in sorted(res["by_kind"].items())),
+        f"  answers   {', '.join(f'{k} {v}' for k, v in sorted(res['statuses'].items()))}; "
+        f"5xx or failed: {res['errors_5xx']}; processes that died: {', '.join(res['dead']) or 0}",
+        f"  RSS       sampled every {res['interval']:g} s; growth = end vs after the "
+        f"{res['warmup_seconds']:g} s warm-up",
+        "",
+        f"{'process':<22}{'warm MB':>9}{'end MB':>9}{'peak MB':>9}{'growth':>9}  "
+        f"{'<= 10 %':<8}{'<= 200 MB':<9}",
+    ]
+    for name, p in res["procs"].items():
+        lines.append(
+            f"{name:<22}{p['after_warmup_mb']:>9.1f}{p['end_mb']:>9.1f}{p['peak_mb']:>9.1f}"
+            f"{p['growth']:>9.1%}  {'PASS' if p['pass_growth'] else 'MISS':<8}"
+            f"{'PASS' if p['pass_rss'] else 'MISS':<9}"
+        )
+    errs = {k: v for k, v in res["log_errors"].items() if v}
+    lines.append(f"error lines in the logs: {sum(len(v) for v in errs.values())}")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str]) -> int:
+    """``python -m bench soak [--seconds 600] [--rate 10]``."""
+    ap = argparse.ArgumentParser(prog="python -m bench soak", description=__doc__.split("\n")[0])
+    ap.add_argument("--seconds", type=float, default=600.0, help="soak length (the issue: 10 min)")
+    ap.add_argument("--rate", type=float, default=10.0, help="requests/s offered, all kinds")
+    ap.add_argument("--interval", type=float, default=10.0, help="seconds between RSS samples")
+    ap.add_argument("--warmup-share", type=float, default=0.2, help="share of the soak as warm-up")
+    ap.add_argument("--out", type=Path, default=RESULTS / "soak-latest.txt")
+    ap.add_argument("--json", type=Path, default=None, help="also write the results as JSON")
+    ns = ap.parse_args(argv)
+    if ns.seconds <= 0 or ns.rate <= 0 or ns.interval <= 0:
+        ap.error("--seconds, --rate and --interval > 0")
+    res = asyncio.run(Soak(ns.seconds, ns.rate, ns.interval, ns.warmup_share).run())
+    text = report(res)
+    sys.stdout.write(text)
+    if str(ns.out) != "-":
+        ns.out.parent.mkdir(parents=True, exist_ok=True)
+        ns.out.write_text(text)
+    if ns.json is not None:
+        ns.json.write_text(json.dumps(res, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,300 @@
+"""Fair dispatch: the outbox as the scheduler of every message fed by events.
+
+Without it the relay sends the outbox in the order it was written, so one user's burst of
+2,000 writes puts thousands of messages in every queue ahead of the next user's one. With it
+(``FAIR_SHARE``, on by default) the relay keeps only a bounded *window* of each user's events
+in the broker at a time and fills the windows round-robin across users:
+
+- **in flight**: an event the relay sent whose side effects have not all finished: its
+  receipts (``core/events.py``) still await a key, routed pair or follow-up (e.g. a webhook
+  delivery, deferred or retried). The relay marks each event it sends with
+  ``inflight: true`` (sparse index ``inflight``) and unmarks it once nothing is awaited;
+  :func:`in_flight` reads only marked events, so a round costs what is in flight, not what
+  is waiting. A lost receipt keeps its event in flight until the relay's sweep has sent the
+  message again and it finished (``OUTBOX_REDELIVER_AFTER_S``);
+- **window**: ``FAIR_SHARE_WINDOW`` events per user, times the user's weight
+  (``FAIR_SHARE_WEIGHTS``: ``user_id=4``, ``role:admin=2`` for a class of users, ``default``);
+  events claimed (leased) by a relay and not yet sent count against it too;
+- **round-robin**: each round, the users with pending events (the relay's
+  :class:`PendingView`: the outbox read whole every few seconds through the ``outbox`` index,
+  and only the newest events in between) are taken in turn from a rotating start, one event
+  each per pass, until their windows or the relay's batch are full; each user's oldest free
+  events first;
+- **claims without ``$or``**: chosen events are claimed by ``_id`` under compare-and-set on
+  what was read (``lease_owner``, ``attempts``, still ``pending``), so several relays share
+  the work and each event is sent by one; an expired lease is taken over the same way. (A
+  query mixing ``_id`` with ``$or`` makes SecantusDB scan the whole collection, and
+  SecantusDB walks an index range whole whatever the limit: no query of a round reads the
+  whole outbox.) Two relays filling the same user's window at the same moment may overshoot
+  it by one batch: the window bounds the broker's share, it is not a lock.
+
+Scheduled jobs (``maintenance`` queue) never pass through the outbox: with the windows, at
+most the windows' messages are ever ahead of them, so they keep their share of the threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from bson import ObjectId
+from bson.errors import InvalidId
+
+from config.settings import Settings, parse_share_weights
+from core import events as outbox
+from core.context import Context
+from core.store import Doc
+
+#: The event field marking a sent event whose side effects may not all have finished (it takes
+#: a place in its ``user_id``'s window).
+INFLIGHT = "inflight"
+#: How long a user's role (for ``role:`` weights) is remembered (seconds of monotonic time).
+ROLE_TTL = 60.0
+
+
+@dataclass(frozen=True)
+class Windows:
+    """Each user's window: ``size`` events times the user's weight."""
+
+    size: int
+    weights: Mapping[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Windows:
+        """``FAIR_SHARE_WINDOW`` and ``FAIR_SHARE_WEIGHTS``."""
+        return cls(settings.fair_share_window, parse_share_weights(settings.fair_share_weights))
+
+    @property
+    def by_role(self) -> bool:
+        """Whether some weight names a class of users (``role:``)."""
+        return any(key.startswith("role:") for key in self.weights)
+
+    def weight(self, user_id: str, role: str | None = None) -> int:
+        """The user's weight: their own, else their role's, else ``default``, else 1."""
+        if user_id in self.weights:
+            return self.weights[user_id]
+        if role is not None and f"role:{role}" in self.weights:
+            return self.weights[f"role:{role}"]
+        return self.weights.get("default", 1)
+
+    def of(self, user_id: str, role: str | None = None) -> int:
+        """The user's window (events in flight at most)."""
+        return self.size * self.weight(user_id, role)
+
+
+async def in_flight(ctx: Context, horizon: datetime | None = None) -> dict[str, int]:
+    """Events in flight per user. An event counts while one of its awaited messages is
+    unfinished and due by ``horizon`` (the relay passes now + ``OUTBOX_REDELIVER_AFTER_S`` +
+    a few seconds): messages just sent, running, or retried soon. A message parked until a
+    later retry (a webhook backing off for an hour) or sent again twice without finishing
+    (its due doubles) no longer takes its owner's window, so a dead receiver never holds back
+    its owner's other side effects. Events with nothing counting are unmarked."""
+    coll = ctx.store["events"]
+    docs = await coll.find(
+        {INFLIGHT: True}, {"user_id": 1, outbox.AWAITING: 1, outbox.FINISHED: 1}
+    ).to_list()
+    counts: dict[str, int] = {}
+    done: list[ObjectId] = []
+    for doc in docs:
+        left = outbox.unfinished(doc).values()
+        if any(horizon is None or e.get("due") is None or e["due"] <= horizon for e in left):
+            user = str(doc.get("user_id"))
+            counts[user] = counts.get(user, 0) + 1
+        else:
+            done.append(doc["_id"])
+    if done:
+        await coll.update_many({"_id": {"$in": done}}, {"$unset": {INFLIGHT: ""}})
+    return counts
+
+
+#: What the relay reads of a pending event.
+FIELDS = {"user_id": 1, "lease_until": 1, "lease_owner": 1, "next_attempt_at": 1, "attempts": 1}
+
+
+class PendingView:
+    """The relay's picture of the pending events: each user's, oldest first.
+
+    Read whole (one pass over the ``outbox`` index, at most ``max_events``) every
+    ``refresh_every`` seconds, and in between only the events written since the last read
+    (``_id`` after it, less ``overlap`` for transactions that commit late): a burst waiting in
+    the outbox costs one read per ``refresh_every``, not one per round. (SecantusDB walks an
+    index range whole whatever the limit; MongoDB would not mind either way.) Events another
+    relay sent, leased or failed meanwhile are found out at the claim (compare-and-set) and
+    forgotten until the next whole read.
+    """
+
+    def __init__(
+        self,
+        *,
+        refresh_every: float = 5.0,
+        overlap: timedelta = timedelta(seconds=2),
+        max_events: int = 100_000,
+    ) -> None:
+        self.refresh_every = refresh_every
+        self.overlap = overlap
+        self.max_events = max_events
+        self.by_user: dict[str | None, dict[ObjectId, Doc]] = {}
+        self._since: ObjectId | None = None
+        self._read_at = -float("inf")
+
+    def __len__(self) -> int:
+        return sum(len(events) for events in self.by_user.values())
+
+    async def refresh(self, ctx: Context, now: datetime, *, whole: bool = False) -> None:
+        """Read what changed: everything when due (or ``whole``), else the newest events."""
+        coll = ctx.store["events"]
+        clock = asyncio.get_running_loop().time()
+        since = self._since
+        if whole or since is None or clock - self._read_at >= self.refresh_every:
+            docs = (
+                await coll.find({"pending": True}, FIELDS)
+                .sort("_id", 1)
+                .limit(self.max_events)
+                .to_list()
+            )
+            self.by_user = {}
+            self._read_at = clock
+        else:
+            docs = await coll.find({"pending": True, "_id": {"$gt": since}}, FIELDS).to_list()
+        self._since = ObjectId.from_datetime(now - self.overlap)
+        for doc in docs:
+            user = doc.get("user_id")
+            self.by_user.setdefault(None if user is None else str(user), {})[doc["_id"]] = doc
+
+    def stale(self) -> None:
+        """Read everything again at the next refresh (events given back to the outbox)."""
+        self._read_at = -float("inf")
+
+    def forget(self, ids: list[ObjectId]) -> None:
+        """Drop events (claimed, or found not to be claimable)."""
+        gone = set(ids)
+        for user in list(self.by_user):
+            events = self.by_user[user]
+            for oid in gone.intersection(events):
+                del events[oid]
+            if not events:
+                del self.by_user[user]
+
+    def oldest(self, user: str | None, n: int) -> list[Doc]:
+        """The user's ``n`` oldest known pending events."""
+        events = self.by_user.get(user, {})
+        return [events[oid] for oid in heapq.nsmallest(n, events)]
+
+
+class Roles:
+    """Users' roles for ``role:`` weights, read in batches and remembered :data:`ROLE_TTL`."""
+
+    def __init__(self) -> None:
+        self._known: dict[str, tuple[float, str | None]] = {}
+
+    async def of(self, ctx: Context, users: list[str]) -> dict[str, str | None]:
+        """The role of each user (``None`` for an unknown or malformed id)."""
+        now = asyncio.get_running_loop().time()
+        stale = [u for u in users if now - self._known.get(u, (-ROLE_TTL, None))[0] >= ROLE_TTL]
+        oids: list[ObjectId] = []
+        for user in stale:
+            self._known[user] = (now, None)
+            try:
+                oids.append(ObjectId(user))
+            except (InvalidId, TypeError):
+                continue
+        if oids:
+            docs = await ctx.store["users"].find({"_id": {"$in": oids}}, {"role": 1}).to_list()
+            for doc in docs:
+                self._known[str(doc["_id"])] = (now, str(doc.get("role") or "user"))
+        return {u: self._known[u][1] for u in users}
+
+
+@dataclass
+class Plan:
+    """What one round may claim: each chosen event as it was read."""
+
+    chosen: list[Doc] = field(default_factory=list)
+    #: Users whose window is full with more of their events waiting.
+    full: list[str] = field(default_factory=list)
+    #: Where the next round starts: just after the last user served.
+    next_turn: int = 0
+
+
+def _is_free(doc: Doc, now: datetime) -> bool:
+    lease = doc.get("lease_until")
+    due = doc.get("next_attempt_at")
+    return (lease is None or lease < now) and (due is None or due <= now)
+
+
+async def plan_round(
+    ctx: Context,
+    view: PendingView,
+    now: datetime,
+    windows: Windows,
+    *,
+    limit: int,
+    turn: int = 0,
+    roles: Roles | None = None,
+    horizon: timedelta = timedelta(seconds=65),
+) -> Plan:
+    """Choose up to ``limit`` events to send: round-robin over the users with pending events
+    (as ``view`` knows them, refreshed first), starting at ``turn`` (modulo their number),
+    each within their window (:func:`in_flight` up to ``now + horizon``). Events without a
+    user (malformed) are sent, and fail, like any other, one window's worth per round."""
+    await view.refresh(ctx, now)
+    plan = Plan(next_turn=turn)
+    users = sorted(u for u in view.by_user if u is not None)
+    flying = await in_flight(ctx, now + horizon) if view.by_user else {}
+    role_of = await (roles or Roles()).of(ctx, users) if windows.by_role and users else {}
+    start = turn % len(users) if users else 0
+    order: list[str | None] = [None, *users[start:], *users[:start]]
+    queues: list[list[Doc]] = []
+    for user in order:
+        if user not in view.by_user:
+            continue
+        room = windows.of(user or "", role_of.get(user or "")) - flying.get(user or "", 0)
+        known = view.oldest(user, max(room, 0) * 2 + 4) if room > 0 else []
+        # Events another relay holds under a live lease are about to take the window too.
+        leased = sum(1 for d in known if d.get("lease_until") and d["lease_until"] >= now)
+        mine = [d for d in known if _is_free(d, now)][: max(0, room - leased)]
+        if mine:
+            queues.append(mine)
+        left = len(view.by_user[user]) - len(mine)
+        if user is not None and room - leased - len(mine) <= 0 < left:
+            plan.full.append(user)  # more are waiting than the window lets out
+    # One event per user per pass, until the batch is full.
+    served = 0
+    for depth in itertools.count():
+        row = [q[depth] for q in queues if depth < len(q)]
+        if not row:
+            break
+        take = row[: limit - len(plan.chosen)]
+        plan.chosen.extend(take)
+        served = max(served, len(take))
+        if len(plan.chosen) >= limit:
+            break
+    # Users served this round go to the back of the line.
+    last = queues[served - 1][0].get("user_id") if served else None
+    if last is not None and str(last) in users:
+        plan.next_turn = start + order.index(str(last))
+    return plan
+
+
+async def claim(
+    ctx: Context, chosen: list[Doc], now: datetime, lease: timedelta, token: str
+) -> list[Doc]:
+    """Lease the chosen events to ``token`` (each only if still as it was read: same lease
+    owner and attempts, still pending); returns the claimed events, whole, in ``_id`` order."""
+    coll = ctx.store["events"]
+    groups: dict[tuple[Any, Any], list[ObjectId]] = {}
+    for doc in chosen:
+        groups.setdefault((doc.get("lease_owner"), doc.get("attempts")), []).append(doc["_id"])
+    for (owner, attempts), ids in groups.items():
+        await coll.update_many(
+            {"_id": {"$in": ids}, "pending": True, "lease_owner": owner, "attempts": attempts},
+            {"$set": {"lease_until": now + lease, "lease_owner": token}},
+        )
+    docs = await coll.find({"_id": {"$in": [d["_id"] for d in chosen]}}).to_list()
+    mine = [d for d in docs if d.get("lease_owner") == token and d.get("pending")]
+    return sorted(mine, key=lambda d: d["_id"])

@@ -1,0 +1,49 @@
+"""Smoke test of ``python -m bench fairness``: a tiny run must measure both modes completely,
+with no errors. Nothing here asserts speed (the benchmark reports its targets; it never fails
+on them)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bench.fairness import burst_sizes, jain, p95
+from tests.bench.runs import run_bench
+
+#: A tiny run.
+OPTIONS = "--burst 40 --probes 2 --idle-probes 1 --users 8 --max-burst 4 --timeout 150"
+ROWS = [
+    "idle: write → searchable",
+    "burst: write → webhook",
+    "A's drain time (s)",
+    "Jain over per-user mean delay",
+    "Jain over mean delay / burst",
+    "3. Targets (fairness on)",
+    "A's drain time grows",
+]
+
+
+@pytest.mark.timeout(300)
+def test_fairness_benchmark_runs_both_modes(tmp_path: Path) -> None:
+    report, results = run_bench("fairness", OPTIONS, tmp_path, timeout=290)
+    for row in ROWS:
+        assert row in report, row
+    assert "Errors:" not in report, report
+    modes = results["modes"]
+    assert set(modes) == {"off", "on"}
+    for mode in modes.values():
+        assert mode["errors"] == [], mode["errors"]
+        assert len(mode["idle_search"]) == 1 and len(mode["burst_hook"]) == 2
+        # Every probe was seen (an unseen one is null), every user's tasks indexed.
+        assert None not in mode["idle_search"] + mode["burst_search"] + mode["burst_hook"]
+        assert len(mode["users_mean_delay_s"]) == 8
+        assert mode["a_drain_s"] > 0
+        assert 0 < mode["jain_delay"] <= 1
+
+
+def test_the_figures_helpers() -> None:
+    assert jain([2.0, 2.0, 2.0]) == pytest.approx(1.0)
+    assert jain([1.0, 0.0, 0.0, 0.0]) == pytest.approx(0.25)
+    assert p95([float(i) for i in range(1, 101)]) == 95.0
+    assert burst_sizes(5, 9) == [1, 1, 3, 5, 9]

@@ -1,0 +1,121 @@
+"""Backlog per user: the users with the most messages waiting, per queue.
+
+A message fed by an event waits in one of two places: still in the outbox (its event is
+pending: with fair dispatch a burst waits there, ``core/fairness.py``), or in the broker, sent
+and not finished (its event's receipts still await it, ``core/events.py``: routed pairs and
+follow-ups such as webhook deliveries). :func:`user_backlog` counts both for each (queue,
+user): each pending event counts one message on the queue of each actor its type is routed to
+(``workers/catalogue.py``), each unfinished awaited key one on its actor's queue. It reads the
+pending events (``fair`` index) and the events with receipts awaited (``receipts`` index), so
+it costs what is waiting, not the whole log.
+
+Used by ``GET /api/v1/admin/backlog``, the overview, ``taskmanager backlog`` and the relay,
+which publishes the top :data:`GAUGE_TOP` per queue as ``taskmanager_user_backlog``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from prometheus_client import Gauge
+
+from core import events as outbox
+from core.context import Context
+from workers.catalogue import CATALOGUE
+
+#: Users per queue the gauge shows.
+GAUGE_TOP = 10
+USER_BACKLOG = Gauge(
+    "taskmanager_user_backlog",
+    f"Messages waiting (in the outbox or in the broker) of the top {GAUGE_TOP} users per queue",
+    ["queue", "user_id"],
+)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+@dataclass(frozen=True)
+class UserBacklog:
+    """One user's messages waiting on one queue: ``outbox`` not yet sent, ``in_broker`` sent
+    and not finished, ``waiting`` both."""
+
+    user_id: str
+    waiting: int
+    outbox: int
+    in_broker: int
+
+    def as_json(self) -> dict[str, object]:
+        """The API's shape."""
+        return {
+            "user_id": self.user_id,
+            "waiting": self.waiting,
+            "outbox": self.outbox,
+            "in_broker": self.in_broker,
+        }
+
+
+def _queue_of() -> dict[str, str]:
+    return {spec.name: spec.queue for spec in CATALOGUE.actors}
+
+
+async def user_backlog(
+    ctx: Context, *, queue: str | None = None, limit: int = 10
+) -> dict[str, list[UserBacklog]]:
+    """The ``limit`` users with the most messages waiting on each queue (only ``queue`` when
+    given), most first (ties by user id); queues with nothing waiting are left out."""
+    queue_of = _queue_of()
+    held: dict[tuple[str, str], int] = {}
+    sent: dict[tuple[str, str], int] = {}
+    coll = ctx.store["events"]
+    groups = await (
+        await coll.aggregate(
+            [
+                {"$match": {"pending": True}},
+                {"$group": {"_id": {"u": "$user_id", "t": "$type"}, "n": {"$sum": 1}}},
+            ]
+        )
+    ).to_list()
+    for group in groups:
+        user, type_ = str(group["_id"].get("u")), str(group["_id"].get("t"))
+        for actor in CATALOGUE.actors_for(type_):
+            key = (queue_of[actor], user)
+            held[key] = held.get(key, 0) + int(group["n"])
+    awaited = coll.find(
+        {outbox.RECHECK_AT: {"$gte": _EPOCH}},
+        {"user_id": 1, outbox.AWAITING: 1, outbox.FINISHED: 1},
+    )
+    async for doc in awaited:
+        user = str(doc.get("user_id"))
+        for awaited_key, entry in outbox.unfinished(doc).items():
+            on = queue_of.get(str(entry.get("actor") or awaited_key))
+            if on is not None:
+                sent[(on, user)] = sent.get((on, user), 0) + 1
+    out: dict[str, list[UserBacklog]] = {}
+    for name, user in held.keys() | sent.keys():
+        if queue is not None and name != queue:
+            continue
+        h, s = held.get((name, user), 0), sent.get((name, user), 0)
+        out.setdefault(name, []).append(UserBacklog(user, h + s, h, s))
+    return {
+        name: sorted(rows, key=lambda r: (-r.waiting, r.user_id))[:limit]
+        for name, rows in sorted(out.items())
+    }
+
+
+async def publish_backlog(ctx: Context) -> None:
+    """Set the ``taskmanager_user_backlog`` gauge to the top :data:`GAUGE_TOP` per queue
+    (users that left the top are removed)."""
+    top = await user_backlog(ctx, limit=GAUGE_TOP)
+    USER_BACKLOG.clear()
+    for name, rows in top.items():
+        for row in rows:
+            USER_BACKLOG.labels(name, row.user_id).set(row.waiting)
+
+
+async def backlog_summary(
+    ctx: Context, *, queue: str | None = None, limit: int = 10
+) -> dict[str, dict[str, list[dict[str, object]]]]:
+    """``GET /admin/backlog``'s body (and the overview's ``backlog``):
+    ``{"queues": {"<queue>": [{"user_id", "waiting", "outbox", "in_broker"}, ...]}}``."""
+    top = await user_backlog(ctx, queue=queue, limit=limit)
+    return {"queues": {name: [row.as_json() for row in rows] for name, rows in top.items()}}
