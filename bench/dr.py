@@ -60,6 +60,7 @@ from bench.procs import (
     clean_env,
     cpu_model,
     proc_cpu,
+    publish,
     taskmanager_exe,
 )
 from cli.embedded import EmbeddedMongo
@@ -710,10 +711,7 @@ def main(argv: list[str]) -> int:
     opts = parse(argv)
     bench = DrBench(opts)
     report = bench.run()
-    sys.stdout.write(report)
-    if opts.out is not None:
-        opts.out.parent.mkdir(parents=True, exist_ok=True)
-        opts.out.write_text(report)
+    publish(report, opts.out)
     if opts.json_out is not None:
         bench.results["options"] = {
             "tasks": opts.tasks,

@@ -49,7 +49,15 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from bench.procs import Child, Services, clean_env, cpu_model, taskmanager_exe, wait_http
+from bench.procs import (
+    Child,
+    Services,
+    clean_env,
+    cpu_model,
+    publish,
+    taskmanager_exe,
+    wait_http,
+)
 from bench.workers import finite, log_errors
 from cli.embedded import free_port
 from config.connections import Connections
@@ -547,10 +555,7 @@ def main(argv: list[str]) -> int:
     opts = parse(argv)
     bench = FairnessBench(opts)
     report = bench.run()
-    sys.stdout.write(report)
-    if opts.out is not None:
-        opts.out.parent.mkdir(parents=True, exist_ok=True)
-        opts.out.write_text(report)
+    publish(report, opts.out)
     if opts.json_out is not None:
         opts.json_out.write_text(json.dumps(finite(bench.results), indent=2, default=str))
     return 0

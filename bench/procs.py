@@ -240,3 +240,11 @@ def python() -> str:
 def taskmanager_exe() -> str:
     """The ``taskmanager`` console script beside the running interpreter."""
     return str(Path(sys.executable).with_name("taskmanager"))
+
+
+def publish(report: str, out: Path | None) -> None:
+    """Print ``report`` and, unless ``out`` is ``None``, write it there (making its directory)."""
+    sys.stdout.write(report)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(report)

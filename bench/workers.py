@@ -71,6 +71,7 @@ from bench.procs import (
     cpu_model,
     machine_busy,
     proc_cpu,
+    publish,
     python,
     rss_mb,
     taskmanager_exe,
@@ -1724,10 +1725,7 @@ def main(argv: list[str]) -> int:
     opts = parse(argv)
     bench = WorkerBench(opts)
     report = bench.run()
-    sys.stdout.write(report)
-    if opts.out is not None:
-        opts.out.parent.mkdir(parents=True, exist_ok=True)
-        opts.out.write_text(report)
+    publish(report, opts.out)
     if opts.json_out is not None:
         # Strict JSON: no NaN or Infinity (an unseen task's latency is null).
         opts.json_out.write_text(json.dumps(finite(bench.results), indent=2, default=str))

@@ -4,28 +4,13 @@ SecantusDB with no ``JWT_SECRET``; table and ``--json``."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
-import pytest
-from click.testing import CliRunner, Result
 from pymongo import MongoClient
 
-from cli.main import main
 from config.settings import Settings
 from core import events
-
-
-def invoke(*args: str) -> Result:
-    return CliRunner().invoke(main, list(args), catch_exceptions=False)
-
-
-@pytest.fixture
-def ops_env(cli_env: Settings, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Settings:
-    """The test's services in the environment, no ``JWT_SECRET`` (a read-only command)."""
-    monkeypatch.delenv("JWT_SECRET", raising=False)
-    monkeypatch.chdir(tmp_path)
-    return cli_env
+from tests.cli.conftest import invoke
 
 
 def test_backlog_lists_the_top_users_per_queue(ops_env: Settings) -> None:

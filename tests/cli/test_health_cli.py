@@ -7,37 +7,15 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
-from click.testing import CliRunner, Result
 from dramatiq import Worker
 
-from cli.main import main
 from config.connections import Connections
 from config.settings import Settings
 from core.leader import LeaderLock
-from workers.broker import Platform, build_broker
-
-
-def invoke(*args: str) -> Result:
-    return CliRunner().invoke(main, list(args), catch_exceptions=False)
-
-
-@pytest.fixture
-def ops_env(cli_env: Settings, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Settings:
-    """The test's services in the environment, no ``JWT_SECRET``, an empty directory."""
-    monkeypatch.delenv("JWT_SECRET", raising=False)
-    monkeypatch.chdir(tmp_path)
-    return cli_env
-
-
-@pytest.fixture
-def platform(settings: Settings) -> Iterator[Platform]:
-    p = build_broker(Connections(settings))
-    yield p
-    p.close()
+from tests.cli.conftest import invoke
+from workers.broker import Platform
 
 
 def lead_scheduler(settings: Settings) -> str:

@@ -9,44 +9,21 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import dramatiq
-import pytest
-from click.testing import CliRunner, Result
+from click.testing import CliRunner
 from dramatiq import Worker
 from pymongo import MongoClient
 
 from cli.main import main
 from cli.monitor import sparkline
-from config.connections import Connections
 from config.settings import Settings
-from workers.broker import Platform, build_broker
+from tests.cli.conftest import invoke
+from workers.broker import Platform
 
 ISO_Z = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{3})?Z$")
-
-
-def invoke(*args: str) -> Result:
-    return CliRunner().invoke(main, list(args), catch_exceptions=False)
-
-
-@pytest.fixture
-def ops_env(cli_env: Settings, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Settings:
-    """The test's services in the environment, no ``JWT_SECRET`` (these commands only read),
-    in an empty directory."""
-    monkeypatch.delenv("JWT_SECRET", raising=False)
-    monkeypatch.chdir(tmp_path)
-    return cli_env
-
-
-@pytest.fixture
-def platform(settings: Settings) -> Iterator[Platform]:
-    p = build_broker(Connections(settings))
-    yield p
-    p.close()
 
 
 def test_sparkline_scales_and_groups() -> None:

@@ -16,21 +16,15 @@ from typing import Any
 
 import dramatiq
 import pytest
-from click.testing import CliRunner, Result
 from dramatiq import Worker
 
 from cli.embedded import free_port
-from cli.main import main
-from config.connections import Connections
 from config.settings import Settings
+from tests.cli.conftest import invoke
 from tests.e2e.helpers import clean_env, start, taskmanager_exe, wait_http
-from workers.broker import Platform, build_broker
+from workers.broker import Platform
 
 ISO_Z = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{3})?Z$")
-
-
-def invoke(*args: str) -> Result:
-    return CliRunner().invoke(main, list(args), catch_exceptions=False)
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float = 15.0, what: str = "it") -> Any:
@@ -40,22 +34,6 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 15.0, what: str = "i
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.05)
     return value
-
-
-@pytest.fixture
-def ops_env(cli_env: Settings, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Settings:
-    """``cli_env`` without a ``JWT_SECRET`` (read-only commands must not need one), in an
-    empty directory (no ``taskmanager run`` data directory around)."""
-    monkeypatch.delenv("JWT_SECRET", raising=False)
-    monkeypatch.chdir(tmp_path)
-    return cli_env
-
-
-@pytest.fixture
-def platform(settings: Settings) -> Iterator[Platform]:
-    p = build_broker(Connections(settings))
-    yield p
-    p.close()
 
 
 @pytest.fixture

@@ -7,27 +7,13 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
-import pytest
-
 from core import events
 from core.store import utcnow
 from tests.conftest import bearer, register
-from web.app import create_app
 from web.keys import CONTEXT
 
-ADMIN = {"email": "root@example.com", "password": "admin password 1"}
 BACKLOG = "/api/v1/admin/backlog"
 NAMES = ("alice", "bob")
-
-
-@pytest.fixture
-async def setup(make_settings: Any, aiohttp_client: Any) -> tuple[Any, Any, dict[str, str]]:
-    settings = make_settings(admin_email=ADMIN["email"], admin_password=ADMIN["password"])
-    app = create_app(settings)
-    client = await aiohttp_client(app)
-    resp = await client.post("/api/v1/auth/login", json=ADMIN)
-    assert resp.status == 200, await resp.text()
-    return app, client, bearer((await resp.json())["access_token"])
 
 
 def _created(user: str) -> dict[str, Any]:

@@ -11,27 +11,14 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import dramatiq
-import pytest
 
 from core.history import add_counts, read_history
 from tests.conftest import bearer, eventually, register
-from web.app import create_app
 from web.keys import CONTEXT, PLATFORM
 
-ADMIN = {"email": "root@example.com", "password": "admin password 1"}
 HISTORY = "/api/v1/admin/history"
 ISO_Z = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
 ISO_Z_ANY = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$")
-
-
-@pytest.fixture
-async def setup(make_settings: Any, aiohttp_client: Any) -> tuple[Any, Any, dict[str, str]]:
-    settings = make_settings(admin_email=ADMIN["email"], admin_password=ADMIN["password"])
-    app = create_app(settings)
-    client = await aiohttp_client(app)
-    resp = await client.post("/api/v1/auth/login", json=ADMIN)
-    assert resp.status == 200, await resp.text()
-    return app, client, bearer((await resp.json())["access_token"])
 
 
 async def get_json(client: Any, path: str, auth: dict[str, str], status: int = 200) -> Any:

@@ -8,24 +8,13 @@ import asyncio
 import time
 from typing import Any
 
-import pytest
-
 from tests.conftest import bearer, eventually, register
-from tests.web.test_admin_queues import ADMIN, QUEUES
+from tests.web.conftest import ADMIN
+from tests.web.test_admin_queues import QUEUES
 from web.app import create_app
 from web.keys import PLATFORM
 
 MESSAGES = "/api/v1/admin/messages"
-
-
-@pytest.fixture
-async def setup(make_settings: Any, aiohttp_client: Any) -> tuple[Any, Any, dict[str, str]]:
-    settings = make_settings(admin_email=ADMIN["email"], admin_password=ADMIN["password"])
-    app = create_app(settings)
-    client = await aiohttp_client(app)
-    resp = await client.post("/api/v1/auth/login", json=ADMIN)
-    assert resp.status == 200, await resp.text()
-    return app, client, bearer((await resp.json())["access_token"])
 
 
 async def get_json(client: Any, path: str, auth: dict[str, str], **params: str) -> Any:

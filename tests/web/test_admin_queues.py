@@ -6,24 +6,10 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-import pytest
-
 from tests.conftest import bearer, eventually, register
-from web.app import create_app
 from web.keys import PLATFORM
 
-ADMIN = {"email": "root@example.com", "password": "admin password 1"}
 QUEUES = "/api/v1/admin/queues"
-
-
-@pytest.fixture
-async def setup(make_settings: Any, aiohttp_client: Any) -> tuple[Any, Any, dict[str, str]]:
-    settings = make_settings(admin_email=ADMIN["email"], admin_password=ADMIN["password"])
-    app = create_app(settings)
-    client = await aiohttp_client(app)
-    resp = await client.post("/api/v1/auth/login", json=ADMIN)
-    assert resp.status == 200, await resp.text()
-    return app, client, bearer((await resp.json())["access_token"])
 
 
 async def queue_row(client: Any, auth: dict[str, str], queue: str) -> dict[str, Any]:
