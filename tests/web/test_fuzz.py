@@ -296,8 +296,10 @@ class Live:
         self.server.run(Scheduler(app[CONTEXT], app[PLATFORM]).publish())
 
     def cursor(self, path: str, query: dict[str, Any], auth: dict[str, str]) -> str | None:
-        """A real cursor of the same list (and sort), if it has a second page."""
-        params = {"limit": 1, **({"sort": query["sort"]} if "sort" in query else {})}
+        """A real cursor of the same list (same sort and filters: a cursor is bound to them),
+        if it has a second page."""
+        same = {k: v for k, v in query.items() if k not in ("cursor", "limit")}
+        params = {**same, "limit": 1}
         resp = self.http.get(self.base + API + path, headers=auth, params=params, timeout=30)
         cursor = resp.json().get("next_cursor") if resp.status_code == 200 else None
         return str(cursor) if cursor else None

@@ -148,7 +148,13 @@ def test_find_by_id_in_every_state(setup: Any, run_worker: Any) -> None:
 
     dying = actor.send("fail")
     run_worker()
-    wait_for(lambda: inspector.find(dying.message_id).state == "dead", what="a dead letter")
+    # Dead first, then its note (error, traceback) is written by DeadLetterNotes: wait for both.
+    wait_for(
+        lambda: (
+            (found := inspector.find(dying.message_id)).state == "dead" and found.error is not None
+        ),
+        what="a dead letter with its error",
+    )
     dead = inspector.find(dying.message_id)
     assert dead.error == "RuntimeError: boom"
     assert dead.failed_at is not None
@@ -240,7 +246,13 @@ def test_delete_ready_delayed_held_and_dead(setup: Any, run_worker: Any) -> None
     wait_for(lambda: _held(inspector), what="the worker holding the delayed message")
     inspector.delete_message(QUEUE, held.message_id)
     dying = actor.send("fail")
-    wait_for(lambda: inspector.find(dying.message_id).state == "dead", what="a dead letter")
+    # Dead first, then its note (error, traceback) is written by DeadLetterNotes: wait for both.
+    wait_for(
+        lambda: (
+            (found := inspector.find(dying.message_id)).state == "dead" and found.error is not None
+        ),
+        what="a dead letter with its error",
+    )
     dead_id = inspector.find(dying.message_id).id
     inspector.delete_message(QUEUE, dead_id)
     with pytest.raises(NotFound):
