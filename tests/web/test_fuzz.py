@@ -491,6 +491,11 @@ class Fuzz:
         query = case.query or {}
         if "cursor" not in query:
             return
+        if self.op_id == "list_dead":
+            # A dead-letter cursor also binds the filters and the state of the queue, which
+            # other cases change under it; its paging is tested in tests/web/test_admin_queues.py.
+            case.query = {k: v for k, v in query.items() if k != "cursor"}
+            return
         auth = self.live.admin if self.auth == "admin" else self.live.user
         path = case.formatted_path.removeprefix(API)
         cursor = self.live.cursor(path, query, auth)
