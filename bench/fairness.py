@@ -19,13 +19,25 @@ Per mode:
 * **many users**: ``--users`` users (no webhooks) write bursts of different sizes (1 up to
   ``--max-burst``, quadratic spread), each user's burst written as a block, users in random
   order; completion delay of a task = its search entry's ``indexed_at`` minus its
-  ``created_at`` (MongoDB's timestamps). Jain's index over the per-user mean completion
-  delay, ``(Σx)² / (n·Σx²)`` (1 = every user waits alike), and over the per-user mean delay
-  divided by the user's burst size (each user's wait per unit of its own demand).
+  ``created_at`` (MongoDB's timestamps). Jain's index ``(Σx)² / (n·Σx²)`` (1 = all alike)
+  over two per-user figures: the mean completion delay of the user's tasks, and the user's
+  *slowdown*, its burst's completion delay (first write → last task indexed) per task of the
+  burst.
+
+Why two. Processor sharing is the textbook fair policy, and what makes it fair is that every
+job's slowdown is the same whatever its size (Wierman and Harchol-Balter, "Classifying
+scheduling policies with respect to unfairness", SIGMETRICS 2003): Jain over the slowdown is
+the fairness figure, and round-robin raises it. Jain over the raw mean delay is the highest
+when every user waits the same time however little it asked for, which is what FIFO does
+with writes that arrive interleaved; serving a one-task user before a 25-task user (the very
+point of fair share, and of the B-during-A's-burst targets) necessarily lowers it. The report
+prints both indexes for the ideal FIFO (users' blocks in the run's write order) and the ideal
+round-robin on the same bursts (:func:`model`), so the measured figures can be read against
+what each policy can reach.
 
 Targets (reported, never asserted): during A's burst, B's write → searchable and write →
-webhook p95 ≤ 2 x idle p95 + 1 s; A's drain time grows ≤ 10 % with fairness on; Jain's index
-over per-user mean completion delay ≥ 0.9 with fairness on.
+webhook p95 ≤ 2 x idle p95 + 1 s; A's drain time grows ≤ 10 % with fairness on; Jain ≥ 0.9
+with fairness on, over the slowdown and (as the issue words it) over the raw mean delay.
 """
 
 from __future__ import annotations
@@ -105,8 +117,10 @@ class ModeResult:
     a_drain_s: float = math.nan
     a_waiting_at_probes: int = 0
     jain_delay: float = math.nan
-    jain_per_task: float = math.nan
+    jain_slowdown: float = math.nan
     users_mean_delay_s: dict[str, float] = field(default_factory=dict)
+    #: The write order of the users' blocks (indexes into the burst sizes).
+    write_order: list[int] = field(default_factory=list)
     many_drain_s: float = math.nan
     errors: list[str] = field(default_factory=list)
 
@@ -124,6 +138,31 @@ def jain(values: list[float]) -> float:
     if not values or not any(values):
         return math.nan
     return sum(values) ** 2 / (len(values) * sum(v * v for v in values))
+
+
+def model(sizes: list[int], order: list[int]) -> dict[str, tuple[float, float]]:
+    """Jain over (mean delay, slowdown) per user for ideal policies serving one task per
+    time unit, every burst written at time 0 in ``order``: ``fifo`` (blocks in write order)
+    and ``round-robin`` (one task per user with tasks left, in write order, in turn)."""
+    done: dict[str, dict[int, list[int]]] = {"fifo": {}, "round-robin": {}}
+    clock = 0
+    for user in order:
+        done["fifo"][user] = list(range(clock + 1, clock + sizes[user] + 1))
+        clock += sizes[user]
+    left, clock = {u: sizes[u] for u in order}, 0
+    while any(left.values()):
+        for user in order:
+            if left[user]:
+                clock += 1
+                left[user] -= 1
+                done["round-robin"].setdefault(user, []).append(clock)
+    return {
+        policy: (
+            jain([sum(t) / len(t) for t in times.values()]),
+            jain([max(t) / sizes[u] for u, t in times.items()]),
+        )
+        for policy, times in done.items()
+    }
 
 
 def burst_sizes(users: int, largest: int) -> list[int]:
@@ -379,6 +418,7 @@ class FairnessBench:
         owners = [f"u{i:03d}{uuid.uuid4().hex[:6]}" for i in range(len(sizes))]
         order = list(range(len(sizes)))
         random.shuffle(order)
+        result.write_order = order
         work = [owners[i] for i in order for _ in range(sizes[i])]
         started = time.monotonic()
         await self._write(stack.settings, work)
@@ -397,16 +437,22 @@ class FairnessBench:
                 .to_list()
             }
             delays: dict[str, list[float]] = {}
+            first: dict[str, datetime] = {}
+            last: dict[str, datetime] = {}
             async for d in index.find({"owner": {"$in": owners}}, {"owner": 1, "indexed_at": 1}):
-                wait = (d["indexed_at"] - created[d["_id"]]).total_seconds()
-                delays.setdefault(str(d["owner"]), []).append(wait)
+                owner, made = str(d["owner"]), created[d["_id"]]
+                delays.setdefault(owner, []).append((d["indexed_at"] - made).total_seconds())
+                first[owner] = min(first.get(owner, made), made)
+                last[owner] = max(last.get(owner, d["indexed_at"]), d["indexed_at"])
         means = {o: sum(v) / len(v) for o, v in delays.items()}
         size_of = dict(zip(owners, sizes, strict=True))
         result.users_mean_delay_s = means
         result.jain_delay = jain(list(means.values()))
-        result.jain_per_task = jain([m / size_of[o] for o, m in means.items()])
+        result.jain_slowdown = jain(
+            [(last[o] - first[o]).total_seconds() / size_of[o] for o in delays]
+        )
         self.note(
-            f"{stack.mode}: Jain {result.jain_delay:.3f} (per task {result.jain_per_task:.3f})"
+            f"{stack.mode}: Jain {result.jain_delay:.3f} (slowdown {result.jain_slowdown:.3f})"
         )
 
     # --- the report -----------------------------------------------------------------------
@@ -451,11 +497,12 @@ class FairnessBench:
             f"2. {o.users} users, bursts of 1 to {o.max_burst} tasks "
             f"({sum(burst_sizes(o.users, o.max_burst))} in all), write → search entry",
             f"{'':34}{'fairness off':>14}{'fairness on':>14}",
+            row("Jain over per-user slowdown", off.jain_slowdown, on.jain_slowdown, "{:.3f}"),
             row("Jain over per-user mean delay", off.jain_delay, on.jain_delay, "{:.3f}"),
-            row("Jain over mean delay / burst", off.jain_per_task, on.jain_per_task, "{:.3f}"),
             row("all indexed after (s)", off.many_drain_s, on.many_drain_s, "{:.1f}"),
             row("smallest user's mean delay (s)", *self._user_delay(off, on, min)),
             row("largest user's mean delay (s)", *self._user_delay(off, on, max)),
+            *self._model_rows(on),
             "",
             "3. Targets (fairness on)",
         ]
@@ -483,6 +530,18 @@ class FairnessBench:
 
         return of(off), of(on)
 
+    def _model_rows(self, on: ModeResult) -> list[str]:
+        """What ideal policies give on the same bursts (see the module's docstring)."""
+        if not on.write_order:
+            return []
+        sizes = burst_sizes(self.opts.users, self.opts.max_burst)
+        figures = model(sizes, on.write_order)
+        lines = ["", "   the same bursts under ideal policies (model, one task per time unit):"]
+        lines.append(f"{'':34}{'slowdown':>14}{'mean delay':>14}")
+        for policy, (delay, slowdown) in figures.items():
+            lines.append(f"   {policy:31}{slowdown:>14.3f}{delay:>14.3f}")
+        return lines
+
     def _targets(self, off: ModeResult, on: ModeResult) -> list[tuple[str, bool]]:
         out = []
         for name, idle, burst in (
@@ -508,8 +567,18 @@ class FairnessBench:
         )
         out.append(
             (
+                f"Jain's index over per-user slowdown (burst completion delay per task) "
+                f"{on.jain_slowdown:.3f} >= {JAIN_TARGET}",
+                on.jain_slowdown >= JAIN_TARGET,
+            )
+        )
+        sizes = burst_sizes(self.opts.users, self.opts.max_burst)
+        ideal = model(sizes, on.write_order or list(range(len(sizes))))["round-robin"][0]
+        out.append(
+            (
                 f"Jain's index over per-user mean completion delay {on.jain_delay:.3f} >= "
-                f"{JAIN_TARGET}",
+                f"{JAIN_TARGET} (ideal round-robin reaches {ideal:.3f} on these bursts: "
+                "see the docstring)",
                 on.jain_delay >= JAIN_TARGET,
             )
         )

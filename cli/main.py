@@ -16,6 +16,7 @@ from cli import (
     processes,
     queues,
     reindex,
+    share_weights,
 )
 from cli.common import DEFAULT_DATA_DIR, set_service_options
 
@@ -62,6 +63,7 @@ for command in (
     archive.archiver,
     outbox.outbox,
     backlog.backlog,
+    share_weights.share_weights,
 ):
     main.add_command(command)
 # One message at a time and pausing (cli/messages.py), under the queue commands' groups.

@@ -118,7 +118,7 @@ def parse_latency_objectives(value: str) -> dict[str, float]:
 
 
 #: A ``FAIR_SHARE_WEIGHTS`` key: a user id, ``role:<role>`` (a class of users) or ``default``.
-_WEIGHT_KEY = re.compile(r"^(role:[a-z_]{1,32}|default|[A-Za-z0-9_-]{1,64})$")
+WEIGHT_KEY = re.compile(r"^(role:[a-z_]{1,32}|default|[A-Za-z0-9_-]{1,64})$")
 
 
 def parse_share_weights(value: str) -> dict[str, int]:
@@ -131,7 +131,7 @@ def parse_share_weights(value: str) -> dict[str, int]:
             continue
         name, sep, weight = (x.strip() for x in item.partition("="))
         where = f"FAIR_SHARE_WEIGHTS item {item!r}"
-        if not sep or not _WEIGHT_KEY.fullmatch(name):
+        if not sep or not WEIGHT_KEY.fullmatch(name):
             raise ValueError(f"{where}: expected user_id=weight, role:<role>=weight or default=N")
         if name in out:
             raise ValueError(f"{where}: {name!r} is given twice")
@@ -186,13 +186,16 @@ class Settings(BaseSettings):
     #: (``queue=seconds,...``; ``default=`` sets it for queues not listed, else
     #: :data:`DEFAULT_LATENCY_OBJECTIVE`). Read through :meth:`latency_objective`.
     queue_latency_objectives: str = DEFAULT_LATENCY_OBJECTIVES
-    #: Fair dispatch (workers/fairness.py): the relay keeps at most ``fair_share_window``
+    #: Fair dispatch (core/fairness.py): the relay keeps at most ``fair_share_window``
     #: events of each user in flight (sent, side effects not all finished), times the user's
     #: weight (``FAIR_SHARE_WEIGHTS``: ``user_id=4,role:admin=2,default=1``), and fills the
     #: windows round-robin; ``FAIR_SHARE=false`` sends the outbox in order, as it was written.
     fair_share: bool = True
     fair_share_window: int = Field(16, ge=1, le=10_000)
     fair_share_weights: str = ""
+    #: Events in flight across all users at most (core/fairness.py): the broker holds a short
+    #: line filled round-robin, so a user's first event waits behind at most this many.
+    fair_share_budget: int = Field(128, ge=1, le=100_000)
 
     #: Unset by default: every process needs a random one, except ``taskmanager run``
     #: (:attr:`generate_missing_jwt_secret`), which makes one up on loopback.

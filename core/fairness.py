@@ -13,8 +13,16 @@ in the broker at a time and fills the windows round-robin across users:
   is waiting. A lost receipt keeps its event in flight until the relay's sweep has sent the
   message again and it finished (``OUTBOX_REDELIVER_AFTER_S``);
 - **window**: ``FAIR_SHARE_WINDOW`` events per user, times the user's weight
-  (``FAIR_SHARE_WEIGHTS``: ``user_id=4``, ``role:admin=2`` for a class of users, ``default``);
-  events claimed (leased) by a relay and not yet sent count against it too;
+  (``FAIR_SHARE_WEIGHTS``: ``user_id=4``, ``role:admin=2`` for a class of users, ``default``;
+  weights set through the admin API, collection :data:`WEIGHTS`, override those of the
+  settings key by key and reach every relay within :data:`WEIGHTS_TTL`); events claimed
+  (leased) by a relay and not yet sent count against it too;
+- **budget**: ``FAIR_SHARE_BUDGET`` events in flight across all users at most. Without it
+  100 users with 16-event windows could put 1,600 events in the broker at once, and the
+  broker would serve them in the order they were written: whoever wrote last waits behind
+  everyone. With it the broker holds a short line and the round-robin decides who goes
+  next, which serves each user's burst in time proportional to its size (equal slowdown,
+  the processor-sharing notion of fairness; ``bench/fairness.py`` measures it);
 - **round-robin**: each round, the users with pending events (the relay's
   :class:`PendingView`: the outbox read whole every few seconds through the ``outbox`` index,
   and only the newest events in between) are taken in turn from a rotating start, one event
@@ -38,36 +46,51 @@ import asyncio
 import heapq
 import itertools
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
 from bson import ObjectId
 from bson.errors import InvalidId
 
-from config.settings import Settings, parse_share_weights
+from config.settings import WEIGHT_KEY, Settings, parse_share_weights
 from core import events as outbox
 from core.context import Context
-from core.store import Doc
+from core.store import Doc, utcnow
 
 #: The event field marking a sent event whose side effects may not all have finished (it takes
 #: a place in its ``user_id``'s window).
 INFLIGHT = "inflight"
 #: How long a user's role (for ``role:`` weights) is remembered (seconds of monotonic time).
 ROLE_TTL = 60.0
+#: The collection of weights set through the admin API: ``_id`` is the key (a user id,
+#: ``role:<role>`` or ``default``), ``weight`` a whole number from 1 to 1000.
+WEIGHTS = "share_weights"
+#: How long a relay keeps the stored weights before reading them again (seconds).
+WEIGHTS_TTL = 5.0
 
 
 @dataclass(frozen=True)
 class Windows:
-    """Each user's window: ``size`` events times the user's weight."""
+    """Each user's window: ``size`` events times the user's weight; ``budget`` events in
+    flight across all users."""
 
     size: int
     weights: Mapping[str, int] = field(default_factory=dict)
+    budget: int = 100_000
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Windows:
-        """``FAIR_SHARE_WINDOW`` and ``FAIR_SHARE_WEIGHTS``."""
-        return cls(settings.fair_share_window, parse_share_weights(settings.fair_share_weights))
+        """``FAIR_SHARE_WINDOW``, ``FAIR_SHARE_WEIGHTS`` and ``FAIR_SHARE_BUDGET``."""
+        return cls(
+            settings.fair_share_window,
+            parse_share_weights(settings.fair_share_weights),
+            settings.fair_share_budget,
+        )
+
+    def with_weights(self, stored: Mapping[str, int]) -> Windows:
+        """These windows with ``stored`` weights (the admin API's) over the settings'."""
+        return replace(self, weights={**self.weights, **stored})
 
     @property
     def by_role(self) -> bool:
@@ -210,6 +233,54 @@ class Roles:
         return {u: self._known[u][1] for u in users}
 
 
+def check_weight(key: str, weight: int) -> None:
+    """``ValueError`` naming what is wrong with a weight for ``key``."""
+    if not WEIGHT_KEY.fullmatch(key):
+        raise ValueError(f"{key!r} is not a weight key: a user id, role:<role> or default")
+    if not 1 <= weight <= 1000:
+        raise ValueError("the weight must be a whole number from 1 to 1000")
+
+
+async def stored_weights(ctx: Context) -> dict[str, int]:
+    """The weights set through the admin API, by key."""
+    docs = await ctx.store[WEIGHTS].find({}, {"weight": 1}).to_list()
+    return {str(d["_id"]): int(d["weight"]) for d in docs}
+
+
+async def set_weight(ctx: Context, key: str, weight: int, by: str | None = None) -> None:
+    """Give ``key`` (a user, a role, ``default``) ``weight``; overrides the settings' weight
+    for that key on every relay within :data:`WEIGHTS_TTL`."""
+    check_weight(key, weight)
+    await ctx.store[WEIGHTS].update_one(
+        {"_id": key},
+        {"$set": {"weight": weight, "updated_at": utcnow(), "updated_by": by}},
+        upsert=True,
+    )
+
+
+async def unset_weight(ctx: Context, key: str) -> bool:
+    """Drop the stored weight of ``key`` (the settings' applies again); whether there was one."""
+    result = await ctx.store[WEIGHTS].delete_one({"_id": key})
+    return result.deleted_count == 1
+
+
+class StoredWeights:
+    """The relay's copy of the stored weights, read again every :data:`WEIGHTS_TTL`."""
+
+    def __init__(self, ttl: float = WEIGHTS_TTL) -> None:
+        self.ttl = ttl
+        self._weights: dict[str, int] = {}
+        self._read_at = -float("inf")
+
+    async def over(self, ctx: Context, windows: Windows) -> Windows:
+        """``windows`` with the stored weights over the settings' ones."""
+        clock = asyncio.get_running_loop().time()
+        if clock - self._read_at >= self.ttl:
+            self._weights = await stored_weights(ctx)
+            self._read_at = clock
+        return windows.with_weights(self._weights) if self._weights else windows
+
+
 @dataclass
 class Plan:
     """What one round may claim: each chosen event as it was read."""
@@ -217,6 +288,8 @@ class Plan:
     chosen: list[Doc] = field(default_factory=list)
     #: Users whose window is full with more of their events waiting.
     full: list[str] = field(default_factory=list)
+    #: Whether the budget (events in flight across all users) held events back.
+    budget_full: bool = False
     #: Where the next round starts: just after the last user served.
     next_turn: int = 0
 
@@ -240,8 +313,9 @@ async def plan_round(
 ) -> Plan:
     """Choose up to ``limit`` events to send: round-robin over the users with pending events
     (as ``view`` knows them, refreshed first), starting at ``turn`` (modulo their number),
-    each within their window (:func:`in_flight` up to ``now + horizon``). Events without a
-    user (malformed) are sent, and fail, like any other, one window's worth per round."""
+    each within their window (:func:`in_flight` up to ``now + horizon``), all within the
+    budget. Events without a user (malformed) are sent, and fail, like any other, one
+    window's worth per round."""
     await view.refresh(ctx, now)
     plan = Plan(next_turn=turn)
     users = sorted(u for u in view.by_user if u is not None)
@@ -250,6 +324,7 @@ async def plan_round(
     start = turn % len(users) if users else 0
     order: list[str | None] = [None, *users[start:], *users[:start]]
     queues: list[list[Doc]] = []
+    spare = windows.budget - sum(flying.values())
     for user in order:
         if user not in view.by_user:
             continue
@@ -257,25 +332,26 @@ async def plan_round(
         known = view.oldest(user, max(room, 0) * 2 + 4) if room > 0 else []
         # Events another relay holds under a live lease are about to take the window too.
         leased = sum(1 for d in known if d.get("lease_until") and d["lease_until"] >= now)
+        spare -= leased
         mine = [d for d in known if _is_free(d, now)][: max(0, room - leased)]
         if mine:
             queues.append(mine)
         left = len(view.by_user[user]) - len(mine)
         if user is not None and room - leased - len(mine) <= 0 < left:
             plan.full.append(user)  # more are waiting than the window lets out
-    # One event per user per pass, until the batch is full.
-    served = 0
+    if queues and spare < limit:
+        plan.budget_full = True
+        limit = max(spare, 0)
+    # One event per user per pass, until the batch (or the budget) is full.
     for depth in itertools.count():
         row = [q[depth] for q in queues if depth < len(q)]
         if not row:
             break
-        take = row[: limit - len(plan.chosen)]
-        plan.chosen.extend(take)
-        served = max(served, len(take))
+        plan.chosen.extend(row[: limit - len(plan.chosen)])
         if len(plan.chosen) >= limit:
             break
-    # Users served this round go to the back of the line.
-    last = queues[served - 1][0].get("user_id") if served else None
+    # The next round starts just after the user who got the last place.
+    last = plan.chosen[-1].get("user_id") if plan.chosen else None
     if last is not None and str(last) in users:
         plan.next_turn = start + order.index(str(last))
     return plan

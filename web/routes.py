@@ -22,6 +22,7 @@ from web.handlers import overview as ov
 from web.handlers import probes
 from web.handlers import schedules as sch
 from web.handlers import search as sr
+from web.handlers import share_weights as shw
 from web.handlers import tasks as tk
 from web.handlers import webhooks as wh
 from web.routing import Route
@@ -531,6 +532,41 @@ ROUTES: tuple[Route, ...] = (
         query=blg.BacklogQuery,
         response=blg.Backlog,
         errors=(401, 403, 422, 503),
+    ),
+    # Operators: fair-share weights (core/fairness.py), over FAIR_SHARE_WEIGHTS key by key
+    Route(
+        "GET",
+        f"{API}/admin/share-weights",
+        shw.list_share_weights,
+        "The fair-share weights in effect, from the settings and set here",
+        "admin",
+        auth="admin",
+        rate_limited=False,
+        response=shw.ShareWeights,
+        errors=(401, 403, 503),
+    ),
+    Route(
+        "PUT",
+        f"{API}/admin/share-weights/{{key}}",
+        shw.put_share_weight,
+        "Give a user, a role (role:<role>) or default a fair-share weight",
+        "admin",
+        auth="admin",
+        rate_limited=False,
+        body=shw.WeightIn,
+        response=shw.ShareWeight,
+        errors=(401, 403, 422, 503),
+    ),
+    Route(
+        "DELETE",
+        f"{API}/admin/share-weights/{{key}}",
+        shw.delete_share_weight,
+        "Drop a weight set here (the settings' weight applies again)",
+        "admin",
+        auth="admin",
+        rate_limited=False,
+        status=204,
+        errors=(401, 403, 404, 503),
     ),
     # Operators: backups (taken by a worker; followed at the Location)
     Route(

@@ -24,8 +24,9 @@ its memory delays side effects without dropping them.
 Fair dispatch (``FAIR_SHARE``, on by default; ``core/fairness.py``): instead of the oldest
 events whoever wrote them, each round claims events round-robin across the users with pending
 events, each user within a window of events in flight (sent, side effects not all finished),
-so one user's burst waits in the outbox rather than in front of everyone else in the broker.
-While some user's window holds events back the relay looks again every ``fair_poll`` seconds.
+so one user's burst waits in the outbox rather than in front of everyone else in the broker,
+and all users together within a budget of events in flight (``FAIR_SHARE_BUDGET``). While a
+window or the budget holds events back the relay looks again every ``fair_poll`` seconds.
 The relay also keeps the per-user backlog gauge (``workers/backlog.py``) up to date.
 
 Delivery is at least once; actors dedupe.
@@ -148,6 +149,7 @@ class Relay:
         #: The per-user backlog gauge is refreshed at most this often (seconds).
         self.backlog_interval = backlog_interval
         self._roles = fairness.Roles()
+        self._stored = fairness.StoredWeights()
         self.view = fairness.PendingView()
         self._turn = 0
         #: Whether the last round left pending events behind a full window.
@@ -195,8 +197,8 @@ class Relay:
             if moved >= self.batch_size:
                 continue
             backoff = min(self.max_backoff, 0.25 * 2**failures)
-            # Held back by full windows: look again soon, but never spend more than half the
-            # time (and the database's) on rounds that find the windows still full.
+            # Held back by full windows or budget: look again soon, but never spend more than
+            # half the time (and the database's) on rounds that find them still full.
             took = time.monotonic() - began
             idle = max(self.fair_poll, took) if self.held_back else self.poll_interval
             delay = backoff if failures else idle
@@ -265,14 +267,14 @@ class Relay:
             self.ctx,
             self.view,
             now,
-            self.windows,
+            await self._stored.over(self.ctx, self.windows),
             limit=self.batch_size,
             turn=self._turn,
             roles=self._roles,
             horizon=self.redeliver_after + timedelta(seconds=5),
         )
         self._turn = plan.next_turn
-        self.held_back = bool(plan.full)
+        self.held_back = bool(plan.full) or plan.budget_full
         if not plan.chosen:
             return 0
         token = secrets.token_hex(8)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.fairness import burst_sizes, jain, p95
+from bench.fairness import burst_sizes, jain, model, p95
 from tests.bench.runs import run_bench
 
 #: A tiny run.
@@ -18,7 +18,8 @@ ROWS = [
     "burst: write → webhook",
     "A's drain time (s)",
     "Jain over per-user mean delay",
-    "Jain over mean delay / burst",
+    "Jain over per-user slowdown",
+    "round-robin",
     "3. Targets (fairness on)",
     "A's drain time grows",
 ]
@@ -40,6 +41,7 @@ def test_fairness_benchmark_runs_both_modes(tmp_path: Path) -> None:
         assert len(mode["users_mean_delay_s"]) == 8
         assert mode["a_drain_s"] > 0
         assert 0 < mode["jain_delay"] <= 1
+        assert 0 < mode["jain_slowdown"] <= 1
 
 
 def test_the_figures_helpers() -> None:
@@ -47,3 +49,15 @@ def test_the_figures_helpers() -> None:
     assert jain([1.0, 0.0, 0.0, 0.0]) == pytest.approx(0.25)
     assert p95([float(i) for i in range(1, 101)]) == 95.0
     assert burst_sizes(5, 9) == [1, 1, 3, 5, 9]
+
+
+def test_the_model_of_ideal_policies() -> None:
+    """Two users, bursts of 1 and 3, the big one written first. FIFO: the big one's tasks end
+    at 1, 2, 3 and the small one's at 4 (slowdowns 1 and 4); round-robin: 1, 3, 4 and 2
+    (slowdowns 4/3 and 2)."""
+    figures = model([1, 3], [1, 0])
+    assert figures["fifo"] == (pytest.approx(jain([4.0, 2.0])), pytest.approx(jain([4.0, 1.0])))
+    assert figures["round-robin"] == (
+        pytest.approx(jain([2.0, 8 / 3])),
+        pytest.approx(jain([2.0, 4 / 3])),
+    )

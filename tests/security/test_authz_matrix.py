@@ -30,7 +30,7 @@ from bson import ObjectId
 from pymongo import AsyncMongoClient
 
 from config.settings import Settings
-from core import accounts, backup_format, backups, webhooks
+from core import accounts, backup_format, backups, fairness, webhooks
 from core.notifications import NewNotification, create_notifications
 from core.store import utcnow
 from jobs.scheduler import Scheduler
@@ -109,6 +109,9 @@ EXPECTED: dict[tuple[str, str], Row] = {
     ("GET", f"{API}/admin/schedules/{{name}}/runs"):             Row(401, 403, 403, 200),
     ("GET", f"{API}/admin/history"):                             Row(401, 403, 403, 200),
     ("GET", f"{API}/admin/backlog"):                             Row(401, 403, 403, 200),
+    ("GET", f"{API}/admin/share-weights"):                       Row(401, 403, 403, 200),
+    ("PUT", f"{API}/admin/share-weights/{{key}}"):               Row(401, 403, 403, 200),
+    ("DELETE", f"{API}/admin/share-weights/{{key}}"):            Row(401, 403, 403, 204),
     ("GET", f"{API}/admin/backups"):                             Row(401, 403, 403, 200),
     ("POST", f"{API}/admin/backups"):                            Row(401, 403, 403, 202),
     ("GET", f"{API}/admin/backups/{{id}}"):                      Row(401, 403, 403, 200),
@@ -346,6 +349,10 @@ async def _path_params(world: World, route: Route) -> dict[str, str]:
             params[name] = await _dead_letter(world)
         elif (before, name) == ("schedules", "name"):
             params[name] = "due-soon-reminders"
+        elif (before, name) == ("share-weights", "key"):
+            # A weight of its own, stored (as the API does), so DELETE has one to drop.
+            params[name] = f"matrix-{uuid.uuid4().hex[:12]}"
+            await fairness.set_weight(world.ctx, params[name], 2)
         elif (before, name) == ("users", "user_id"):
             # A bystander: acting on it leaves the module's three accounts alone.
             doc = await accounts.create_user(
@@ -385,6 +392,8 @@ async def _body(world: World, route: Route) -> dict[str, Any] | None:
         return {"url": f"http://127.0.0.1:9/{uuid.uuid4().hex}", "events": ["*"]}
     if key == ("POST", f"{API}/admin/queues/{{queue}}/dead/retry"):
         return {}
+    if key == ("PUT", f"{API}/admin/share-weights/{{key}}"):
+        return {"weight": 3}
     raise AssertionError(f"no minimal body for {route.method} {route.path}: add one to _body")
 
 

@@ -49,7 +49,7 @@ from schemathesis.engine import Status, events
 from schemathesis.engine.events import PhaseFinished
 from schemathesis.specs.openapi.checks import ignored_auth
 
-from config.settings import Settings
+from config.settings import WEIGHT_KEY, Settings
 from web.routes import ROUTES
 
 T = TypeVar("T")
@@ -257,6 +257,12 @@ class Live:
             time.sleep(0.05)
         raise AssertionError("the worker made no dead letter")
 
+    def new_share_weight(self) -> str:
+        """A fresh key with a weight stored through the API (DELETE has one to drop)."""
+        key = f"fuzz-{uuid.uuid4().hex[:12]}"
+        self.call("PUT", f"/admin/share-weights/{key}", self.admin, {"weight": 2})
+        return key
+
     def victim(self) -> str:
         """Another user's id, for operations on users (revoking the fuzzing user's own logins
         would end the run)."""
@@ -393,7 +399,8 @@ def test_operation_matches_document(live: Live, method: str, path: str) -> None:
         )
         run()
     # The run must have reached the operation's success path, not only its refusals.
-    assert any(200 <= s < 400 for s in fuzz.seen), f"{method} {path} never succeeded: {fuzz.seen}"
+    sent = "\n".join(fuzz.log)
+    assert any(200 <= s < 400 for s in fuzz.seen), f"{method} {path} never succeeded:\n{sent}"
 
 
 class Fuzz:
@@ -404,6 +411,7 @@ class Fuzz:
         self.auth = auth
         self.op_id = op_id
         self.seen: set[int] = set()
+        self.log: list[str] = []  # what each example sent and got, for a failure's message
         self.messages = 0  # real messages given so far (their states go in turn)
 
     def example(self, case: Case, data: st.DataObject) -> None:
@@ -430,6 +438,7 @@ class Fuzz:
         live = self.live
         response = case.call(base_url=live.base, session=live.http, headers=headers, timeout=30)
         self.seen.add(response.status_code)
+        self.log.append(f"{response.status_code} {case.formatted_path} {case.query}"[:200])
         case.validate_response(
             response,
             additional_checks=[problem_details],
@@ -475,6 +484,8 @@ class Fuzz:
             elif self.op_id == "bulk_tasks" and data.draw(st.booleans(), "real ids"):
                 real = [live.new_task()[0] for _ in range(2)]
                 case.body = {**body, "ids": real + list(body.get("ids", []))[:3]}
+        if self.op_id == "put_share_weight":
+            case.path_parameters = _weight_key(case.path_parameters or {})
         query = case.query or {}
         if self.op_id == "analytics_summary" and "from" in query and "to" in query:
             # At most 366 days, 'from' first: a rule across two parameters.
@@ -542,10 +553,21 @@ class Fuzz:
             real["id"] = live.backup()
         elif path.startswith(f"{API}/admin/schedules/"):
             real["name"] = data.draw(st.sampled_from(live.names("/admin/schedules", "name")))
+        elif path.startswith(f"{API}/admin/share-weights/"):
+            real["key"] = live.new_share_weight()
         elif "user_id" in params:
             real["user_id"] = live.victim()
         case.path_parameters = {**params, **real}
         return headers
+
+
+def _weight_key(params: dict[str, Any]) -> dict[str, Any]:
+    """A weight key is a user id, role:<role> or default (config.settings.WEIGHT_KEY): a drawn
+    key that is none of those is 422, so a valid case gets a key of its own instead."""
+    key = params.get("key")
+    if isinstance(key, str) and WEIGHT_KEY.fullmatch(key):
+        return params
+    return {**params, "key": f"fuzz-{uuid.uuid4().hex[:12]}"}
 
 
 @pytest.mark.timeout(120)
@@ -651,6 +673,7 @@ class FillIn:
     - a new account needs an address nobody has and a password not among the commonest;
     - an Idempotency-Key already used with another body is refused (422): a fresh key;
     - revoking every login of the fuzzing user (or admin) would end the run: another user's;
+    - a weight key must be a user id, ``role:<role>`` or ``default``: a fresh key otherwise;
     - schemathesis 4.32's coverage phase draws header values from ``[A-Za-z0-9]`` only, so for a
       header whose pattern needs other characters (If-Match's quotes) it labels a value that
       breaks the pattern as valid; such a header is left out.
@@ -682,6 +705,8 @@ class FillIn:
             params = case.path_parameters or {}
             if params.get("user_id") in (self.live.user_id, self.live.admin_id):
                 case.path_parameters = {**params, "user_id": self.live.victim()}
+        elif op_id == "put_share_weight":
+            case.path_parameters = _weight_key(case.path_parameters or {})
         query = case.query or {}
         if op_id == "analytics_summary":
             case.query = self._range(query)

@@ -155,6 +155,62 @@ async def test_weights_give_a_user_or_a_role_a_larger_window(platform: Any, ctx:
     assert _per_user(sent) == Counter({"vip": 10, str(admin): 6, "plain": 8})
 
 
+async def test_weights_set_through_the_store_override_the_settings(platform: Any, ctx: Any) -> None:
+    """The admin API's weights (``fairness.set_weight``) reach a running relay: over the
+    settings' weight for the same key, and dropped again by ``unset_weight``."""
+    for user in ("vip", "plain"):
+        await _burst(ctx, user, 30)
+    relay = Relay(ctx, platform.broker)
+    relay.windows = fairness.Windows(2, parse_share_weights("vip=2"))
+    relay._stored = fairness.StoredWeights(ttl=0)  # read at every round (5 s when running)
+    sent = _recording(relay)
+    await fairness.set_weight(ctx, "vip", 5, by="op@x.test")
+    await fairness.set_weight(ctx, "default", 3)
+    assert await fairness.stored_weights(ctx) == {"vip": 5, "default": 3}
+    await relay.drain_once()
+    assert _per_user(sent) == Counter({"vip": 10, "plain": 6})
+    assert await fairness.unset_weight(ctx, "default") is True
+    assert await fairness.unset_weight(ctx, "default") is False
+    await _finish(ctx)
+    await ctx.store["events"].update_many({}, {"$unset": {fairness.INFLIGHT: ""}})
+    before = Counter(sent)
+    await relay.drain_once()
+    assert _per_user(sent - before) == Counter({"vip": 10, "plain": 2})
+
+
+@pytest.mark.parametrize(
+    ("key", "weight", "error"),
+    [
+        ("role:Admin", 2, "not a weight key"),
+        ("a b", 2, "not a weight key"),
+        ("vip", 0, "whole number from 1 to 1000"),
+        ("vip", 1001, "whole number from 1 to 1000"),
+    ],
+)
+async def test_a_stored_weight_is_checked(ctx: Any, key: str, weight: int, error: str) -> None:
+    with pytest.raises(ValueError, match=error):
+        await fairness.set_weight(ctx, key, weight)
+    assert await fairness.stored_weights(ctx) == {}
+
+
+async def test_the_budget_bounds_what_all_users_have_in_flight(platform: Any, ctx: Any) -> None:
+    """100 users' windows could hold 1,600 events; the budget keeps the broker's line short
+    and the round-robin decides who goes next: one event per user per pass."""
+    users = [f"u{i}" for i in range(4)]
+    for user in users:
+        await _burst(ctx, user, 5)
+    relay = Relay(ctx, platform.broker)
+    relay.windows = fairness.Windows(5, budget=6)
+    assert await relay.drain_once() == 6
+    assert await fairness.in_flight(ctx) == {"u0": 2, "u1": 2, "u2": 1, "u3": 1}
+    assert await relay.drain_once() == 0
+    assert relay.held_back
+    # u0's two finish: two places free, for the users whose turn it is (u2, u3).
+    await _finish(ctx, "u0")
+    assert await relay.drain_once() == 2
+    assert await fairness.in_flight(ctx) == {"u1": 2, "u2": 2, "u3": 2}
+
+
 async def test_several_relays_send_each_event_once_within_the_windows(
     platform: Any, ctx: Any
 ) -> None:
