@@ -109,9 +109,10 @@ def machine() -> dict[str, str]:
 
 
 def extra_results(results_dir: Path) -> dict[str, tuple[str, str]]:
-    """The dr and fairness reports (text, date written) when present; never re-run here."""
+    """The dr (100k tasks; RPO at the default interval) and fairness reports (text, date
+    written) when present; never re-run here."""
     out = {}
-    for name in ("dr", "fairness"):
+    for name in ("dr", "dr-rpo", "fairness"):
         path = results_dir / f"{name}-latest.txt"
         if path.exists():
             when = datetime.fromtimestamp(path.stat().st_mtime, UTC).strftime("%Y-%m-%d %H:%M UTC")

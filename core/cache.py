@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 
 from prometheus_client import Counter
 from pydantic import BaseModel
@@ -27,6 +28,12 @@ log = get_logger(__name__)
 CACHE_REQUESTS = Counter("cache_requests_total", "Cache lookups", ["cache", "result"])
 CACHE_ERRORS = Counter("cache_errors_total", "Cache operations that failed open", ["op"])
 TTL_SECONDS = 3600
+#: A user's generation and cached entry as Redis returns them.
+Entry = tuple[bytes | str | None, bytes | str | None]
+#: What the request's admission (``core/gate.py``) already read for this request: the cache
+#: name and user it read, and Redis's ``(generation, entry)`` for them. A lookup of that very
+#: value uses it instead of a round trip of its own; any other lookup reads Redis as usual.
+PREFETCHED: ContextVar[tuple[str, str, Entry] | None] = ContextVar("cache_prefetched", default=None)
 
 
 def _keys(ctx: Context, name: str, user_id: str) -> tuple[str, str]:
@@ -56,12 +63,17 @@ async def cached_json(
     validation or serialisation (measured: 36-42 % less web CPU per cached ``GET /tasks``).
     """
     gen_key, value_key = _keys(ctx, name, user_id)
-    try:
-        gen_raw, blob = await ctx.redis.mget(gen_key, value_key)
-    except RedisError:
-        CACHE_ERRORS.labels("get").inc()
-        CACHE_REQUESTS.labels(name, "error").inc()
-        return (await compute())[0].model_dump_json().encode(), False
+    prefetched = PREFETCHED.get()
+    if prefetched is not None and prefetched[:2] == (name, user_id):
+        PREFETCHED.set(None)  # read once: a second lookup in the request reads Redis again
+        gen_raw, blob = prefetched[2]
+    else:
+        try:
+            gen_raw, blob = await ctx.redis.mget(gen_key, value_key)
+        except RedisError:
+            CACHE_ERRORS.labels("get").inc()
+            CACHE_REQUESTS.labels(name, "error").inc()
+            return (await compute())[0].model_dump_json().encode(), False
     gen = int(gen_raw or 0)
     if blob is not None:
         raw = blob if isinstance(blob, bytes) else blob.encode()

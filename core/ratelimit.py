@@ -34,8 +34,9 @@ log = get_logger(__name__)
 
 #: KEYS[1]: the caller's bucket. ARGV[1]: limit (requests), ARGV[2]: window (seconds).
 #: Returns {allowed (0|1), remaining, ms until the available quota next grows}.
-#: Times are integer microseconds, exact in Lua's doubles (now is ~2^51).
-_SCRIPT = """
+#: Times are integer microseconds, exact in Lua's doubles (now is ~2^51). ``core/gate.py``
+#: runs the same body inside its one-round-trip script.
+GCRA_BODY = """
 local limit = tonumber(ARGV[1])
 local window = tonumber(ARGV[2]) * 1000000
 local interval = math.floor(window / limit)
@@ -54,6 +55,7 @@ local remaining = math.floor((now + window - new_tat) / interval)
 local grows_at = new_tat - window + (remaining + 1) * interval
 return {1, remaining, math.ceil((grows_at - now) / 1000)}
 """
+_SCRIPT = GCRA_BODY
 _SHA = hashlib.sha1(_SCRIPT.encode(), usedforsecurity=False).hexdigest()
 
 #: While Redis keeps failing, repeat the warning at most this often (seconds).
@@ -111,7 +113,7 @@ class _OutageLog:
         self.last_warned = 0.0
         self.failures = 0
 
-    def failed(self, exc: Exception) -> bool:
+    def failed(self, exc: BaseException) -> bool:
         """Record one failure; returns whether a warning was logged for it."""
         now = time.monotonic()
         self.failures += 1
@@ -141,7 +143,14 @@ class _OutageLog:
             self.since, self.failures = None, 0
 
 
-_outage = _OutageLog()
+#: The process's record of a Redis outage as the rate limit sees it.
+outage = _OutageLog()
+
+
+def fail_open(policy: Policy, exc: BaseException) -> Decision:
+    """The decision when Redis could not be asked: allowed, ``degraded`` (the outage noted)."""
+    outage.failed(exc)
+    return Decision(True, policy, remaining=policy.limit, reset=0, degraded=True)
 
 
 async def hit(redis: aioredis.Redis, key: str, policy: Policy) -> Decision:
@@ -154,9 +163,8 @@ async def hit(redis: aioredis.Redis, key: str, policy: Policy) -> Decision:
             # First use on this server (or after SCRIPT FLUSH / a restart): EVAL caches it.
             raw = await redis.eval(_SCRIPT, 1, *args)
     except (RedisError, OSError, TimeoutError) as exc:
-        _outage.failed(exc)
-        return Decision(True, policy, remaining=policy.limit, reset=0, degraded=True)
-    _outage.succeeded()
+        return fail_open(policy, exc)
+    outage.succeeded()
     allowed, remaining, reset_ms = (int(v) for v in raw)
     return Decision(bool(allowed), policy, remaining=remaining, reset=-(-reset_ms // 1000))
 

@@ -281,6 +281,9 @@ def list_query(owner: str, q: TaskFilters, now: datetime) -> tuple[Doc, list[tup
 
 #: The list a client opens first: served from the cache (see :func:`list_page_json`).
 FIRST_PAGE = TaskQuery()
+#: The cached values of a user (core/cache.py): the first page of the default list, the stats.
+FIRST_PAGE_CACHE = "first_page"
+STATS_CACHE = "stats"
 
 
 async def list_page_json(ctx: Context, owner: str, q: TaskQuery) -> bytes:
@@ -288,7 +291,9 @@ async def list_page_json(ctx: Context, owner: str, q: TaskQuery) -> bytes:
     response body. The first page of the default list is cache-aside like the stats: it is
     what every client opens first, and the cache generation makes it exact after each write."""
     if q == FIRST_PAGE:
-        body, _ = await cache.cached_json(ctx, "first_page", owner, lambda: _first_page(ctx, owner))
+        body, _ = await cache.cached_json(
+            ctx, FIRST_PAGE_CACHE, owner, lambda: _first_page(ctx, owner)
+        )
         return body
     return (await _query_page(ctx, owner, q)).model_dump_json().encode()
 
@@ -417,7 +422,7 @@ async def _bulk_once(ctx: Context, owner: str, req: BulkRequest) -> BulkResponse
 async def stats_json(ctx: Context, owner: str) -> tuple[bytes, bool]:
     """The owner's stats as the response body, from the cache when current; returns
     ``(body, cache hit)``."""
-    return await cache.cached_json(ctx, "stats", owner, lambda: compute_stats(ctx, owner))
+    return await cache.cached_json(ctx, STATS_CACHE, owner, lambda: compute_stats(ctx, owner))
 
 
 async def compute_stats(

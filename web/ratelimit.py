@@ -20,8 +20,8 @@ import ipaddress
 
 from aiohttp import web
 
-from core import ratelimit
-from core.errors import AppError, RateLimited
+from core import cache, gate, ratelimit
+from core.errors import AppError, RateLimited, Unauthorized
 from core.security import TokenClaims
 from web.keys import CONTEXT
 from web.metrics import RATELIMIT_FAILOPEN, RATELIMIT_REJECTED
@@ -100,6 +100,22 @@ class Budget:
     def __init__(self, request: web.Request):
         self.request = request
         self.headers: dict[str, str] | None = None
+
+    async def admit(self, token: str, cached: str | None = None) -> TokenClaims:
+        """Verify an access token and spend one request of its user, in one Redis round trip
+        with the revocation check and, when ``cached`` names one, the cache's read
+        (``core/gate.py``); raise :class:`Unauthorized` or :class:`RateLimited`."""
+        ctx = self.request.app[CONTEXT]
+        claims = ctx.tokens.decode(token, "access")
+        caller, kind = caller_of(self.request, claims)
+        admission = await gate.admit(ctx, claims, caller, cached)
+        if admission.revoked or admission.decision is None:
+            raise Unauthorized("Token has been revoked")
+        self.headers = headers_for(admission.decision)
+        _refuse_if_spent(admission.decision, kind)
+        if cached is not None and admission.cached is not None:
+            cache.PREFETCHED.set((cached, claims.subject, admission.cached))
+        return claims
 
     async def spend(self, claims: TokenClaims | None) -> None:
         """Count the request against its caller; raise :class:`RateLimited` when spent."""

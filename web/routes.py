@@ -6,7 +6,7 @@ and the dashboard polls several of them every few seconds.
 
 from __future__ import annotations
 
-from core import accounts, analytics, backups, history, search, task_models, webhooks
+from core import accounts, analytics, backups, history, search, task_models, tasks, webhooks
 from core import notifications as notif
 from core.pagination import PageQuery
 from web.handlers import accounts as acc
@@ -120,6 +120,7 @@ ROUTES: tuple[Route, ...] = (
         "tasks",
         query=task_models.TaskQuery,
         response=task_models.TaskPage,
+        cached=tasks.FIRST_PAGE_CACHE,
     ),
     Route(
         "GET",
@@ -129,6 +130,7 @@ ROUTES: tuple[Route, ...] = (
         "tasks",
         response=task_models.Stats,
         headers={"X-Cache": "hit or miss: whether the cache answered"},
+        cached=tasks.STATS_CACHE,
     ),
     Route(
         "POST",

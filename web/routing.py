@@ -12,7 +12,7 @@ from typing import Any, Literal, TypeVar
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
-from core import accounts
+from core import accounts, cache
 from core.context import Context
 from core.errors import (
     AppError,
@@ -54,6 +54,9 @@ class Route:
     rate_limited: bool = True
     #: Honour ``Idempotency-Key`` (web/idempotency.py): for POST operations that create.
     idempotent: bool = False
+    #: The cached value (core/cache.py) the handler reads when the request has no query
+    #: string: read in the admission's round trip (core/gate.py), so a hit costs one.
+    cached: str | None = None
 
     @property
     def operation_id(self) -> str:
@@ -66,6 +69,9 @@ def wrap(route: Route) -> Handler:
 
     async def handle(request: web.Request) -> web.StreamResponse:
         budget = Budget(request) if route.rate_limited else None
+        # Requests of one keep-alive connection share a task: what this one prefetched must
+        # not reach the next.
+        reset = cache.PREFETCHED.set(None)
         try:
             response = await checked(request, budget)
         except AppError as exc:
@@ -75,15 +81,20 @@ def wrap(route: Route) -> Handler:
                 # Routes outside RATE_LIMIT (admin) still count bad credentials per address.
                 await Budget(request).on_error(exc)
             raise
+        finally:
+            cache.PREFETCHED.reset(reset)
         if budget is not None:
             budget.on_response(response)
         return response
 
     async def checked(request: web.Request, budget: Budget | None) -> web.StreamResponse:
         if route.auth != "none":
-            claims = await _authenticate(request)
             if budget is not None:
-                await budget.spend(claims)
+                # Revocation, rate limit and (first page, stats) the cache: one round trip.
+                cached = route.cached if not request.query_string else None
+                claims = await budget.admit(bearer_token(request), cached)
+            else:
+                claims = await _authenticate(request)
             if route.auth == "admin":
                 await _require_admin(request, claims)
             request[REQ_CLAIMS] = claims
@@ -125,12 +136,17 @@ async def _require_admin(request: web.Request, claims: TokenClaims) -> None:
     raise Forbidden("This operation needs the admin role")
 
 
-async def _authenticate(request: web.Request) -> TokenClaims:
+def bearer_token(request: web.Request) -> str:
+    """The access token of ``Authorization: Bearer <token>`` (401 when missing)."""
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise Unauthorized("Send 'Authorization: Bearer <access token>'", error="invalid_request")
-    return await accounts.authenticate(request.app[CONTEXT], token.strip())
+    return token.strip()
+
+
+async def _authenticate(request: web.Request) -> TokenClaims:
+    return await accounts.authenticate(request.app[CONTEXT], bearer_token(request))
 
 
 def _parse_query(request: web.Request, model: type[M]) -> M:
