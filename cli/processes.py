@@ -33,14 +33,41 @@ class DevSettings(Settings):
 
 @click.command()
 @click.option("--port", type=int, default=None, help="Port (default: PORT or 8000).")
-def web(port: int | None) -> None:
-    """Serve the HTTP API (SIGTERM drains open connections first: web.app.serve)."""
-    from web.app import create_app, serve
+@click.option(
+    "--processes",
+    "-p",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Processes serving the port (default: WEB_PROCESSES, else one per usable core; "
+    "1: this process alone).",
+)
+def web(port: int | None, processes: int | None) -> None:
+    """Serve the HTTP API (SIGTERM drains open connections first: web.app.serve).
 
+    By default one process per core this process may use (its CPU affinity, at most its
+    cgroup's CPU limit rounded up). With more than one, this process supervises: it starts
+    that many web processes (app and outbox relay each) on the same port (SO_REUSEPORT),
+    restarts one that exits, passes SIGTERM/SIGINT on to all and waits for their drain;
+    /metrics merges their metrics (cli/web_group.py).
+    """
     settings = load_settings(from_data_dir=False)
     setup_logging(settings, process="web")
     setup_sentry(settings, process="web")
-    serve(create_app(settings), host=settings.host, port=port or settings.port)
+    port = port or settings.port
+    from cli.web_group import leave_with_parent, supervise, usable_cores
+
+    count = processes or settings.web_processes or usable_cores()
+    if count > 1:
+        sys.exit(supervise(settings, port, count))
+
+    from web.app import create_app, serve
+    from web.group import group_parent
+
+    app = create_app(settings)
+    parent = group_parent()  # a child of `web --processes N`
+    if parent is not None:
+        app.cleanup_ctx.append(leave_with_parent(parent))
+    serve(app, host=settings.host, port=port, reuse_port=parent is not None)
 
 
 @click.command(context_settings={"ignore_unknown_options": True})

@@ -155,6 +155,8 @@ class Settings(BaseSettings):
     app_env: Literal["development", "test", "production"] = "production"
     host: str = "0.0.0.0"
     port: int = Field(8000, ge=1, le=65535)
+    #: Processes of ``taskmanager web`` (``--processes`` wins): 0 = one per usable core.
+    web_processes: int = Field(0, ge=0, le=256)
 
     mongodb_url: str | None = None
     mongodb_db: str = Field("taskmanager", pattern=r"^[A-Za-z0-9_-]{1,60}$")

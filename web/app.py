@@ -201,7 +201,7 @@ async def _close_when_draining(request: web.Request, response: web.StreamRespons
 MAX_LINE_SIZE = 65536
 
 
-def serve(app: web.Application, *, host: str, port: int) -> None:
+def serve(app: web.Application, *, host: str, port: int, reuse_port: bool = False) -> None:
     """Serve ``app`` until SIGTERM or SIGINT, then shut down without dropping a request.
 
     aiohttp's own ``run_app`` closes idle keep-alive connections at once on SIGTERM, racing
@@ -210,11 +210,15 @@ def serve(app: web.Application, *, host: str, port: int) -> None:
     what arrives on the open ones, each answer with ``Connection: close`` (a client then opens
     a new connection, which is refused: clearly never sent); then close the idle connections,
     let requests under way finish (at most :data:`SHUTDOWN_TIMEOUT`) and run the clean-ups.
+
+    ``reuse_port``: bind with ``SO_REUSEPORT``, so that the processes of one
+    ``taskmanager web --processes N`` listen on the same port (the kernel spreads new
+    connections over them); each drains on its own as above.
     """
-    asyncio.run(_serve(app, host, port))
+    asyncio.run(_serve(app, host, port, reuse_port=reuse_port))
 
 
-async def _serve(app: web.Application, host: str, port: int) -> None:
+async def _serve(app: web.Application, host: str, port: int, *, reuse_port: bool = False) -> None:
     runner = web.AppRunner(
         app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT, max_line_size=MAX_LINE_SIZE
     )
@@ -225,7 +229,7 @@ async def _serve(app: web.Application, host: str, port: int) -> None:
         loop.add_signal_handler(sig, stop.set)
     try:
         await runner.setup()
-        site = web.TCPSite(runner, host, port)
+        site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None)
         await site.start()
         await stop.wait()
         app[DRAINING].active = True

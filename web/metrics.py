@@ -16,6 +16,26 @@ and no queue series, so ``sum`` (and ``max``) over replicas give the true depth 
 ``sum(taskmanager_queue_stats_up)`` is 1 while the queues are exported. When the holder dies
 another replica takes over at the first scrape after the lease runs out (a gap of at most
 that long); Redis unreachable means no replica exports them (``up`` 0 everywhere).
+
+Several processes per replica (``taskmanager web --processes N``, ``web/group.py``): a scrape
+reaches one child at random, so the children keep their metrics in prometheus_client's
+multiprocess files and each child's ``/metrics`` serves the merge (:func:`scrape_registry`):
+
+- counters and histograms (``http_*``, ``ratelimit_*``, ``cache_*``, the outbox's
+  ``*_total``): summed over the children, those that exited included (totals of the group);
+- the outbox gauges (``taskmanager_outbox_events``,
+  ``taskmanager_outbox_oldest_pending_age_seconds``) and ``taskmanager_user_backlog``: every
+  child's relay reads the same shared outbox, so the merge takes the most recent value among
+  the live children (``livemostrecent``). ``taskmanager_user_backlog`` is only partly right
+  there: a user who leaves a queue's top 10 is set to 0 rather than removed (the files keep
+  every series a child ever wrote), so in a group its series include zeros of former top
+  users until the group restarts (``topk``/``sum`` are unaffected);
+- the queue gauges: the lease is held in the group's name (all its children share it), and a
+  child exports its own reading, outside the files: whichever child is scraped exports them,
+  and one replica's scrape counts them once;
+- prometheus_client's process and platform families (``process_*``, ``python_*``) are left
+  out: they would describe whichever child answered. Per-process CPU and memory come from
+  the container or node exporter.
 """
 
 from __future__ import annotations
@@ -26,9 +46,11 @@ import socket
 import threading
 
 import redis
-from prometheus_client import Counter, Histogram
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, multiprocess
+from prometheus_client.registry import Collector
 
 from config.connections import Connections
+from web import group
 
 HTTP_REQUESTS = Counter(
     "http_requests_total", "HTTP requests answered", ["method", "route", "status"]
@@ -79,8 +101,9 @@ class QueueExporterLease:
 
     @property
     def holder(self) -> str:
-        """This process's name in the lease: host, pid and a random token."""
-        return f"{socket.gethostname()}:{os.getpid()}:{self._token}"
+        """This process's name in the lease: host, pid and a random token; in a web group
+        (``web/group.py``), the group's (its parent's pid and token), shared by its children."""
+        return f"{socket.gethostname()}:{group.group() or f'{os.getpid()}:{self._token}'}"
 
     def held(self, connections: Connections) -> bool:
         """Take or renew the lease; False if another replica holds it or Redis is away."""
@@ -96,3 +119,17 @@ class QueueExporterLease:
 
 
 QUEUE_EXPORTER = QueueExporterLease()
+
+
+def scrape_registry(*own: Collector) -> CollectorRegistry:
+    """What ``/metrics`` serves: the default registry; in a child of a web group, the merge
+    of the group's multiprocess files plus ``own``, collectors of this process that the files
+    do not hold (they are on the default registry too: the queue gauges)."""
+    directory = group.metrics_dir()
+    if directory is None:
+        return REGISTRY
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
+    for collector in own:
+        registry.register(collector)
+    return registry

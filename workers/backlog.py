@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from prometheus_client import Gauge
+from prometheus_client import Gauge, values
 
 from core import events as outbox
 from core.context import Context
@@ -30,7 +30,13 @@ USER_BACKLOG = Gauge(
     "taskmanager_user_backlog",
     f"Messages waiting (in the outbox or in the broker) of the top {GAUGE_TOP} users per queue",
     ["queue", "user_id"],
+    # Every relay reads the same outbox: in a web group (web/group.py) the most recent reading
+    # of the live processes. A series cannot leave the files there: users who left the top
+    # stay at 0 (see publish_backlog).
+    multiprocess_mode="livemostrecent",
 )
+#: The (queue, user) series this process last published.
+_published: set[tuple[str, str]] = set()
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
@@ -104,12 +110,22 @@ async def user_backlog(
 
 async def publish_backlog(ctx: Context) -> None:
     """Set the ``taskmanager_user_backlog`` gauge to the top :data:`GAUGE_TOP` per queue
-    (users that left the top are removed)."""
+    (users that left the top are removed; in prometheus_client's multiprocess mode, where a
+    series cannot leave the files, they are set to 0 instead)."""
     top = await user_backlog(ctx, limit=GAUGE_TOP)
-    USER_BACKLOG.clear()
+    now = {(name, row.user_id) for name, rows in top.items() for row in rows}
+    if getattr(values.ValueClass, "_multiprocess", False):
+        # No ``clear`` here: each series made again would be one more value object that
+        # prometheus_client keeps for the life of the process.
+        for labels in _published - now:
+            USER_BACKLOG.labels(*labels).set(0)
+    else:
+        USER_BACKLOG.clear()
     for name, rows in top.items():
         for row in rows:
             USER_BACKLOG.labels(name, row.user_id).set(row.waiting)
+    _published.clear()
+    _published.update(now)
 
 
 async def backlog_summary(

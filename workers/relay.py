@@ -61,8 +61,13 @@ log = get_logger(__name__)
 SET_ASIDE_TOTAL = Counter(
     "taskmanager_outbox_set_aside", "Events the relay set aside after repeated send failures"
 )
+# Shared state, read by every relay: in a web group (web/group.py) the merge keeps the most
+# recent reading among the live processes.
 OUTBOX_EVENTS = Gauge(
-    "taskmanager_outbox_events", "Events in the outbox (state: pending, set_aside)", ["state"]
+    "taskmanager_outbox_events",
+    "Events in the outbox (state: pending, set_aside)",
+    ["state"],
+    multiprocess_mode="livemostrecent",
 )
 RESENT_TOTAL = Counter(
     "taskmanager_outbox_resent",
@@ -72,6 +77,7 @@ RESENT_TOTAL = Counter(
 OUTBOX_OLDEST_AGE = Gauge(
     "taskmanager_outbox_oldest_pending_age_seconds",
     "Age of the oldest pending event (0 when none is pending)",
+    multiprocess_mode="livemostrecent",
 )
 #: The longest error text stored on an event.
 ERROR_CHARS = 500

@@ -767,7 +767,8 @@ def test_deployments_run_the_right_subcommand() -> None:
         [container] = pod_spec(of_kind("Deployment")[name])["containers"]
         return container.get("command", []) + container.get("args", [])
 
-    assert command("taskmanager-web") == ["taskmanager", "web"]
+    # One process per pod (its CPU limit is under a core; the HPA scales pods).
+    assert command("taskmanager-web") == ["taskmanager", "web", "--processes", "1"]
     assert command("taskmanager-worker")[:2] == ["taskmanager", "worker"]
     assert command("taskmanager-worker-webhooks")[:2] == ["taskmanager", "worker"]
     assert command("taskmanager-scheduler") == ["taskmanager", "scheduler"]

@@ -37,6 +37,8 @@ def clean_env(**values: str) -> dict[str, str]:
     """The inherited environment minus every product variable, plus ``values``."""
     env = {k: v for k, v in os.environ.items() if k.upper() not in PRODUCT_VARS}
     env["PYTHONUNBUFFERED"] = "1"
+    # One process per `taskmanager web` (measured and signalled as one) unless asked.
+    env["WEB_PROCESSES"] = "1"
     env.update(values)
     return env
 

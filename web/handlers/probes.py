@@ -19,8 +19,9 @@ from pydantic import BaseModel
 
 from core.errors import Unavailable
 from core.events import OutboxLag, outbox_lag
-from web.handlers.admin import refresh_queue_metrics
+from web.handlers.admin import QUEUE_METRICS, refresh_queue_metrics
 from web.keys import CONTEXT, OPENAPI
+from web.metrics import scrape_registry
 from web.ratelimit import spend_operations_budget
 from web.routing import json_response
 
@@ -110,12 +111,14 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    """Prometheus exposition (queue depths read on a thread first, see handlers/admin.py).
+    """Prometheus exposition (queue depths read on a thread first, see handlers/admin.py); in
+    a child of ``taskmanager web --processes N``, the merge of the group's processes
+    (``web/metrics.py``).
 
     Public, so limited per address (generously: web/ratelimit.py ``OPERATIONS_POLICY``)."""
     await spend_operations_budget(request)
     await refresh_queue_metrics(request.app)
-    response = web.Response(body=generate_latest())
+    response = web.Response(body=generate_latest(scrape_registry(QUEUE_METRICS)))
     response.content_type = CONTENT_TYPE_LATEST.split(";")[0]
     return response
 
