@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from core import backups, jobruns, restore
-from tests.conftest import bearer, register
+from tests.conftest import bearer, eventually, register
 from web.app import create_app
 from web.keys import CONTEXT, PLATFORM
 from workers.maintenance import enqueue_run
@@ -75,8 +75,14 @@ async def test_admin_starts_a_backup_that_a_worker_takes(setup: Any, worker_for:
     assert "backups" not in counts
     assert restore.verify(Path(done["path"])).ok
     assert Path(done["path"]).name == queued["id"]
-    run = await jobruns.latest(app[CONTEXT], "backup")
-    assert run is not None and run["status"] == "succeeded" and run["manual"] is True
+
+    # The job's run is settled after the actor returns, a moment after the backup's record.
+    async def settled() -> Any:
+        run = await jobruns.latest(app[CONTEXT], "backup")
+        return run if run is not None and run["status"] in ("succeeded", "failed") else None
+
+    run = await eventually(settled, "the backup's run settled")
+    assert run["status"] == "succeeded" and run["manual"] is True
     assert run["result"]["backup_id"] == queued["id"]
 
     listed = await (await client.get(URL, headers=admin)).json()
