@@ -195,9 +195,9 @@ class Settings(BaseSettings):
     fair_share: bool = True
     fair_share_window: int = Field(16, ge=1, le=10_000)
     fair_share_weights: str = ""
-    #: Events in flight across all users at most (core/fairness.py): the broker holds a short
-    #: line filled round-robin, so a user's first event waits behind at most this many.
-    fair_share_budget: int = Field(128, ge=1, le=100_000)
+    #: Events in flight across all users at most (core/fairness.py; 0: no budget, only the
+    #: windows): the broker holds a short line filled round-robin.
+    fair_share_budget: int = Field(0, ge=0, le=100_000)
 
     #: Unset by default: every process needs a random one, except ``taskmanager run``
     #: (:attr:`generate_missing_jwt_secret`), which makes one up on loopback.

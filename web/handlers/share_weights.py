@@ -55,7 +55,9 @@ class ShareWeights(BaseModel):
     win for the same key). A user not named, nor by role, gets ``default`` (else 1)."""
 
     window: int = Field(description="FAIR_SHARE_WINDOW: events in flight per user of weight 1")
-    budget: int = Field(description="FAIR_SHARE_BUDGET: events in flight across all users")
+    budget: int = Field(
+        description="FAIR_SHARE_BUDGET: events in flight across all users at most (0: none)"
+    )
     fair_share: bool = Field(description="FAIR_SHARE: whether the relay applies the windows")
     items: list[ShareWeight]
 
