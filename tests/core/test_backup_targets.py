@@ -182,6 +182,7 @@ async def test_restore_from_the_s3_copy_alone(ctx: Context, tmp_path: Path) -> N
         await ctx.store.client.drop_database(into)
 
 
+@pytest.mark.timeout(240)  # a full backup, segments and a restore through S3: > 60 s loaded
 async def test_point_in_time_restore_from_the_s3_copy_alone(
     make_settings: Any, tmp_path: Path, moto_server: MotoServer, aws_env: dict[str, str]
 ) -> None:
