@@ -6,7 +6,7 @@ as deployed (general queues; the webhook pool) and ``taskmanager scheduler``, ov
 and a real Redis, with a real webhook receiver on loopback. User A writes 2,000 tasks (through
 ``core.tasks.create``, the API's own write path, 16 at a time: the API would take longer than
 the test may); then user B creates one task through the API. B's task must be searchable
-within 5 s and B's webhook must arrive within 6 s (the issue's 2 s and 3 s are measured in
+within 20 s and B's webhook must arrive within 25 s (the issue's 2 s and 3 s are measured in
 bench/fairness.py; see SEARCH_DEADLINE), while A's backlog is still draining (seen
 in ``GET /admin/backlog`` and in A's deliveries still arriving afterwards); a scheduled job
 fired then (the analytics rollup, on the ``maintenance`` queue) runs within 10 s.
