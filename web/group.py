@@ -29,6 +29,8 @@ from pathlib import Path
 
 from prometheus_client import multiprocess
 
+from workers.metrics import remove_stale_dirs
+
 #: Set in each child of a web group: ``<parent pid>:<token>``.
 GROUP_ENV = "TASKMANAGER_WEB_GROUP"
 #: prometheus_client's variable naming its multiprocess directory.
@@ -62,25 +64,11 @@ def make_group_dir(parent_pid: int) -> Path:
     parent is gone are removed first."""
     base = Path(os.environ.get(MULTIPROC_ENV) or tempfile.gettempdir())
     base.mkdir(parents=True, exist_ok=True)
-    remove_stale_dirs(base)
+    remove_stale_dirs(base, DIR_PREFIX)
     directory = base / f"{DIR_PREFIX}{parent_pid}"
     shutil.rmtree(directory, ignore_errors=True)
     directory.mkdir(mode=0o700)
     return directory
-
-
-def remove_stale_dirs(base: Path) -> None:
-    """Remove the directories of web groups whose parent process is gone."""
-    for path in base.glob(f"{DIR_PREFIX}*"):
-        pid = path.name.removeprefix(DIR_PREFIX)
-        if not pid.isdigit():
-            continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            shutil.rmtree(path, ignore_errors=True)
-        except PermissionError:
-            continue
 
 
 def child_gone(pid: int, directory: Path) -> None:

@@ -289,10 +289,11 @@ class _Handler(BaseHTTPRequestHandler):
         """Scrapes are not logged."""
 
 
-def remove_stale_dirs(base: Path) -> None:
-    """Remove the multiprocess directories of worker groups whose main process is gone."""
-    for path in base.glob(f"{DIR_PREFIX}*"):
-        pid = path.name.removeprefix(DIR_PREFIX)
+def remove_stale_dirs(base: Path, prefix: str = DIR_PREFIX) -> None:
+    """Remove the multiprocess directories ``<prefix><pid>`` under ``base`` of groups whose
+    main process is gone (worker groups by default; ``web/group.py`` names its own)."""
+    for path in base.glob(f"{prefix}*"):
+        pid = path.name.removeprefix(prefix)
         if not pid.isdigit():
             continue
         try:
