@@ -18,6 +18,8 @@ their results files, not re-run).
 - ``peers``: bare Dramatiq, Celery and RQ doing one Redis INCR per message (bench/peers.py);
 - ``growth``: list, search, stats and activity latency from 100 to 10,000 tasks per user
   (bench/growth.py);
+- ``pipeline``: worker throughput and MongoDB operations per write with 1,000 and 20,000 tasks
+  stored, and with two worker processes (bench/pipeline.py);
 - ``soak``: memory of every process over a soak under a mixed load (bench/soak.py);
 - ``report``: ``make bench``: runs api, workers, peers, growth and soak and writes
   BENCHMARKS.md with plots in docs/bench/ (bench/report.py).
@@ -39,6 +41,7 @@ BENCHMARKS: dict[str, str] = {
     "fairness": "bench.fairness",
     "peers": "bench.peers",
     "growth": "bench.growth",
+    "pipeline": "bench.pipeline",
     "soak": "bench.soak",
     #: Runs api, workers, peers, growth and soak and writes BENCHMARKS.md (``make bench``).
     "report": "bench.report",

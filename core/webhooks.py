@@ -461,6 +461,10 @@ async def note_outcome(ctx: Context, hook: Doc, attempt: Attempt) -> bool:
     failure paused the webhook (``WEBHOOK_BREAKER_FAILURES`` failed attempts in a row)."""
     hooks = ctx.store["webhooks"]
     if attempt.ok:
+        if not hook.get("consecutive_failures"):
+            # ``hook`` was read just before the attempt: no failure to clear, no write (a
+            # failure counted meanwhile by a concurrent attempt is cleared by the next success).
+            return False
         await hooks.update_one(
             {"_id": hook["_id"], "consecutive_failures": {"$ne": 0}},
             {"$set": {"consecutive_failures": 0}},

@@ -251,19 +251,14 @@ class Relay:
                 {"$or": [{"next_attempt_at": None}, {"next_attempt_at": {"$lte": now}}]},
             ],
         }
-        candidates = (
-            await events.find(free, {"_id": 1}).sort("_id", 1).limit(self.batch_size).to_list()
-        )
+        fields = {"_id": 1, "lease_owner": 1, "attempts": 1}
+        candidates = await events.find(free, fields).sort("_id", 1).limit(self.batch_size).to_list()
         if not candidates:
             return 0
         token = secrets.token_hex(8)
-        await events.update_many(
-            {"_id": {"$in": [c["_id"] for c in candidates]}, **free},
-            {"$set": {"lease_until": now + self.lease, "lease_owner": token}},
-        )
-        claimed = (
-            await events.find({"lease_owner": token, "pending": True}).sort("_id", 1).to_list()
-        )
+        # By _id under compare-and-set on what was read, as the fair rounds claim: a filter
+        # mixing _id with $or makes SecantusDB scan the whole outbox.
+        claimed = await fairness.claim(self.ctx, candidates, now, self.lease, token)
         return await self._send_claimed(token, claimed)
 
     async def _drain_fairly(self) -> int:
