@@ -262,7 +262,7 @@ def document(
         *_failed(res.get("soak", {})),
         *_img(plots, rel, "soak", "RSS over time"),
         *_soak_table(res.get("soak", {})),
-        "## Disaster recovery and fairness",
+        "## Disaster recovery, fairness, the worker pipeline as data grows",
         "",
     ]
     for name, title, command in (
@@ -273,6 +273,11 @@ def document(
             "python -m bench dr --tasks 20000 --out bench/results/dr-rpo-latest.txt",
         ),
         ("fairness", "Fair dispatch", "python -m bench fairness --burst 500"),
+        (
+            "pipeline",
+            "Worker pipeline as the store grows",
+            "python -m bench pipeline --json bench/results/pipeline-latest.json",
+        ),
     ):
         if name in extra:
             text, when = extra[name]
