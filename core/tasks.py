@@ -270,9 +270,12 @@ def list_filter(owner: str, q: TaskFilters, now: datetime) -> Doc:
 def list_query(owner: str, q: TaskFilters, now: datetime) -> tuple[Doc, list[tuple[str, int]], str]:
     """``(filter, sort, index name)`` of a list query.
 
-    The index is named (a hint) because the sort decides it: each sort has its own
-    ``owner``-first index, and the filters (status, tag, ...) are applied while walking it.
-    Without the hint a planner may prefer a collection scan plus an in-memory sort.
+    Each sort has its own ``owner``-first index (the one named), and the filters (status,
+    tag, ...) are applied while walking it. The query does not force it with a hint: the
+    planner finds it from the owner and the sort, and on the SecantusDB test server a hinted
+    index is walked whole, every owner's entries, before the filter applies (the first page
+    of a user took 24 ms with 1,000 tasks stored and 461 ms with 20,000; unhinted 2.4 ms at
+    both). ``tests/core/test_task_indexes.py`` checks the plans chosen without a hint.
     """
     field = SORT_FIELDS[q.sort.lstrip("-")]
     direction = DESCENDING if q.sort.startswith("-") else ASCENDING
@@ -309,10 +312,8 @@ async def warm(ctx: Context, owner: str) -> None:
 
 
 async def _query_page(ctx: Context, owner: str, q: TaskQuery) -> TaskPage:
-    flt, sort, index = list_query(owner, q, utcnow())
-    docs, cursor = await keyset_page(
-        ctx, "tasks", flt, q, scope=f"tasks:{q.sort}", sort=sort, hint=index
-    )
+    flt, sort, _ = list_query(owner, q, utcnow())
+    docs, cursor = await keyset_page(ctx, "tasks", flt, q, scope=f"tasks:{q.sort}", sort=sort)
     return TaskPage(items=[public(d) for d in docs], next_cursor=cursor)
 
 
