@@ -118,18 +118,23 @@ Sort = Sequence[tuple[str, int]]
 NEWEST_FIRST: Sort = (("_id", DESCENDING),)
 
 
-def after(flt: Doc, sort: Sort, position: Sequence[Any]) -> Doc:
-    """``flt`` narrowed to the items strictly after ``position`` in the order of ``sort``."""
+def after(flt: Doc, sort: Sort, position: Sequence[Any]) -> list[Doc]:
+    """``flt`` narrowed to the items strictly after ``position`` in the order of ``sort``, as
+    filters without ``$or`` whose results, concatenated in this order, are those items in
+    order: for a sort ``(k0, k1)``, first ``k0 == p0 and k1 after p1``, then ``k0 after p0``.
+
+    Not one filter with ``$or``: on the SecantusDB test server any ``$or`` scans the whole
+    collection, every owner's documents (page 2 of a list took 21 ms with 1,000 tasks stored
+    and 369 ms with 20,000), while each of these is one index range, as it is on MongoDB."""
     op = "$lt" if sort[0][1] == DESCENDING else "$gt"
     keys = [key for key, _ in sort]
-    if len(keys) == 1 and keys[0] not in flt:
-        return {**flt, keys[0]: {op: position[0]}}
-    branches: list[Doc] = []
-    for i, key in enumerate(keys):
+    out: list[Doc] = []
+    for i in reversed(range(len(keys))):
         branch: Doc = dict(zip(keys[:i], position[:i], strict=True))
-        branch[key] = {op: position[i]}
-        branches.append(branch)
-    return {"$and": [flt, {"$or": branches}]}
+        branch[keys[i]] = {op: position[i]}
+        clash = set(branch) & set(flt)
+        out.append({"$and": [flt, branch]} if clash else {**flt, **branch})
+    return out
 
 
 async def keyset_page(
@@ -140,19 +145,19 @@ async def keyset_page(
     *,
     scope: str,
     sort: Sort = NEWEST_FIRST,
-    hint: str | None = None,
 ) -> tuple[list[Doc], str | None]:
     """One page of ``collection`` under ``flt`` in the order of ``sort``, and the cursor of the
     next page (``None`` on the last one). ``scope`` names the list (and its sort) in cursors."""
     if len({direction for _, direction in sort}) != 1:
         raise ValueError("a keyset sort has one direction")
     codec = CursorCodec.of(ctx.settings)
-    if q.cursor:
-        flt = after(flt, sort, codec.decode(scope, q.cursor, len(sort)))
-    find = ctx.store[collection].find(flt).sort(list(sort))
-    if hint is not None:
-        find = find.hint(hint)
-    docs = await find.limit(q.limit + 1).to_list()
+    parts = after(flt, sort, codec.decode(scope, q.cursor, len(sort))) if q.cursor else [flt]
+    docs: list[Doc] = []
+    for part in parts:
+        find = ctx.store[collection].find(part).sort(list(sort)).limit(q.limit + 1 - len(docs))
+        docs += await find.to_list()
+        if len(docs) > q.limit:
+            break
     if len(docs) <= q.limit:
         return docs, None
     docs = docs[: q.limit]

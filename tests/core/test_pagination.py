@@ -17,6 +17,7 @@ from core.pagination import (
     MAX_CURSOR,
     CursorCodec,
     PageQuery,
+    after,
     keyset_page,
 )
 from tests.conftest import TEST_SECRET
@@ -80,6 +81,42 @@ async def test_pages_cover_a_list_with_ties_once_in_order(ctx: Any, direction: i
         assert await _walk(ctx, {"kind": "a"}, sort, limit) == [d["_id"] for d in everything]
     newest_first = sorted((d["_id"] for d in docs), reverse=True)
     assert await _walk(ctx, {}, [("_id", DESCENDING)], 5) == newest_first
+
+
+def test_the_next_page_is_asked_without_or() -> None:
+    """One plain range per sort key, nearest first (an ``$or`` scans the whole collection on
+    the test server); a sort key the filter already holds is AND-ed, not overwritten."""
+    when, oid = datetime(2030, 1, 1, tzinfo=UTC), ObjectId()
+    sort = [("at", ASCENDING), ("_id", ASCENDING)]
+    assert after({"kind": "a"}, sort, [when, oid]) == [
+        {"kind": "a", "at": when, "_id": {"$gt": oid}},
+        {"kind": "a", "at": {"$gt": when}},
+    ]
+    bounded = {"at": {"$lt": when + timedelta(days=1)}}
+    assert after(bounded, [("at", DESCENDING), ("_id", DESCENDING)], [when, oid]) == [
+        {"$and": [bounded, {"at": when, "_id": {"$lt": oid}}]},
+        {"$and": [bounded, {"at": {"$lt": when}}]},
+    ]
+
+
+@pytest.mark.parametrize("direction", [ASCENDING, DESCENDING])
+async def test_pages_under_a_filter_on_the_sort_key_and_three_keys(
+    ctx: Any, direction: int
+) -> None:
+    start = datetime(2030, 1, 1, tzinfo=UTC)
+    docs = [
+        {"_id": ObjectId(), "rank": i % 2, "at": start + timedelta(hours=i % 3)} for i in range(30)
+    ]
+    await ctx.store["things"].insert_many(docs)
+    flt = {"at": {"$gte": start + timedelta(hours=1)}}
+    for sort in (
+        [("at", direction), ("_id", direction)],
+        [("rank", direction), ("at", direction), ("_id", direction)],
+    ):
+        everything = await ctx.store["things"].find(flt).sort(sort).to_list()
+        assert len(everything) == 20
+        for limit in (1, 3, 7, 19, 20):
+            assert await _walk(ctx, flt, sort, limit) == [d["_id"] for d in everything]
 
 
 async def test_a_page_refuses_a_cursor_of_another_list(ctx: Any) -> None:
