@@ -52,7 +52,7 @@ BATCH = 500
 #: At most this many reminders per run; the rest go out on the next run (every 5 minutes), so a
 #: first run over a large backlog cannot outlast the actor's time limit.
 MAX_PER_RUN = 5_000
-#: The index (declared in core/store.py) the candidate scan walks.
+#: The index (declared in core/store.py) that serves the candidate scan.
 DUE_SOON_INDEX = "due_soon"
 _DUPLICATE_KEY = 11000
 
@@ -312,8 +312,10 @@ def due_soon_message(
 def candidate_cursor(ctx: Context, now: datetime) -> AsyncCursor[Doc]:
     """Open tasks due in ``[now, now + MAX_WINDOW]``, soonest first.
 
-    Sorted on ``due_key`` alone, which the index yields in order (no blocking sort over a
-    week of tasks); the hint because a planner facing a small collection may pick a scan.
+    Sorted on ``due_key`` alone, which the ``due_soon`` index yields in order (no blocking
+    sort over a week of tasks). Not hinted: on the SecantusDB test server a hinted index is
+    walked whole, every task, before the range applies (594 ms against 58 ms unhinted with
+    20,000 tasks stored, the same 884 hits).
     """
     return (
         ctx.store["tasks"]
@@ -322,7 +324,6 @@ def candidate_cursor(ctx: Context, now: datetime) -> AsyncCursor[Doc]:
             {"owner": 1, "title": 1, "due_at": 1},
         )
         .sort("due_key", ASCENDING)
-        .hint(DUE_SOON_INDEX)
         .batch_size(BATCH)
     )
 
