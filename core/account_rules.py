@@ -40,7 +40,6 @@ from pydantic import GetJsonSchemaHandler
 from pydantic.json_schema import JsonSchemaValue
 from pydantic.networks import validate_email
 from pydantic_core import CoreSchema, PydanticCustomError
-from zxcvbn.frequency_lists import FREQUENCY_LISTS
 
 #: Scripts that go with any other.
 _ANY_SCRIPT = frozenset({"COMMON", "INHERITED"})
@@ -167,6 +166,10 @@ def check_name(name: str) -> str:
 
 @cache
 def _common_passwords() -> frozenset[str]:
+    # Imported on first use: zxcvbn's lists take ~12 MB, and only the processes that check
+    # new passwords (web) need them; workers and the scheduler import this module too.
+    from zxcvbn.frequency_lists import FREQUENCY_LISTS
+
     return frozenset(FREQUENCY_LISTS["passwords"])
 
 
