@@ -669,10 +669,17 @@ async def ensure_delivery(ctx: Context, hook: Doc, event: dict[str, Any]) -> tup
         "expires_at": now + DELIVERY_RETENTION,
     }
     coll = ctx.store["webhook_deliveries"]
+    doc: Doc | None = None
     # DuplicateKeyError: a concurrent fan-out of the same event inserted it first.
     with contextlib.suppress(DuplicateKeyError):
-        await coll.update_one({"_id": delivery_id}, {"$setOnInsert": fresh}, upsert=True)
-    doc = await coll.find_one({"_id": delivery_id})
+        doc = await coll.find_one_and_update(
+            {"_id": delivery_id},
+            {"$setOnInsert": fresh},
+            upsert=True,
+            return_document=ReturnDocument.AFTER,
+        )
+    if doc is None:
+        doc = await coll.find_one({"_id": delivery_id})
     if doc is None:  # the webhook was deleted meanwhile
         return fresh, False
     return doc, doc.get("enqueued_at") is None

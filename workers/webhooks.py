@@ -244,22 +244,28 @@ async def fan_out_webhooks(ctx: ActorContext, event: TaskEvent) -> None:
             await webhooks.hold_new(ctx, hook, delivery["_id"])
             log.info("webhook.held", delivery_id=delivery["_id"])
         elif needs_enqueue:
-            await ctx.send(deliver_webhook, delivery["_id"], delivery["generation"])
+            await ctx.send(deliver_webhook, delivery["_id"], delivery["generation"], hook["owner"])
             await webhooks.mark_enqueued(ctx, delivery["_id"])
             log.info("webhook.enqueued", delivery_id=delivery["_id"])
 
 
-async def deliver_webhook(ctx: ActorContext, delivery_id: str, generation: int = 0) -> None:
+async def deliver_webhook(
+    ctx: ActorContext, delivery_id: str, generation: int = 0, owner: str | None = None
+) -> None:
     """POST one delivery; raises :class:`DeliveryFailed` (retried) when it fails, and
     :class:`Deferred` when its owner already has as many deliveries in flight as allowed or
-    another message holds the delivery's live lease."""
+    another message holds the delivery's live lease.
+
+    ``owner`` (the fan-out names it) spares reading the delivery before taking the owner's
+    slot; without it (messages sent by a redelivery or an older release) it is read."""
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(delivery_id=delivery_id, generation=generation)
-    head = await ctx.store["webhook_deliveries"].find_one({"_id": delivery_id}, {"owner": 1})
-    if head is None:
-        log.info("webhook.skipped", reason="gone")
-        return
-    owner = str(head["owner"])
+    if owner is None:
+        head = await ctx.store["webhook_deliveries"].find_one({"_id": delivery_id}, {"owner": 1})
+        if head is None:
+            log.info("webhook.skipped", reason="gone")
+            return
+        owner = str(head["owner"])
     holder = lease_holder(ctx.broker)
     slot = webhooks.slot_token(holder)
     if not await webhooks.take_slot(ctx, owner, slot, _lease(ctx.settings), holder=holder):

@@ -279,7 +279,7 @@ async def test_failing_endpoint_retries_then_dead_letters_then_redelivers(
     assert len({h.headers["X-Webhook-Id"] for h in hits}) == 1
     assert len({h.body for h in hits}) == 1
     message = await wait_dead_lettered(app, dead["_id"])
-    assert message["args"] == [dead["_id"], 0]
+    assert message["args"] == [dead["_id"], 0, dead["owner"]]
 
     resp = await client.get(f"{W}/{hook['id']}/deliveries", headers=auth)
     [logged] = (await resp.json())["items"]
