@@ -297,7 +297,7 @@ def main(argv: list[str]) -> int:
         prog="python -m bench pipeline", description=__doc__.split("\n")[0]
     )
     ap.add_argument("--sizes", default="1000,20000", help="tasks stored at each step")
-    ap.add_argument("--writes", type=int, default=200, help="POST /tasks per step")
+    ap.add_argument("--writes", type=int, default=400, help="POST /tasks per step")
     ap.add_argument("--out", type=Path, default=RESULTS / "pipeline-latest.txt")
     ap.add_argument("--json", type=Path, default=None, help="also write the results as JSON")
     ns = ap.parse_args(argv)

@@ -451,7 +451,7 @@ def _missed(text: str, label: str) -> bool:
 
 
 def why_extra(extra: dict[str, tuple[str, str]]) -> list[str]:
-    """The misses of the dr and fairness reports this document quotes, explained."""
+    """The misses of the dr, fairness and pipeline reports this document quotes, explained."""
     out = []
     dr = extra.get("dr", ("", ""))[0]
     if _missed(dr, "RPO <=") and "ARCHIVE_INTERVAL=60" in dr:
@@ -473,6 +473,33 @@ def why_extra(extra: dict[str, tuple[str, str]]) -> list[str]:
             "these bursts (FIFO 0.74-0.79). "
             "Fairness itself is measured by Jain over the slowdown (burst completion delay "
             "per task), equal for all under processor sharing; see `bench/fairness.py`."
+        )
+    pipe = extra.get("pipeline", ("", ""))[0]
+    if _missed(pipe, "throughput with"):
+        out.append(
+            "- **Worker throughput at 20,000 tasks stored against 1,000**: every step is bound "
+            "by the test server (SecantusDB: a Python process over WiredTiger, the busiest "
+            "process of every step), and its CPU per write grows with the collections "
+            "(index trees, the search entries' multikey terms). The scans that made it "
+            "collapse are gone: "
+            "the cache actor's first page was hinted (a hinted index is walked whole on "
+            "SecantusDB: 24 ms at 1k, 461 ms at 20k) and the search entries' guard used "
+            "`$or` (a scan: 50 ms against 1 ms); before those fixes the 20k step did not "
+            "settle within 60 s (under 13 messages/s). What would close the rest: a real "
+            "MongoDB, whose index seeks stay O(log n) in C++, or fewer operations per write. "
+            "The ratio is noisy: four runs on this machine gave 57-87 %."
+        )
+    if _missed(pipe, "operations per write"):
+        out.append(
+            "- **MongoDB operations per write**: per `task.created` (no webhook): the web's "
+            "transaction 3, the relay's round about 6 (read the new events, read and unmark "
+            "the finished ones, claim and re-read, settle: a round serves a whole batch, so "
+            "bursts pay less), the receipts 1-2, the cache warm-up 0.5-5 (debounced per "
+            "user), the index 2, the fan-out 1, analytics 3 (a transaction with its dedupe "
+            "key). A webhook adds 5 (fan-out: one upsert and the enqueue mark; delivery: "
+            "the claim, the webhook's read, the attempt). What would close it: the relay's "
+            "unmark and settle in one bulk write, the receipts merged per event, the stats in one "
+            "aggregation, the index entry built from the event's snapshot."
         )
     return out
 
@@ -503,11 +530,17 @@ def why(res: dict[str, dict[str, Any]], extra: dict[str, tuple[str, str]] | None
         out.append(
             "- **API req/s below its basis** ("
             + ", ".join(f"{e['label']} {e['ratio']:.0%} of {e['target_basis']}" for e in missed)
-            + "): the ceiling answers a constant with no auth; each product request pays a "
-            "token check and three Redis round trips in one Python process. On a shared, "
-            "overloaded machine the windows of the ceiling, the raw store and the web process "
-            "also got different shares of the CPU (the API report's CPU table shows how much "
-            "*other* work ran in each window)."
+            + "): the ceiling answers a constant with no auth; each product request pays "
+            "the token's signature check, one Redis round trip (revocation, rate limit and, "
+            "for the cached reads, the cache entry in one script: core/gate.py), the access "
+            "log and the metrics, all in one Python process (the profile: `python -m bench "
+            "api --profile stats`: redis-py a quarter of the CPU, asyncio another). What "
+            "would close it: answering cached reads from an in-process cache with "
+            "per-process rate-limit leases (no round trip at all), and one web process per "
+            "core (`taskmanager web --processes N`). When the machine is shared, the "
+            "windows of the ceiling, the raw store and the web process also get different "
+            "shares of the CPU (the API report's CPU table shows how much *other* work ran "
+            "in each window)."
         )
     ev = wk.get("events")
     search_p95, hook_p95 = (ev or {}).get("searchable_ms", {}), (ev or {}).get("webhook_ms", {})
