@@ -40,7 +40,15 @@ from bson import ObjectId
 
 from bench.api import API, PASSWORD, SECRET, task_body
 from bench.growth import documents
-from bench.procs import Child, Services, clean_env, proc_cpu, taskmanager_exe, wait_http
+from bench.procs import (
+    Child,
+    Services,
+    clean_env,
+    event_settled,
+    proc_cpu,
+    taskmanager_exe,
+    wait_http,
+)
 from bench.workers import worker_children
 from cli.embedded import free_port
 from config.connections import Connections
@@ -207,19 +215,12 @@ class PipelineBench:
         while time.monotonic() < deadline:
             mine = {"user_id": owner, "type": "task.created"}
             docs = await events.find(mine, {"pending": 1, "awaiting": 1, "finished": 1}).to_list()
-            if all(_settled(d) for d in docs):
+            if all(event_settled(d) for d in docs):
                 return
             await asyncio.sleep(0.1)
         left = await events.find(mine, {"data": 0}).to_list(3)
         logs = "\n".join(f"--- {k}:\n{p.output()[-1500:]}" for k, p in procs.items())
         raise RuntimeError(f"{owner}'s events not settled in time, e.g. {left}\n{logs}")
-
-
-def _settled(event: dict[str, Any]) -> bool:
-    """Sent, and every awaited actor finished (core/events.py's receipts)."""
-    if event.get("pending") or "awaiting" not in event:
-        return False
-    return set(event["awaiting"]) <= set(event.get("finished", []))
 
 
 def _utc(ts: float) -> Any:

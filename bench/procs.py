@@ -25,6 +25,7 @@ import redis
 
 from cli.embedded import EmbeddedMongo, PrivateRedis, redis_answers
 from config.settings import Settings
+from core.events import unfinished
 
 #: Product settings are stripped from inherited environments so a developer's shell cannot
 #: point a benchmarked process somewhere else.
@@ -250,3 +251,11 @@ def publish(report: str, out: Path | None) -> None:
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(report)
+
+
+def event_settled(event: Mapping[str, Any]) -> bool:
+    """An outbox event sent, and every actor it fed (follow-ups such as webhook deliveries
+    included) finished: its receipts (core/events.py) await nothing more."""
+    if event.get("pending") or "awaiting" not in event:
+        return False
+    return not unfinished(dict(event))

@@ -51,7 +51,7 @@ QUICK: dict[str, list[str]] = {
     ],
     "peers": ["--messages", "100", "--rounds", "1", "--timeout", "30"],
     "growth": ["--sizes", "10,40", "--requests", "3", "--warmup", "1", "--budget", "1"],
-    "soak": ["--rate", "5", "--interval", "1"],
+    "soak": ["--rate", "5", "--interval", "1", "--drain-timeout", "30"],
 }
 TIMEOUTS = {"api": 900, "workers": 1200, "peers": 600, "growth": 1200}
 

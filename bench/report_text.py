@@ -437,12 +437,18 @@ def _soak_table(s: dict[str, Any]) -> list[str]:
             f"{p['peak_mb']:.1f} MB | {p['growth']:+.1%} |"
         )
     answers = ", ".join(f"{k} {v}" for k, v in sorted(s["statuses"].items()))
-    return [
+    out = [
         *lines,
         "",
         f"Answers: {answers}; processes that died: {', '.join(s['dead']) or 'none'}.",
         "",
     ]
+    if s.get("ledger"):
+        from bench.soak import ledger_lines
+
+        out += ["Side effects, checked against MongoDB once the outbox settled:", "", "```"]
+        out += [*ledger_lines(s["ledger"]), "```", ""]
+    return out
 
 
 def _missed(text: str, label: str) -> bool:

@@ -7,7 +7,18 @@ end); TWO ``taskmanager web`` processes, ONE ``taskmanager worker --processes 1 
 and ONE ``taskmanager scheduler``. The load, open loop at ``--rate`` requests/s spread over
 both web processes and several users: create, update and delete tasks, read the list, a
 filtered page, one task, stats, search and activity. Every write causes the real side effects
-(cache refresh, search entry, analytics fold, webhook fan-out) in the worker.
+(cache refresh, search entry, analytics fold, webhook fan-out) in the worker; every user has
+a webhook (all task events) to a receiver in this process, and the welcome emails go to an
+SMTP sink in this process.
+
+The ledger, checked at the end against the system of record once the outbox has settled (every
+event sent, every actor it fed finished; at most ``--drain-timeout`` seconds): each task event
+of the soak's users delivered to its webhook exactly once (by ``X-Webhook-Id``), each user's
+welcome email exactly once, each task's search entry at the task's version (a deleted task's a
+tombstone), and the analytics counters equal to the events they count (created, completed,
+deleted; the guard of each fold exactly once). Due-soon reminders are not in it: they fire
+every 5 minutes for tasks due within each user's window, and core/notifications.py's tests
+account for them.
 
 Reported per process: RSS after the warm-up (the first ``--warmup-share`` of the soak), at the
 end and the peak; growth = end / after-warm-up - 1. Targets: growth <= 10 %, RSS <= 200 MB.
@@ -28,11 +39,24 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from pymongo import AsyncMongoClient
 
 from bench.api import API, PASSWORD, SECRET, WORDS, task_body
 from bench.peers import children_of
-from bench.procs import Child, Services, clean_env, rss_mb, taskmanager_exe, wait_http
+from bench.procs import (
+    Child,
+    Services,
+    clean_env,
+    event_settled,
+    rss_mb,
+    taskmanager_exe,
+    wait_http,
+)
 from cli.embedded import free_port
+from core import search
+from core.events import TASK_EVENT_TYPES
+from tests.conftest import SmtpSink, serving
+from tests.e2e.test_pipeline import Receiver
 
 RESULTS = Path(__file__).resolve().parent / "results"
 GROWTH_TARGET = 0.10
@@ -54,8 +78,20 @@ MIX = (
 class Soak:
     """One soak run."""
 
-    def __init__(self, seconds: float, rate: float, interval: float, warmup_share: float):
+    def __init__(
+        self,
+        seconds: float,
+        rate: float,
+        interval: float,
+        warmup_share: float,
+        drain_timeout: float = 180.0,
+    ):
         self.seconds = seconds
+        self.drain_timeout = drain_timeout
+        self.emails: list[str] = []
+        self.acked_creates = 0
+        self.user_ids: list[str] = []
+        self.ledger: dict[str, Any] = {}
         self.rate = rate
         self.interval = interval
         self.warmup_share = warmup_share
@@ -90,7 +126,15 @@ class Soak:
                 self.samples.setdefault(name, []).append((round(t, 1), mb))
 
     async def run(self) -> dict[str, Any]:
-        """Start everything, soak, sample, stop."""
+        """Start everything, soak, sample, check the ledger, stop."""
+        receiver = await Receiver().start()
+        try:
+            with serving(SmtpSink(free_port())) as smtp:
+                return await self._run(receiver, smtp)
+        finally:
+            await receiver.close()
+
+    async def _run(self, receiver: Receiver, smtp: SmtpSink) -> dict[str, Any]:
         svc = Services.start()
         started = time.monotonic()
         try:
@@ -106,6 +150,8 @@ class Soak:
                 LOG_LEVEL="WARNING",
                 RATE_LIMIT="1000000/minute",
                 WORKER_METRICS_PORT=str(free_port()),  # never another run's port
+                SMTP_URL=smtp.url,
+                WEBHOOK_ALLOW_HOSTS="127.0.0.1",
             )
             ports = [free_port(), free_port()]
             for i, port in enumerate(ports):
@@ -119,7 +165,14 @@ class Soak:
                 await wait_http(self.procs[f"web {i + 1}"], f"http://127.0.0.1:{port}/readyz", 60)
             await asyncio.sleep(2.0)  # the worker and scheduler finish importing
             self.note(f"soaking for {self.seconds:g} s at {self.rate:g} requests/s")
-            await self.load(ports)
+            await self.load(ports, receiver.url("hook"))
+            client: AsyncMongoClient[Any] = AsyncMongoClient(svc.mongo.url, tz_aware=True)
+            try:
+                db = client[svc.db]
+                settled = await self.settle(db)
+                self.ledger = await self.check(db, receiver, smtp, settled)
+            finally:
+                await client.close()
             dead = [name for name, child in self.procs.items() if not child.alive()]
             logs = {
                 name: [ln for ln in child.output().splitlines() if '"level": "error"' in ln][-3:]
@@ -129,7 +182,118 @@ class Soak:
             svc.stop()
         return self.summary(dead, logs, time.monotonic() - started)
 
-    async def load(self, ports: list[int]) -> None:
+    async def settle(self, db: Any) -> float:
+        """Wait until every task event of the soak's users is sent and each actor it fed
+        (webhook deliveries included) has finished; returns the seconds waited (``inf``
+        when the drain timeout ran out first)."""
+        t0 = time.monotonic()
+        # The welcome emails' events too: the ledger counts them.
+        types = [*_TASK_TYPES, "user.registered"]
+        flt = {"user_id": {"$in": self.user_ids}, "type": {"$in": types}}
+        fields = {"pending": 1, "awaiting": 1, "finished": 1}
+        while time.monotonic() - t0 < self.drain_timeout:
+            docs = await db["events"].find(flt, fields).to_list()
+            if all(event_settled(d) for d in docs):
+                return round(time.monotonic() - t0, 1)
+            await asyncio.sleep(0.5)
+        return float("inf")
+
+    async def check(
+        self, db: Any, receiver: Receiver, smtp: SmtpSink, settled: float
+    ) -> dict[str, Any]:
+        """What every acknowledged write caused, against what it should have caused."""
+        users = self.user_ids
+        evs = (
+            await db["events"]
+            .find(
+                {"user_id": {"$in": users}, "type": {"$in": _TASK_TYPES}},
+                {"type": 1, "user_id": 1, "data.task.status": 1},
+            )
+            .to_list()
+        )
+        # Webhooks: each task event exactly once (the hooks were made before the first task).
+        delivered = Counter(r.headers.get("X-Webhook-Id", "") for r in receiver.at("hook"))
+        expected = {str(e["_id"]) for e in evs}
+        hooks = {
+            "expected": len(expected),
+            "missing": len(expected - set(delivered)),
+            "duplicates": sum(n - 1 for k, n in delivered.items() if k in expected and n > 1),
+            "unexpected": sum(n for k, n in delivered.items() if k not in expected),
+        }
+        # Welcome emails: one per user.
+        sent = Counter(str(m["To"]) for m in smtp.messages)
+        mails = {
+            "expected": len(self.emails),
+            "missing": sum(1 for e in self.emails if not sent[e]),
+            "duplicates": sum(sent[e] - 1 for e in self.emails if sent[e] > 1),
+        }
+        # Search entries: each task's at its version; a deleted task's a tombstone.
+        tasks = {
+            t["_id"]: t["version"]
+            async for t in db["tasks"].find({"owner": {"$in": users}}, {"version": 1})
+        }
+        entries = {
+            e["_id"]: e.get("version")
+            async for e in db[search.COLLECTION].find({"owner": {"$in": users}}, {"version": 1})
+        }
+        deleted = {
+            e["data"]["task"]["id"]
+            for e in await db["events"]
+            .find({"user_id": {"$in": users}, "type": "task.deleted"}, {"data.task.id": 1})
+            .to_list()
+        }
+        index = {
+            "tasks": len(tasks),
+            "stale_or_missing": sum(1 for tid, v in tasks.items() if entries.get(tid) != v),
+            "deleted": len(deleted),
+            "deleted_not_tombstoned": sum(
+                1 for tid, v in entries.items() if str(tid) in deleted and v != search.TOMBSTONE
+            ),
+        }
+        # Analytics: the counters equal the events they count, each fold's guard once.
+        want: Counter[str] = Counter()
+        for e in evs:
+            kind = {"task.created": "created", "task.completed": "completed"}.get(e["type"])
+            kind = kind or ("deleted" if e["type"] == "task.deleted" else None)
+            if kind is not None:
+                want[kind] += 1
+            if e["type"] == "task.created" and e.get("data", {}).get("task", {}).get("status") == (
+                "done"
+            ):
+                want["completed"] += 1
+        got: Counter[str] = Counter()
+        async for c in db["analytics_counters"].find({"user_id": {"$in": users}}):
+            for f in ("created", "completed", "deleted"):
+                got[f] += int(c.get(f, 0))
+        counted = {e["_id"] for e in evs if e["type"] in _COUNTED}
+        seen = await db["analytics_seen"].count_documents({"_id": {"$in": list(counted)}})
+        analytics = {
+            "expected": dict(want),
+            "counted": dict(got),
+            "guards": seen,
+            "events_counted": len(counted),
+        }
+        created = sum(1 for e in evs if e["type"] == "task.created")
+        ok = (
+            settled != float("inf")
+            and created == self.acked_creates
+            and hooks["missing"] == hooks["duplicates"] == hooks["unexpected"] == 0
+            and mails["missing"] == mails["duplicates"] == 0
+            and index["stale_or_missing"] == index["deleted_not_tombstoned"] == 0
+            and dict(want) == dict(got)
+            and seen == len(counted)
+        )
+        return {
+            "settled_seconds": settled,
+            "creates": {"acknowledged": self.acked_creates, "events": created},
+            "webhooks": hooks,
+            "emails": mails,
+            "search": index,
+            "analytics": analytics,
+            "pass": ok,
+        }
+
+    async def load(self, ports: list[int], hook_url: str) -> None:
         """Open-loop mixed load for ``seconds``, sampling RSS every ``interval``."""
         rng = random.Random(11)
         kinds = [k for w, k in MIX for _ in range(w)]
@@ -142,7 +306,16 @@ class Soak:
                     data = await resp.json()
                     if resp.status != 201:
                         raise RuntimeError(f"register answered {resp.status}: {data}")
-                users.append({"auth": {"Authorization": f"Bearer {data['access_token']}"}})
+                auth = {"Authorization": f"Bearer {data['access_token']}"}
+                hook = {"url": hook_url, "events": ["*"]}
+                async with http.post(
+                    url.replace("/auth/register", "/webhooks"), json=hook, headers=auth
+                ) as resp:
+                    if resp.status != 201:
+                        raise RuntimeError(f"webhook answered {resp.status}: {await resp.text()}")
+                users.append({"auth": auth})
+                self.emails.append(body["email"])
+                self.user_ids.append(str(data["user"]["id"]))
             ids: list[list[str]] = [[] for _ in users]
             pending: set[asyncio.Task[None]] = set()
             gate = asyncio.Semaphore(64)
@@ -211,6 +384,7 @@ class Soak:
                 status = resp.status
             if kind == "create" and status == 201:
                 ids.append(str(json.loads(data)["id"]))
+                self.acked_creates += 1
         except (aiohttp.ClientError, TimeoutError) as exc:
             self.statuses[f"failed: {type(exc).__name__}"] += 1
             return
@@ -248,7 +422,33 @@ class Soak:
             "dead": dead,
             "log_errors": logs,
             "procs": procs,
+            "ledger": self.ledger,
         }
+
+
+_TASK_TYPES = [str(t) for t in TASK_EVENT_TYPES]
+_COUNTED = ("task.created", "task.completed", "task.deleted")
+
+
+def ledger_lines(led: dict[str, Any]) -> list[str]:
+    """The ledger's part of the report."""
+    if not led:
+        return ["ledger    not checked"]
+    h, m, x, a = led["webhooks"], led["emails"], led["search"], led["analytics"]
+    return [
+        f"ledger    {'PASS' if led['pass'] else 'MISS'} (every side effect exactly once); the "
+        f"outbox settled {led['settled_seconds']} s after the load",
+        f"  writes     {led['creates']['acknowledged']} creates acknowledged, "
+        f"{led['creates']['events']} task.created events recorded",
+        f"  webhooks   {h['expected']} task events: missing {h['missing']}, duplicates "
+        f"{h['duplicates']}, unexpected {h['unexpected']}",
+        f"  emails     {m['expected']} welcome: missing {m['missing']}, duplicates "
+        f"{m['duplicates']}",
+        f"  search     {x['tasks']} tasks: entry stale or missing {x['stale_or_missing']}; "
+        f"{x['deleted']} deleted: not tombstoned {x['deleted_not_tombstoned']}",
+        f"  analytics  counters {a['counted']} for events {a['expected']}; fold guards "
+        f"{a['guards']} of {a['events_counted']}",
+    ]
 
 
 def report(res: dict[str, Any]) -> str:
@@ -262,6 +462,7 @@ def report(res: dict[str, Any]) -> str:
         f"5xx or failed: {res['errors_5xx']}; processes that died: {', '.join(res['dead']) or 0}",
         f"  RSS       sampled every {res['interval']:g} s; growth = end vs after the "
         f"{res['warmup_seconds']:g} s warm-up",
+        *ledger_lines(res.get("ledger") or {}),
         "",
         f"{'process':<22}{'warm MB':>9}{'end MB':>9}{'peak MB':>9}{'growth':>9}  "
         f"{'<= 10 %':<8}{'<= 200 MB':<9}",
@@ -284,12 +485,16 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--rate", type=float, default=10.0, help="requests/s offered, all kinds")
     ap.add_argument("--interval", type=float, default=10.0, help="seconds between RSS samples")
     ap.add_argument("--warmup-share", type=float, default=0.2, help="share of the soak as warm-up")
+    ap.add_argument(
+        "--drain-timeout", type=float, default=180.0, help="seconds the outbox may take to settle"
+    )
     ap.add_argument("--out", type=Path, default=RESULTS / "soak-latest.txt")
     ap.add_argument("--json", type=Path, default=None, help="also write the results as JSON")
     ns = ap.parse_args(argv)
     if ns.seconds <= 0 or ns.rate <= 0 or ns.interval <= 0:
         ap.error("--seconds, --rate and --interval > 0")
-    res = asyncio.run(Soak(ns.seconds, ns.rate, ns.interval, ns.warmup_share).run())
+    soak = Soak(ns.seconds, ns.rate, ns.interval, ns.warmup_share, ns.drain_timeout)
+    res = asyncio.run(soak.run())
     text = report(res)
     sys.stdout.write(text)
     if str(ns.out) != "-":

@@ -70,3 +70,9 @@ def test_report_generator_writes_the_document_and_plots(tmp_path: Path) -> None:
     assert soak["dead"] == []
     assert {"web 1", "web 2", "scheduler", "worker (parent)"} <= set(soak["procs"])
     assert all(p["end_mb"] > 0 for p in soak["procs"].values())
+    # The ledger: every side effect of the soak's writes exactly once.
+    ledger = soak["ledger"]
+    assert ledger["pass"], ledger
+    assert ledger["creates"]["acknowledged"] > 0, ledger
+    assert ledger["webhooks"]["expected"] >= ledger["creates"]["acknowledged"], ledger
+    assert ledger["emails"]["expected"] == 4, ledger
