@@ -214,7 +214,9 @@ class PipelineBench:
         events = ctx.store["events"]
         while time.monotonic() < deadline:
             mine = {"user_id": owner, "type": "task.created"}
-            docs = await events.find(mine, {"pending": 1, "awaiting": 1, "finished": 1}).to_list()
+            docs = await events.find(
+                mine, {"pending": 1, "dispatched_at": 1, "awaiting": 1, "finished": 1}
+            ).to_list()
             if all(event_settled(d) for d in docs):
                 return
             await asyncio.sleep(0.1)

@@ -255,7 +255,9 @@ def publish(report: str, out: Path | None) -> None:
 
 def event_settled(event: Mapping[str, Any]) -> bool:
     """An outbox event sent, and every actor it fed (follow-ups such as webhook deliveries
-    included) finished: its receipts (core/events.py) await nothing more."""
-    if event.get("pending") or "awaiting" not in event:
+    included) finished: its receipts (core/events.py) await nothing more. (Once all finished,
+    the relay's sweep removes ``awaiting``: a sent event without it is settled.) Read with
+    ``pending``, ``dispatched_at``, ``awaiting`` and ``finished``."""
+    if event.get("pending") or "dispatched_at" not in event:
         return False
     return not unfinished(dict(event))

@@ -154,6 +154,31 @@ def targets(res: dict[str, dict[str, Any]]) -> list[tuple[str, str, str, str]]:
                 verdict(soak["errors_5xx"] == 0),
             )
         )
+    ledger = soak.get("ledger") or {}
+    if ledger:
+        wrong = (
+            ledger["webhooks"]["missing"]
+            + ledger["webhooks"]["duplicates"]
+            + ledger["webhooks"]["unexpected"]
+            + ledger["emails"]["missing"]
+            + ledger["emails"]["duplicates"]
+            + ledger["search"]["stale_or_missing"]
+            + ledger["search"]["deleted_not_tombstoned"]
+        )
+        a = ledger["analytics"]
+        equal = a["guards"] == a["events_counted"] and all(
+            a["expected"].get(f, 0) == a["counted"].get(f, 0)
+            for f in ("created", "completed", "deleted")
+        )
+        rows.append(
+            (
+                "soak: side effects missing, doubled or stale (webhooks, emails, search; "
+                "analytics counters against their events)",
+                f"{wrong}; analytics {'equal' if equal else 'NOT equal'}",
+                "0; equal",
+                verdict(bool(ledger["pass"])),
+            )
+        )
     return rows
 
 
@@ -348,7 +373,9 @@ def _method_rows(res: dict[str, dict[str, Any]]) -> list[str]:
             f"| soak | 2 web, 1 worker, 1 scheduler; a mixed load of every task endpoint at "
             f"{soak['rate']:g} requests/s open loop for {soak['seconds']:g} s; RSS sampled "
             f"every {soak['interval']:g} s, growth measured from the end of a "
-            f"{soak['warmup_seconds']:g} s warm-up |"
+            f"{soak['warmup_seconds']:g} s warm-up; every user has a webhook to a receiver "
+            "and the welcome emails go to an SMTP sink, both in the benchmark process; once "
+            "the outbox settles, a ledger checks every side effect against MongoDB |"
         )
     return rows
 

@@ -190,7 +190,7 @@ class Soak:
         # The welcome emails' events too: the ledger counts them.
         types = [*_TASK_TYPES, "user.registered"]
         flt = {"user_id": {"$in": self.user_ids}, "type": {"$in": types}}
-        fields = {"pending": 1, "awaiting": 1, "finished": 1}
+        fields = {"pending": 1, "dispatched_at": 1, "awaiting": 1, "finished": 1}
         while time.monotonic() - t0 < self.drain_timeout:
             docs = await db["events"].find(flt, fields).to_list()
             if all(event_settled(d) for d in docs):
