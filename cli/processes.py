@@ -225,7 +225,17 @@ def run(port: int | None, memory: bool, data_dir: str, worker_threads: int) -> N
             embedded = EmbeddedMongo(
                 storage, log_path=None if memory else str(Path(data_dir, "mongo.log"))
             )
-            embedded.start()
+            # A TERM while the server is being spawned is held until it has started: raised
+            # inside subprocess.Popen (after the fork, before Popen returns), it would leave a
+            # server that `embedded.stop()` does not know of.
+            held: list[int] = []
+            signal.signal(signal.SIGTERM, lambda signum, frame: held.append(signum))
+            try:
+                embedded.start()
+            finally:
+                signal.signal(signal.SIGTERM, _exit_on_signal)
+            if held:
+                raise SystemExit(128 + held[0])
             settings = settings.model_copy(update={"mongodb_url": embedded.url})
         connections = Connections(settings)
         platform = build_broker(connections)
