@@ -75,6 +75,9 @@ async def test_a_failing_batch_stops_the_restore_with_its_error(
 
     assert failed.value.details["writeErrors"][0]["code"] == 11000
     # Had the other batches gone on, every task but the 8 refused ones would be there (292):
-    # the batches in flight finish, the rest are never sent.
+    # the rest are never sent. The batches in flight when the failure came are cancelled on
+    # our side, and whether the server had applied them is a race (a CI run saw 92 inserted,
+    # others 100+), so below the bound only the failing batch's own valid tasks are certain:
+    # an unordered insert applies them before it reports the duplicates.
     inserted = await ctx.store.client[other]["tasks"].count_documents({})
-    assert 100 <= inserted < 292
+    assert 2 <= inserted < 292
