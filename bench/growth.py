@@ -36,10 +36,16 @@ import aiohttp
 from bson import ObjectId
 
 from bench.api import API, PASSWORD, SECRET, WORDS, task_body
-from bench.procs import Services, clean_env, rss_mb, taskmanager_exe, wait_http
+from bench.procs import (
+    Services,
+    product_env,
+    product_settings,
+    rss_mb,
+    taskmanager_exe,
+    wait_http,
+)
 from cli.embedded import free_port
 from config.connections import Connections
-from config.settings import Settings
 from core import search
 from core.context import open_context
 from core.task_models import TaskCreate
@@ -120,27 +126,8 @@ class GrowthBench:
         started = time.monotonic()
         svc = Services.start()
         try:
-            settings = Settings(
-                app_env="production",
-                mongodb_url=svc.mongo.url,
-                mongodb_db=svc.db,
-                redis_url=svc.redis_url,
-                redis_prefix=svc.prefix,
-                jwt_secret=SECRET,
-                rate_limit="1000000/minute",
-            )
-            env = clean_env(
-                APP_ENV="production",
-                HOST="127.0.0.1",
-                MONGODB_URL=svc.mongo.url,
-                MONGODB_DB=svc.db,
-                REDIS_URL=svc.redis_url,
-                REDIS_PREFIX=svc.prefix,
-                JWT_SECRET=SECRET,
-                ACCESS_TOKEN_TTL="3600",
-                LOG_LEVEL="WARNING",
-                RATE_LIMIT="1000000/minute",
-            )
+            settings = product_settings(svc, SECRET)
+            env = product_env(svc, SECRET)
             web = svc.spawn("web", [taskmanager_exe(), "web", "--port", str(self.port)], env)
             await wait_http(web, f"http://127.0.0.1:{self.port}/readyz", timeout=60)
             self.results["services"] = (

@@ -43,16 +43,17 @@ from bench.growth import documents
 from bench.procs import (
     Child,
     Services,
-    clean_env,
     event_settled,
     proc_cpu,
+    product_env,
+    product_settings,
+    publish,
     taskmanager_exe,
     wait_http,
 )
 from bench.workers import worker_children
 from cli.embedded import free_port
 from config.connections import Connections
-from config.settings import Settings
 from core import search
 from core.context import open_context
 
@@ -81,26 +82,8 @@ class PipelineBench:
         started = time.monotonic()
         svc = Services.start()
         try:
-            settings = Settings(
-                app_env="production",
-                mongodb_url=svc.mongo.url,
-                mongodb_db=svc.db,
-                redis_url=svc.redis_url,
-                redis_prefix=svc.prefix,
-                jwt_secret=SECRET,
-            )
-            env = clean_env(
-                APP_ENV="production",
-                HOST="127.0.0.1",
-                MONGODB_URL=svc.mongo.url,
-                MONGODB_DB=svc.db,
-                REDIS_URL=svc.redis_url,
-                REDIS_PREFIX=svc.prefix,
-                JWT_SECRET=SECRET,
-                ACCESS_TOKEN_TTL="3600",
-                LOG_LEVEL="WARNING",
-                RATE_LIMIT="1000000/minute",
-            )
+            settings = product_settings(svc, SECRET)
+            env = product_env(svc, SECRET)
             web = svc.spawn("web", [taskmanager_exe(), "web", "--port", str(self.port)], env)
             await wait_http(web, f"http://127.0.0.1:{self.port}/readyz", timeout=60)
             worker_args = [taskmanager_exe(), "worker", "--processes", "1", "--threads", "8"]
@@ -308,11 +291,7 @@ def main(argv: list[str]) -> int:
     if not sizes or sorted(sizes) != list(sizes) or min(sizes) < 1 or ns.writes < 1:
         ap.error("--sizes: rising positive integers; --writes >= 1")
     res = asyncio.run(PipelineBench(sizes, ns.writes).run())
-    text = report(res)
-    sys.stdout.write(text)
-    if str(ns.out) != "-":
-        ns.out.parent.mkdir(parents=True, exist_ok=True)
-        ns.out.write_text(text)
+    publish(report(res), None if str(ns.out) == "-" else ns.out)
     if ns.json is not None:
         ns.json.write_text(json.dumps(res, indent=2))
     return 0

@@ -261,3 +261,34 @@ def event_settled(event: Mapping[str, Any]) -> bool:
     if event.get("pending") or "dispatched_at" not in event:
         return False
     return not unfinished(dict(event))
+
+
+def product_env(svc: Services, secret: str, **extra: str) -> dict[str, str]:
+    """The environment of a product process (production settings, loopback, no rate limit to
+    speak of) on ``svc``'s store and Redis prefix; ``extra`` adds or overrides variables."""
+    return clean_env(
+        APP_ENV="production",
+        HOST="127.0.0.1",
+        MONGODB_URL=svc.mongo.url,
+        MONGODB_DB=svc.db,
+        REDIS_URL=svc.redis_url,
+        REDIS_PREFIX=svc.prefix,
+        JWT_SECRET=secret,
+        ACCESS_TOKEN_TTL="3600",
+        LOG_LEVEL="WARNING",
+        RATE_LIMIT="1000000/minute",
+        **extra,
+    )
+
+
+def product_settings(svc: Services, secret: str) -> Settings:
+    """The settings a benchmark's own context uses beside :func:`product_env`'s processes."""
+    return Settings(
+        app_env="production",
+        mongodb_url=svc.mongo.url,
+        mongodb_db=svc.db,
+        redis_url=svc.redis_url,
+        redis_prefix=svc.prefix,
+        jwt_secret=secret,
+        rate_limit="1000000/minute",
+    )
