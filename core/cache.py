@@ -15,6 +15,7 @@ import math
 import time
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
+from typing import Any
 
 from prometheus_client import Counter
 from pydantic import BaseModel
@@ -41,12 +42,18 @@ def _keys(ctx: Context, name: str, user_id: str) -> tuple[str, str]:
 
 
 async def bump(ctx: Context, user_id: str) -> None:
-    """Invalidate every cached value of ``user_id`` (call after each acknowledged write)."""
+    """Invalidate every cached value of ``user_id`` (call after each acknowledged write):
+    in Redis, whose push tells the other web processes (core/local_cache.py), and in this
+    process's own cache at once."""
+    key = ctx.key("gen", user_id)
     try:
-        await ctx.redis.incr(ctx.key("gen", user_id))
+        await ctx.redis.incr(key)
     except RedisError:
         CACHE_ERRORS.labels("bump").inc()
         log.warning("cache.bump_failed", user_id=user_id)
+    finally:
+        if ctx.local is not None:
+            ctx.local.invalidate([key])
 
 
 async def cached_json(
@@ -79,7 +86,7 @@ async def cached_json(
         raw = blob if isinstance(blob, bytes) else blob.encode()
         header, _, body = raw.partition(b"\n")
         if _current(header, gen):
-            CACHE_REQUESTS.labels(name, "hit").inc()
+            _hits(name).inc()
             return body, True
     CACHE_REQUESTS.labels(name, "miss").inc()
     value, until = await compute()
@@ -90,6 +97,18 @@ async def cached_json(
     except RedisError:
         CACHE_ERRORS.labels("set").inc()
     return body, False
+
+
+def _hits(name: str) -> Any:
+    """The hit counter of cache ``name`` (memoised: ``labels()`` costs more than ``inc()``
+    on the hottest path of the API)."""
+    child = _HIT_COUNTERS.get(name)
+    if child is None:
+        child = _HIT_COUNTERS[name] = CACHE_REQUESTS.labels(name, "hit")
+    return child
+
+
+_HIT_COUNTERS: dict[str, Any] = {}
 
 
 def _current(header: bytes, gen: int) -> bool:

@@ -15,6 +15,7 @@ import redis.asyncio as aioredis
 
 from config.connections import CLOSE_TIMEOUT, Connections
 from config.settings import Settings
+from core.local_cache import LocalCache
 from core.security import Tokens
 from core.store import Store
 
@@ -27,6 +28,8 @@ class Context:
     store: Store
     redis: aioredis.Redis
     tokens: Tokens = field(init=False)
+    #: The web process's in-process cache (core/local_cache.py); None elsewhere.
+    local: LocalCache | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         self.tokens = Tokens(self.settings)

@@ -17,6 +17,10 @@ rules as the separate steps:
    generation and entry are read and handed to :func:`core.cache.cached_json` through
    :data:`core.cache.PREFETCHED`, which then needs no round trip of its own on a hit.
 
+With an armed in-process cache (``core/local_cache.py``, the web's default on a real Redis)
+the process answers all three itself when it holds them, and the round trip takes a *lease*
+of several requests of the caller's budget instead of one.
+
 Failures keep each step's own rule: Redis unreachable → the revocation is checked in MongoDB
 (the store holds the truth), the rate limit fails open (``degraded``) and the cache computes.
 
@@ -40,9 +44,9 @@ from core.security import TokenClaims
 log = get_logger(__name__)
 
 #: KEYS: deny jti, deny login, the caller's bucket, then (optionally) the user's cache
-#: generation and the cached entry. ARGV: limit, window (as ``core/ratelimit.py``).
-#: Returns {1} when revoked, else {0, allowed, remaining, ms until the quota grows,
-#: generation or false, entry or false}.
+#: generation and the cached entry. ARGV: limit, window, requests to take, requests to give
+#: back (as ``core/ratelimit.py``). Returns {1} when revoked, else {0, allowed, remaining, ms
+#: until the quota grows, requests taken, generation or false, entry or false}.
 _SCRIPT = (
     """
 if redis.call('EXISTS', KEYS[1], KEYS[2]) > 0 then
@@ -55,11 +59,11 @@ local function spend()
 end
 local decision = spend()
 if decision[1] == 0 or #KEYS < 5 then
-  return {0, decision[1], decision[2], decision[3]}
+  return {0, decision[1], decision[2], decision[3], decision[4]}
 end
 local gen = redis.call('GET', KEYS[4])
 local entry = redis.call('GET', KEYS[5])
-return {0, decision[1], decision[2], decision[3], gen, entry}
+return {0, decision[1], decision[2], decision[3], decision[4], gen, entry}
 """
 )
 _SHA = hashlib.sha1(_SCRIPT.encode(), usedforsecurity=False).hexdigest()
@@ -82,6 +86,15 @@ async def admit(
     """Check ``claims``' revocation, spend one request of ``caller``'s budget under
     ``RATE_LIMIT`` and read the ``cache_name`` entry of the user, in one round trip."""
     policy = ratelimit.Policy.from_settings(ctx.settings)
+    local = ctx.local
+    ask, give_back = 1, 0
+    if local is not None:
+        quick = local.quick(claims.jti, claims.login_id, claims.subject, caller, cache_name)
+        if quick is not None:
+            decision = ratelimit.Decision(True, policy, quick.remaining, quick.reset)
+            return Admission(revoked=False, decision=decision, cached=quick.cached)
+        snap = local.snapshot()
+        ask, give_back = local.lease_request(caller, policy.limit)
     keys: list[str] = [
         ctx.key("deny", "jti", claims.jti),
         ctx.key("deny", "login", claims.login_id),
@@ -89,7 +102,7 @@ async def admit(
     ]
     if cache_name is not None:
         keys += [ctx.key("gen", claims.subject), ctx.key("cache", cache_name, claims.subject)]
-    args: list[str | int] = [*keys, policy.limit, policy.window]
+    args: list[str | int] = [*keys, policy.limit, policy.window, ask, give_back]
     try:
         try:
             raw = await ctx.redis.evalsha(_SHA, len(keys), *args)
@@ -100,13 +113,28 @@ async def admit(
     ratelimit.outage.succeeded()
     if int(raw[0]):
         return Admission(revoked=True)
-    allowed, remaining, reset_ms = (int(v) for v in raw[1:4])
-    decision = ratelimit.Decision(
-        bool(allowed), policy, remaining=remaining, reset=-(-reset_ms // 1000)
-    )
+    allowed, remaining, reset_ms, granted = (int(v) for v in raw[1:5])
+    reset = -(-reset_ms // 1000)
     cached = None
-    if len(raw) > 4:
-        cached = (raw[4] or None, raw[5] or None)
+    if len(raw) > 5:
+        cached = (raw[5] or None, raw[6] or None)
+    if local is not None:
+        local.learn(
+            snap,
+            jti=claims.jti,
+            login=claims.login_id,
+            user=claims.subject,
+            caller=caller,
+            granted=granted,
+            asked=ask,
+            remaining=remaining,
+            reset=reset,
+            cached=None if cached is None or cache_name is None else (cache_name, *cached),
+        )
+    # The requests this process now holds for the caller are theirs to spend too.
+    decision = ratelimit.Decision(
+        bool(allowed), policy, remaining=remaining + max(0, granted - 1), reset=reset
+    )
     return Admission(revoked=False, decision=decision, cached=cached)
 
 

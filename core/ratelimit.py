@@ -32,28 +32,38 @@ from core.context import Context
 
 log = get_logger(__name__)
 
-#: KEYS[1]: the caller's bucket. ARGV[1]: limit (requests), ARGV[2]: window (seconds).
-#: Returns {allowed (0|1), remaining, ms until the available quota next grows}.
+#: KEYS[1]: the caller's bucket. ARGV[1]: limit (requests), ARGV[2]: window (seconds);
+#: optional ARGV[3]: how many requests to take at once (default 1) and ARGV[4]: how many taken
+#: earlier to give back first (default 0), both for the web's leases (core/local_cache.py).
+#: Returns {allowed (0|1), remaining, ms until the available quota next grows, how many were
+#: taken (1 up to ARGV[3], as many as the bucket holds; 0 when refused)}.
 #: Times are integer microseconds, exact in Lua's doubles (now is ~2^51). ``core/gate.py``
 #: runs the same body inside its one-round-trip script.
 GCRA_BODY = """
 local limit = tonumber(ARGV[1])
 local window = tonumber(ARGV[2]) * 1000000
+local ask = tonumber(ARGV[3] or '1')
+local refund = tonumber(ARGV[4] or '0')
 local interval = math.floor(window / limit)
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
-local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+local tat = tonumber(redis.call('GET', KEYS[1]) or '0') - refund * interval
 if tat < now then tat = now end
-local new_tat = tat + interval
-local allow_at = new_tat - window
-if allow_at > now then
-  return {0, 0, math.ceil((allow_at - now) / 1000)}
+local available = math.floor((now + window - tat) / interval)
+if available < 1 then
+  if refund > 0 then
+    redis.call('SET', KEYS[1], string.format('%.0f', tat), 'PX',
+      math.max(1, math.ceil((tat - now) / 1000)))
+  end
+  return {0, 0, math.ceil((tat + interval - window - now) / 1000), 0}
 end
+local granted = math.min(ask, available)
+local new_tat = tat + granted * interval
 redis.call('SET', KEYS[1], string.format('%.0f', new_tat), 'PX',
   math.max(1, math.ceil((new_tat - now) / 1000)))
 local remaining = math.floor((now + window - new_tat) / interval)
 local grows_at = new_tat - window + (remaining + 1) * interval
-return {1, remaining, math.ceil((grows_at - now) / 1000)}
+return {1, remaining, math.ceil((grows_at - now) / 1000), granted}
 """
 _SCRIPT = GCRA_BODY
 _SHA = hashlib.sha1(_SCRIPT.encode(), usedforsecurity=False).hexdigest()
@@ -165,7 +175,7 @@ async def hit(redis: aioredis.Redis, key: str, policy: Policy) -> Decision:
     except (RedisError, OSError, TimeoutError) as exc:
         return fail_open(policy, exc)
     outage.succeeded()
-    allowed, remaining, reset_ms = (int(v) for v in raw)
+    allowed, remaining, reset_ms = (int(v) for v in raw[:3])
     return Decision(bool(allowed), policy, remaining=remaining, reset=-(-reset_ms // 1000))
 
 

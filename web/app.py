@@ -21,6 +21,8 @@ from config.settings import Settings
 from core import accounts
 from core.context import Context, open_context
 from core.errors import Invalid
+from core.local_cache import LocalCache
+from core.tracking import Tracker
 from web.handlers import dashboard
 from web.handlers.probes import READINESS, Readiness
 from web.keys import CONNECTIONS, CONTEXT, OPENAPI, PLATFORM, RELAY, RELAY_WAKE, SETTINGS
@@ -102,7 +104,23 @@ async def _context(app: web.Application) -> AsyncIterator[None]:
         if settings.admin_email and settings.admin_password:
             await _bootstrap_admin(ctx, settings.admin_email, settings.admin_password)
         app[CONTEXT] = ctx
-        yield
+        tracker = _tracker(ctx)
+        try:
+            yield
+        finally:
+            if tracker is not None:
+                await tracker.stop()
+
+
+def _tracker(ctx: Context) -> Tracker | None:
+    """Start the in-process cache and its Redis tracker (``LOCAL_CACHE``, real Redis only)."""
+    settings = ctx.settings
+    if not settings.local_cache or settings.redis_url is None:
+        return None
+    ctx.local = LocalCache(settings.redis_prefix)
+    tracker = Tracker(settings.redis_url, [ctx.key("gen", ""), ctx.key("deny", "")], ctx.local)
+    tracker.start()
+    return tracker
 
 
 async def _bootstrap_admin(ctx: Context, email: str, password: SecretStr) -> None:
