@@ -20,6 +20,8 @@ their results files, not re-run).
   (bench/growth.py);
 - ``pipeline``: worker throughput and MongoDB operations per write with 1,000 and 20,000 tasks
   stored, and with two worker processes (bench/pipeline.py);
+- ``coherence``: 100 users on a 90/10 read/write mix with writes to one web process and reads
+  to another: stale reads, cache hit rate, reads answered in process (bench/coherence.py);
 - ``soak``: memory of every process over a soak under a mixed load (bench/soak.py);
 - ``report``: ``make bench``: runs api, workers, peers, growth and soak and writes
   BENCHMARKS.md with plots in docs/bench/ (bench/report.py).
@@ -42,6 +44,7 @@ BENCHMARKS: dict[str, str] = {
     "peers": "bench.peers",
     "growth": "bench.growth",
     "pipeline": "bench.pipeline",
+    "coherence": "bench.coherence",
     "soak": "bench.soak",
     #: Runs api, workers, peers, growth and soak and writes BENCHMARKS.md (``make bench``).
     "report": "bench.report",

@@ -7,9 +7,10 @@ beside the bare-aiohttp ceiling and the raw store), ``workers`` (no-op throughpu
 Dramatiq; write→effect latency at a rate ladder), ``peers`` (Dramatiq, Celery and RQ doing one
 Redis INCR per message), ``growth`` (latency from 100 to 10,000 tasks per user) and ``soak``
 (memory of every process, ``--soak-seconds``, 600 by default). The disaster-recovery,
-fairness and pipeline figures are read from ``bench/results/dr-latest.txt``,
-``fairness-latest.txt`` and ``pipeline-latest.txt`` when present (``python -m bench dr`` /
-``fairness`` / ``pipeline`` write them), never re-run here.
+fairness, pipeline and coherence figures are read from ``bench/results/dr-latest.txt``,
+``fairness-latest.txt``, ``pipeline-latest.txt`` and ``coherence-latest.txt`` when present
+(``python -m bench dr`` / ``fairness`` / ``pipeline`` / ``coherence`` write them), never re-run
+here.
 
 ``--quick`` runs everything on tiny settings (the smoke test, tests/bench/test_report_smoke.py).
 """
@@ -113,7 +114,7 @@ def extra_results(results_dir: Path) -> dict[str, tuple[str, str]]:
     """The dr (100k tasks; RPO at the default interval), fairness and pipeline reports (text,
     date written) when present; never re-run here."""
     out = {}
-    for name in ("dr", "dr-rpo", "fairness", "pipeline"):
+    for name in ("dr", "dr-rpo", "fairness", "pipeline", "coherence"):
         path = results_dir / f"{name}-latest.txt"
         if path.exists():
             when = datetime.fromtimestamp(path.stat().st_mtime, UTC).strftime("%Y-%m-%d %H:%M UTC")

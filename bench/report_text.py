@@ -287,7 +287,7 @@ def document(
         *_failed(res.get("soak", {})),
         *_img(plots, rel, "soak", "RSS over time"),
         *_soak_table(res.get("soak", {})),
-        "## Disaster recovery, fairness, the worker pipeline as data grows",
+        "## Disaster recovery, fairness, the worker pipeline, cache coherence",
         "",
     ]
     for name, title, command in (
@@ -302,6 +302,11 @@ def document(
             "pipeline",
             "Worker pipeline as the store grows",
             "python -m bench pipeline --json bench/results/pipeline-latest.json",
+        ),
+        (
+            "coherence",
+            "Cache coherence across two web processes",
+            "python -m bench coherence",
         ),
     ):
         if name in extra:

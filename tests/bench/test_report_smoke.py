@@ -40,7 +40,7 @@ def test_report_generator_writes_the_document_and_plots(tmp_path: Path) -> None:
         "## Worker throughput: Dramatiq, Celery and RQ",
         "## Growth: 100 to 10,000 tasks per user",
         "## Memory over the soak",
-        "## Disaster recovery, fairness, the worker pipeline as data grows",
+        "## Disaster recovery, fairness, the worker pipeline, cache coherence",
         "## Why the misses",
     ):
         assert f"\n{heading}" in doc, heading
