@@ -177,6 +177,7 @@ class CoherenceBench:
         return {
             "users": self.users,
             "seconds": round(elapsed, 1),
+            "asked_seconds": self.seconds,
             "rate_per_user": self.rate,
             "write_share": self.write_share,
             "writes": len(self.latencies["write"]),
@@ -213,14 +214,15 @@ def report(res: dict[str, Any]) -> str:
     lines = [
         "Cache coherence benchmark: two web processes, writes to A, reads from B, one run",
         f"  command   python -m bench coherence --users {res['users']} --seconds "
-        f"{res['seconds']:.0f} --rate {res['rate_per_user']}",
+        f"{res['asked_seconds']:g} --rate {res['rate_per_user']:g} --writes {res['write_share']:g}",
         f"  when      {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
         f"{res['total_seconds']:.0f} s in all",
         f"  store     {res['services']}",
         f"  load      {res['users']} users, each ~{res['rate_per_user']} requests/s (exponential "
         f"think time), {res['write_share']:.0%} writes; reads alternate stats / first page",
         "",
-        f"requests: {res['writes']:,} writes to A, {res['reads']:,} reads from B, "
+        f"requests over {res['seconds']:.0f} s: {res['writes']:,} writes to A, "
+        f"{res['reads']:,} reads from B, "
         f"{res['errors']} errors {res['error_samples'] or ''}",
         f"latency p50 / p95: writes {res['p50_ms']['write']} / {res['p95_ms']['write']} ms, "
         f"reads {res['p50_ms']['read']} / {res['p95_ms']['read']} ms",
