@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import ctypes.util
+import gc
 import os
 import signal
 from collections.abc import AsyncIterator
@@ -233,7 +236,25 @@ def serve(app: web.Application, *, host: str, port: int, reuse_port: bool = Fals
     ``taskmanager web --processes N`` listen on the same port (the kernel spreads new
     connections over them); each drains on its own as above.
     """
+    _return_large_buffers()
     asyncio.run(_serve(app, host, port, reuse_port=reuse_port))
+
+
+def _return_large_buffers() -> None:
+    """Serve every allocation of 1 MiB or more from its own mapping, returned to the OS when
+    freed (glibc's ``M_MMAP_THRESHOLD``, as ``MALLOC_MMAP_THRESHOLD_=1048576`` in the Docker
+    image, which this overrides). Without it glibc raises the threshold after the first
+    sign-in and argon2id's 19 MiB buffers stay in the heap: measured here, a web process after
+    six sign-ups held 130 MB instead of 111. A no-op off glibc."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(M_MMAP_THRESHOLD, 1 << 20)
+    except (OSError, AttributeError):
+        pass
+
+
+#: glibc's mallopt parameter number of the mmap threshold.
+M_MMAP_THRESHOLD = -3
 
 
 async def _serve(app: web.Application, host: str, port: int, *, reuse_port: bool = False) -> None:
@@ -249,6 +270,9 @@ async def _serve(app: web.Application, host: str, port: int, *, reuse_port: bool
         await runner.setup()
         site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None)
         await site.start()
+        # What start-up allocated (modules, the app, the clients) lives as long as the process:
+        # out of the cyclic collector's sight, its full collections stop walking it.
+        gc.freeze()
         await stop.wait()
         app[DRAINING].active = True
         await site.stop()
