@@ -6,19 +6,24 @@ Redis (the machine's under a unique key prefix, else a private one; every key de
 end); TWO ``taskmanager web`` processes, ONE ``taskmanager worker --processes 1 --threads 8``
 and ONE ``taskmanager scheduler``. The load, open loop at ``--rate`` requests/s spread over
 both web processes and several users: create, update and delete tasks, read the list, a
-filtered page, one task, stats, search and activity. Every write causes the real side effects
-(cache refresh, search entry, analytics fold, webhook fan-out) in the worker; every user has
-a webhook (all task events) to a receiver in this process, and the welcome emails go to an
-SMTP sink in this process.
+filtered page, one task, stats, search and activity, and the other endpoints a user calls:
+notifications, profile, analytics, webhooks and their deliveries, sign-in. Every write causes
+the real side effects (cache refresh, search entry, analytics fold, webhook fan-out) in the
+worker; every user has a webhook (all task events) to a receiver in this process, and the
+emails (welcome, due soon) go to an SMTP sink in this process.
 
 The ledger, checked at the end against the system of record once the outbox has settled (every
 event sent, every actor it fed finished; at most ``--drain-timeout`` seconds): each task event
 of the soak's users delivered to its webhook exactly once (by ``X-Webhook-Id``), each user's
 welcome email exactly once, each task's search entry at the task's version (a deleted task's a
 tombstone), and the analytics counters equal to the events they count (created, completed,
-deleted; the guard of each fold exactly once). Due-soon reminders are not in it: they fire
-every 5 minutes for tasks due within each user's window, and core/notifications.py's tests
-account for them.
+deleted; the guard of each fold exactly once). Then it fires the two scheduled jobs whose
+effects it can account for (``taskmanager run-job``; the scheduler fired them on their own
+schedule during the soak too) and checks them: the ``analytics-rollup``'s per-day figures equal
+the counters; and ``due-soon-reminders``: a quarter of the tasks are created due within the
+next 1-20 hours, every open one due in the default 24 h window has its reminder recorded, each
+recorded reminder is in exactly one email to its owner and one in-app notification, and no
+email reminds of anything unrecorded.
 
 Reported per process: RSS after the warm-up (the first ``--warmup-share`` of the soak), at the
 end and the peak; growth = end / after-warm-up - 1. Targets: growth <= 10 %, RSS <= 200 MB.
@@ -34,7 +39,7 @@ import random
 import sys
 import time
 from collections import Counter
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +60,7 @@ from bench.procs import (
 from cli.embedded import free_port
 from core import search
 from core.events import TASK_EVENT_TYPES
+from core.notifications import due_key
 from tests.conftest import SmtpSink, serving
 from tests.e2e.test_pipeline import Receiver
 
@@ -72,6 +78,12 @@ MIX = (
     (15, "stats"),
     (10, "search"),
     (10, "activity"),
+    (3, "notifications"),
+    (2, "me"),
+    (2, "analytics"),
+    (2, "webhooks"),
+    (2, "deliveries"),
+    (1, "login"),
 )
 
 
@@ -171,6 +183,10 @@ class Soak:
                 db = client[svc.db]
                 settled = await self.settle(db)
                 self.ledger = await self.check(db, receiver, smtp, settled)
+                fired_at = datetime.now(UTC)
+                jobs = {job: await self.fire(env, db, job) for job in SCHEDULED}
+                self.ledger["scheduled"] = await self.check_scheduled(db, smtp, fired_at, jobs)
+                self.ledger["pass"] = self.ledger["pass"] and self.ledger["scheduled"]["pass"]
             finally:
                 await client.close()
             dead = [name for name, child in self.procs.items() if not child.alive()]
@@ -221,7 +237,7 @@ class Soak:
             "unexpected": sum(n for k, n in delivered.items() if k not in expected),
         }
         # Welcome emails: one per user.
-        sent = Counter(str(m["To"]) for m in smtp.messages)
+        sent = Counter(str(m["To"]) for m in smtp.messages if not _is_reminder(m))
         mails = {
             "expected": len(self.emails),
             "missing": sum(1 for e in self.emails if not sent[e]),
@@ -294,6 +310,98 @@ class Soak:
             "pass": ok,
         }
 
+    async def fire(self, env: dict[str, str], db: Any, job: str) -> str:
+        """Fire ``job`` now (``taskmanager run-job``) and wait for its run to end; returns its
+        status (``succeeded``, ``failed``, or ``timeout`` after 120 s)."""
+        proc = await asyncio.create_subprocess_exec(
+            taskmanager_exe(),
+            "run-job",
+            job,
+            env=env,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        out, _ = await proc.communicate()
+        if proc.returncode != 0:
+            return f"run-job failed: {out.decode()[-300:]}"
+        key = out.decode().strip().rsplit(" as ", 1)[-1]
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 120:
+            run = await db["job_runs"].find_one({"_id": key}, {"status": 1})
+            if run is not None and run["status"] in ("succeeded", "failed"):
+                return str(run["status"])
+            await asyncio.sleep(0.5)
+        return "timeout"
+
+    async def check_scheduled(
+        self, db: Any, smtp: SmtpSink, fired_at: datetime, jobs: dict[str, str]
+    ) -> dict[str, Any]:
+        """The rollups and the reminders, once both jobs ran after the load (see the module
+        docstring)."""
+        users = self.user_ids
+        # Rollups: the per-day figures equal the counters they roll up.
+        counters: Counter[str] = Counter()
+        async for c in db["analytics_counters"].find({"user_id": {"$in": users}}):
+            for f in ("created", "completed", "deleted"):
+                counters[f] += int(c.get(f, 0))
+        rolled: Counter[str] = Counter()
+        days = 0
+        async for d in db["analytics_daily"].find({"user_id": {"$in": users}}):
+            days += 1
+            for f in ("created", "completed", "deleted"):
+                rolled[f] += int(d.get(f, 0))
+        rollups = {"user_days": days, "figures": dict(rolled), "counters": dict(counters)}
+        # Reminders: every open task due in the window at the forced run is recorded...
+        logged = {
+            d["_id"]: d
+            async for d in db["email_log"].find({"user_id": {"$in": users}, "kind": "due_soon"})
+        }
+        window = {"$gt": fired_at + timedelta(minutes=1), "$lt": fired_at + timedelta(hours=23)}
+        due = (
+            await db["tasks"]
+            .find(
+                {"owner": {"$in": users}, "status": {"$ne": "done"}, "due_at": window},
+                {"due_at": 1},
+            )
+            .to_list()
+        )
+        unrecorded = [t for t in due if due_key(str(t["_id"]), t["due_at"]) not in logged]
+        # ... each recorded one is in exactly one email to its owner and one notification ...
+        bodies: dict[str, list[str]] = {}
+        for m in smtp.messages:
+            payload = m.get_payload(decode=True)
+            if isinstance(payload, bytes) and _is_reminder(m):
+                bodies.setdefault(str(m["To"]), []).append(payload.decode())
+        address = dict(zip(users, self.emails, strict=True))
+        emailed: Counter[int] = Counter()
+        for key, log in logged.items():
+            line = f"(due {key.split(':', 2)[2]})"  # due:<task id>:<due time>
+            emailed[sum(b.count(line) for b in bodies.get(address[log["user_id"]], []))] += 1
+        in_app = await db["notifications"].count_documents(
+            {"user_id": {"$in": users}, "key": {"$in": list(logged)}}
+        )
+        # ... and no email reminds of anything unrecorded.
+        lines = sum(b.count("(due ") for bs in bodies.values() for b in bs)
+        reminders = {
+            "due_in_window": len(due),
+            "recorded": len(logged),
+            "unrecorded": len(unrecorded),
+            "emailed_once": emailed[1],
+            "emailed_not_once": sum(n for times, n in emailed.items() if times != 1),
+            "emails": sum(len(bs) for bs in bodies.values()),
+            "unexpected_lines": lines - sum(times * n for times, n in emailed.items()),
+            "in_app": in_app,
+        }
+        ok = (
+            all(status == "succeeded" for status in jobs.values())
+            and rolled == counters
+            and days > 0
+            and reminders["unrecorded"] == reminders["emailed_not_once"] == 0
+            and reminders["unexpected_lines"] == 0
+            and in_app == len(logged)
+        )
+        return {"jobs": jobs, "rollups": rollups, "reminders": reminders, "pass": ok}
+
     async def load(self, ports: list[int], hook_url: str) -> None:
         """Open-loop mixed load for ``seconds``, sampling RSS every ``interval``."""
         rng = random.Random(11)
@@ -314,7 +422,8 @@ class Soak:
                 ) as resp:
                     if resp.status != 201:
                         raise RuntimeError(f"webhook answered {resp.status}: {await resp.text()}")
-                users.append({"auth": auth})
+                    hook_id = str((await resp.json())["id"])
+                users.append({"auth": auth, "hook": hook_id, "email": body["email"]})
                 self.emails.append(body["email"])
                 self.user_ids.append(str(data["user"]["id"]))
             ids: list[list[str]] = [[] for _ in users]
@@ -334,7 +443,7 @@ class Soak:
                 base = f"http://127.0.0.1:{ports[i % 2]}{API}"
                 kind = rng.choice(kinds) if ids[u] else "create"
                 task = asyncio.create_task(
-                    self.one(http, gate, base, users[u]["auth"], kind, ids[u], rng, now, i)
+                    self.one(http, gate, base, users[u], kind, ids[u], rng, now, i)
                 )
                 pending.add(task)
                 task.add_done_callback(pending.discard)
@@ -348,7 +457,7 @@ class Soak:
         http: aiohttp.ClientSession,
         gate: asyncio.Semaphore,
         base: str,
-        auth: dict[str, str],
+        user: dict[str, Any],
         kind: str,
         ids: list[str],
         rng: random.Random,
@@ -360,6 +469,8 @@ class Soak:
         target = rng.choice(ids) if ids else ""
         if kind == "create":
             method, body = "POST", task_body(rng, now, i)
+            if rng.random() < 0.25:  # due soon: the reminders job has something to do
+                body["due_at"] = (now + timedelta(hours=rng.uniform(1, 20))).isoformat()
         elif kind == "update":
             method, path, body = (
                 "PATCH",
@@ -379,6 +490,17 @@ class Soak:
             path = f"/search?q={rng.choice(WORDS)}"
         elif kind == "activity":
             path = f"/tasks/{target}/activity"
+        elif kind in ("notifications", "me", "webhooks"):
+            path = f"/{kind}"
+        elif kind == "analytics":
+            today = now.date().isoformat()
+            path = f"/analytics/summary?from={today}&to={today}"
+        elif kind == "deliveries":
+            path = f"/webhooks/{user['hook']}/deliveries"
+        elif kind == "login":
+            method, path = "POST", "/auth/login"
+            body = {"email": user["email"], "password": PASSWORD}
+        auth = user["auth"]
         try:
             async with gate, http.request(method, base + path, json=body, headers=auth) as resp:
                 data = await resp.read()
@@ -428,6 +550,8 @@ class Soak:
 
 
 _TASK_TYPES = [str(t) for t in TASK_EVENT_TYPES]
+#: The scheduled jobs fired after the load, whose effects the ledger accounts for.
+SCHEDULED = ("analytics-rollup", "due-soon-reminders")
 _COUNTED = ("task.created", "task.completed", "task.deleted")
 
 
@@ -449,6 +573,28 @@ def ledger_lines(led: dict[str, Any]) -> list[str]:
         f"{x['deleted']} deleted: not tombstoned {x['deleted_not_tombstoned']}",
         f"  analytics  counters {a['counted']} for events {a['expected']}; fold guards "
         f"{a['guards']} of {a['events_counted']}",
+        *_scheduled_lines(led.get("scheduled")),
+    ]
+
+
+def _is_reminder(message: Any) -> bool:
+    """A due-soon email ("Due soon: <title>" or "<n> tasks due soon"), not a welcome."""
+    return "due soon" in str(message["Subject"]).lower()
+
+
+def _scheduled_lines(sch: dict[str, Any] | None) -> list[str]:
+    if not sch:
+        return ["  scheduled  not checked"]
+    r, m = sch["rollups"], sch["reminders"]
+    jobs = ", ".join(f"{job} {status}" for job, status in sch["jobs"].items())
+    return [
+        f"  scheduled  fired after the load: {jobs}",
+        f"  rollups    {r['user_days']} user-days, figures {r['figures']} for counters "
+        f"{r['counters']}",
+        f"  reminders  {m['recorded']} recorded ({m['due_in_window']} open tasks due in the "
+        f"window, unrecorded {m['unrecorded']}); in {m['emails']} emails: exactly once "
+        f"{m['emailed_once']}, not once {m['emailed_not_once']}, unexpected "
+        f"{m['unexpected_lines']}; in-app {m['in_app']}",
     ]
 
 

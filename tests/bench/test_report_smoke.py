@@ -76,3 +76,11 @@ def test_report_generator_writes_the_document_and_plots(tmp_path: Path) -> None:
     assert ledger["creates"]["acknowledged"] > 0, ledger
     assert ledger["webhooks"]["expected"] >= ledger["creates"]["acknowledged"], ledger
     assert ledger["emails"]["expected"] == 4, ledger
+    # The scheduled jobs fired after the load, and what they did accounted for.
+    scheduled = ledger["scheduled"]
+    assert scheduled["jobs"] == {
+        "analytics-rollup": "succeeded",
+        "due-soon-reminders": "succeeded",
+    }, scheduled
+    assert scheduled["rollups"]["figures"] == scheduled["rollups"]["counters"], scheduled
+    assert scheduled["reminders"]["unrecorded"] == 0, scheduled
