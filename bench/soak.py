@@ -7,7 +7,12 @@ end); TWO ``taskmanager web`` processes, ONE ``taskmanager worker --processes 1 
 and ONE ``taskmanager scheduler``. The load, open loop at ``--rate`` requests/s spread over
 both web processes and several users: create, update and delete tasks, read the list, a
 filtered page, one task, stats, search and activity, and the other endpoints a user calls:
-notifications, profile, analytics, webhooks and their deliveries, sign-in. Every write causes
+notifications (listed and read), profile (read and changed), analytics, webhooks (listed, a
+spare one created, its deliveries read, deleted), deliveries, bulk changes, sign-in with
+refresh and sign-out on a login of its own, and an admin's reads (queues, dead letters,
+workers, health, schedules, overview, history, backups). Left out on purpose: redelivering a
+webhook (a second delivery by design, which the exactly-once ledger would count) and the
+operators' writes (pausing queues, purging dead letters: chaos/ covers them). Every write causes
 the real side effects (cache refresh, search entry, analytics fold, webhook fan-out) in the
 worker; every user has a webhook (all task events) to a receiver in this process, and the
 emails (welcome, due soon) go to an SMTP sink in this process.
@@ -65,6 +70,7 @@ from tests.conftest import SmtpSink, serving
 from tests.e2e.test_pipeline import Receiver
 
 RESULTS = Path(__file__).resolve().parent / "results"
+ADMIN_EMAIL = "soak-admin@example.com"
 GROWTH_TARGET = 0.10
 RSS_TARGET_MB = 200.0
 #: (weight, kind) of the mixed load.
@@ -83,7 +89,24 @@ MIX = (
     (2, "analytics"),
     (2, "webhooks"),
     (2, "deliveries"),
-    (1, "login"),
+    (2, "bulk"),
+    (1, "patch_me"),
+    (1, "read_notification"),
+    (1, "session"),
+    (1, "webhook_cycle"),
+    (3, "admin"),
+)
+#: The operator reads of the ``admin`` kind, in turn (the operator's writes, such as pausing a
+#: queue or purging dead letters, would change what the ledger expects: chaos/ covers them).
+ADMIN_READS = (
+    "/admin/queues",
+    "/admin/workers",
+    "/admin/health",
+    "/admin/schedules",
+    "/admin/overview",
+    "/admin/history",
+    "/admin/backups",
+    "/admin/queues/webhooks/dead",
 )
 
 
@@ -111,6 +134,8 @@ class Soak:
         self.samples: dict[str, list[tuple[float, float]]] = {}
         self.statuses: Counter[str] = Counter()
         self.by_kind: Counter[str] = Counter()
+        self.admin_auth: dict[str, str] = {}
+        self.spare_hook_url = ""
 
     def note(self, text: str) -> None:
         """Progress on stderr."""
@@ -164,6 +189,8 @@ class Soak:
                 WORKER_METRICS_PORT=str(free_port()),  # never another run's port
                 SMTP_URL=smtp.url,
                 WEBHOOK_ALLOW_HOSTS="127.0.0.1",
+                ADMIN_EMAIL=ADMIN_EMAIL,
+                ADMIN_PASSWORD=PASSWORD,
             )
             ports = [free_port(), free_port()]
             for i, port in enumerate(ports):
@@ -426,6 +453,12 @@ class Soak:
                 users.append({"auth": auth, "hook": hook_id, "email": body["email"]})
                 self.emails.append(body["email"])
                 self.user_ids.append(str(data["user"]["id"]))
+            url = f"http://127.0.0.1:{ports[0]}{API}/auth/login"
+            async with http.post(url, json={"email": ADMIN_EMAIL, "password": PASSWORD}) as resp:
+                if resp.status != 200:
+                    raise RuntimeError(f"admin login answered {resp.status}: {await resp.text()}")
+                self.admin_auth = {"Authorization": f"Bearer {(await resp.json())['access_token']}"}
+            self.spare_hook_url = hook_url.replace("/hook", "/spare")
             ids: list[list[str]] = [[] for _ in users]
             pending: set[asyncio.Task[None]] = set()
             gate = asyncio.Semaphore(64)
@@ -500,7 +533,17 @@ class Soak:
         elif kind == "login":
             method, path = "POST", "/auth/login"
             body = {"email": user["email"], "password": PASSWORD}
-        auth = user["auth"]
+        elif kind == "bulk" and len(ids) >= 2:
+            method, path = "POST", "/tasks/bulk"
+            body = {"ids": rng.sample(ids, 2), "set": {"priority": rng.choice(["low", "high"])}}
+        elif kind == "patch_me":
+            method, path, body = "PATCH", "/me", {"name": f"soak {i}"}
+        elif kind == "admin":
+            path = ADMIN_READS[i % len(ADMIN_READS)]
+        elif kind in ("read_notification", "session", "webhook_cycle"):
+            await self.sequence(http, gate, base, user, kind)
+            return
+        auth = self.admin_auth if kind == "admin" else user["auth"]
         try:
             async with gate, http.request(method, base + path, json=body, headers=auth) as resp:
                 data = await resp.read()
@@ -512,6 +555,61 @@ class Soak:
             self.statuses[f"failed: {type(exc).__name__}"] += 1
             return
         self.statuses[f"{status // 100}xx"] += 1
+        self.by_kind[kind] += 1
+
+    async def sequence(
+        self,
+        http: aiohttp.ClientSession,
+        gate: asyncio.Semaphore,
+        base: str,
+        user: dict[str, Any],
+        kind: str,
+    ) -> None:
+        """A kind made of dependent requests: read the newest notification; sign in, refresh and
+        sign out (a login of its own: the user's main token is untouched); create a spare
+        webhook (to another receiver path: the ledger's hook is untouched), read its
+        deliveries and delete it."""
+        auth = user["auth"]
+        steps: list[tuple[str, str, Any]] = []
+        try:
+            async with gate:
+                if kind == "read_notification":
+                    status, data = await _call(http, "GET", base + "/notifications?limit=1", auth)
+                    steps.append(("GET", "/notifications", status))
+                    items = (data or {}).get("items") or []
+                    if items:
+                        path = f"/notifications/{items[0]['id']}/read"
+                        status, _ = await _call(http, "POST", base + path, auth)
+                        steps.append(("POST", path, status))
+                elif kind == "session":
+                    creds = {"email": user["email"], "password": PASSWORD}
+                    status, pair = await _call(http, "POST", base + "/auth/login", None, creds)
+                    steps.append(("POST", "/auth/login", status))
+                    if status == 200:
+                        refresh = {"refresh_token": pair["refresh_token"]}
+                        status, pair = await _call(
+                            http, "POST", base + "/auth/refresh", None, refresh
+                        )
+                        steps.append(("POST", "/auth/refresh", status))
+                        if status == 200:
+                            mine = {"Authorization": f"Bearer {pair['access_token']}"}
+                            status, _ = await _call(http, "POST", base + "/auth/logout", mine)
+                            steps.append(("POST", "/auth/logout", status))
+                else:
+                    hook = {"url": self.spare_hook_url, "events": ["task.created"]}
+                    status, made = await _call(http, "POST", base + "/webhooks", auth, hook)
+                    steps.append(("POST", "/webhooks", status))
+                    if status == 201:
+                        path = f"/webhooks/{made['id']}"
+                        status, _ = await _call(http, "GET", base + path + "/deliveries", auth)
+                        steps.append(("GET", path + "/deliveries", status))
+                        status, _ = await _call(http, "DELETE", base + path, auth)
+                        steps.append(("DELETE", path, status))
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            self.statuses[f"failed: {type(exc).__name__}"] += 1
+            return
+        for _, _, status in steps:
+            self.statuses[f"{status // 100}xx"] += 1
         self.by_kind[kind] += 1
 
     def summary(self, dead: list[str], logs: dict[str, list[str]], took: float) -> dict[str, Any]:
@@ -575,6 +673,19 @@ def ledger_lines(led: dict[str, Any]) -> list[str]:
         f"{a['guards']} of {a['events_counted']}",
         *_scheduled_lines(led.get("scheduled")),
     ]
+
+
+async def _call(
+    http: aiohttp.ClientSession,
+    method: str,
+    url: str,
+    auth: dict[str, str] | None,
+    body: Any = None,
+) -> tuple[int, Any]:
+    """One request; its status and JSON body (``None`` when it has none)."""
+    async with http.request(method, url, json=body, headers=auth or {}) as resp:
+        raw = await resp.read()
+        return resp.status, json.loads(raw) if raw and resp.content_type.endswith("json") else None
 
 
 def _is_reminder(message: Any) -> bool:
