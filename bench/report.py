@@ -143,12 +143,15 @@ def main(argv: list[str]) -> int:
     info = machine()
     ns.results.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict[str, Any]] = {}
+    reused: dict[str, str] = {}
     for name in only:
         args = list((QUICK if ns.quick else FULL)[name])
         if name == "soak":
             args += ["--seconds", f"{ns.soak_seconds:g}"]
         timeout = TIMEOUTS.get(name, ns.soak_seconds + 300)
         if ns.reuse and (ns.results / f"{name}-latest.json").exists():
+            written = (ns.results / f"{name}-latest.json").stat().st_mtime
+            reused[name] = datetime.fromtimestamp(written, UTC).strftime("%H:%M UTC")
             data = json.loads((ns.results / f"{name}-latest.json").read_text())
             txt = ns.results / f"{name}-latest.txt"
             data["_text"] = txt.read_text() if txt.exists() else ""
@@ -161,7 +164,11 @@ def main(argv: list[str]) -> int:
     info["started"] = started.strftime("%Y-%m-%d %H:%M UTC")
     saved = ns.results / "report-info.json"
     if ns.reuse and saved.exists():
-        info = {**json.loads(saved.read_text()), "rewritten": info["started"]}
+        when = ", ".join(f"{name} {at}" for name, at in reused.items())
+        info = {
+            **json.loads(saved.read_text()),
+            "rewritten": f"{info['started']}; each section's results as last written: {when}",
+        }
     elif not ns.reuse:
         saved.write_text(json.dumps(info, indent=2))
     plots = draw_all(results, ns.plots)

@@ -165,6 +165,12 @@ def targets(res: dict[str, dict[str, Any]]) -> list[tuple[str, str, str, str]]:
             + ledger["search"]["stale_or_missing"]
             + ledger["search"]["deleted_not_tombstoned"]
         )
+        sch = ledger.get("scheduled") or {}
+        if sch:
+            r = sch["reminders"]
+            wrong += r["unrecorded"] + r["emailed_not_once"] + r["unexpected_lines"]
+            wrong += abs(r["recorded"] - r["in_app"])
+        rolled_equal = bool(sch) and sch["rollups"]["figures"] == sch["rollups"]["counters"]
         a = ledger["analytics"]
         equal = a["guards"] == a["events_counted"] and all(
             a["expected"].get(f, 0) == a["counted"].get(f, 0)
@@ -172,9 +178,15 @@ def targets(res: dict[str, dict[str, Any]]) -> list[tuple[str, str, str, str]]:
         )
         rows.append(
             (
-                "soak: side effects missing, doubled or stale (webhooks, emails, search; "
-                "analytics counters against their events)",
-                f"{wrong}; analytics {'equal' if equal else 'NOT equal'}",
+                "soak: side effects missing, doubled or stale (webhooks, emails, search, "
+                "due-soon reminders; analytics counters against their events, rollups "
+                "against the counters)",
+                f"{wrong}; analytics {'equal' if equal else 'NOT equal'}"
+                + (
+                    f", rollups {'equal' if rolled_equal else 'NOT equal'}"
+                    if sch
+                    else ", rollups not checked"
+                ),
                 "0; equal",
                 verdict(bool(ledger["pass"])),
             )
@@ -209,14 +221,16 @@ def document(
         "",
         f"Written by `make bench` (`python -m bench report`) on {info['started']}, "
         f"{info['took']} in all"
+        + (f" (text rewritten on {info['rewritten']})" if "rewritten" in info else "")
         + (
-            f" (text rewritten on {info['rewritten']} from that run's results)"
+            ". Every figure below was measured on the machine described, each section's in "
+            "one run of its benchmark (when: above); ratios were measured side by side in "
+            "the same run. "
             if "rewritten" in info
-            else ""
+            else ". Every figure below was measured in that one run on the "
+            "machine described; ratios were measured side by side in the same run. "
         )
-        + ". Every figure below was measured in that one run on the "
-        "machine described; ratios were measured side by side in the same run. "
-        "Do not edit by hand: run `make bench` again.",
+        + "Do not edit by hand: run `make bench` again.",
         "",
     ]
     if quick:
@@ -228,10 +242,10 @@ def document(
         "| --- | --- |",
         f"| machine | {info['cpu']}; {info['memory']}; {info['os']} |",
         f"| software | Python {info['python']}; {info['versions']} |",
-        f"| load on the machine | {info['load']}. **Shared machine**: other work (other "
-        "developers' test runs) competed for the same cores during this run, so absolute "
-        "figures are lower and noisier than on a quiet machine; the ratios were measured "
-        "side by side and interleaved, which keeps them meaningful. |",
+        f"| load on the machine | {info['load']}. The machine may be shared: other work "
+        "competes for the same cores (the API report's CPU table shows it per window) and "
+        "makes absolute figures lower and noisier than on a quiet machine; the ratios were "
+        "measured side by side and interleaved, which keeps them meaningful. |",
         "| stores | SecantusDB (the embedded MongoDB-compatible test server) in memory, and "
         "Redis 7 (the machine's under a unique key prefix, deleted at the end; the peers "
         "comparison uses a private `redis-server`). No real MongoDB: see *What a real "
@@ -375,12 +389,14 @@ def _method_rows(res: dict[str, dict[str, Any]]) -> list[str]:
         )
     if soak.get("procs"):
         rows.append(
-            f"| soak | 2 web, 1 worker, 1 scheduler; a mixed load of every task endpoint at "
-            f"{soak['rate']:g} requests/s open loop for {soak['seconds']:g} s; RSS sampled "
-            f"every {soak['interval']:g} s, growth measured from the end of a "
+            f"| soak | 2 web, 1 worker, 1 scheduler; a mixed load of every user endpoint and "
+            f"an admin's reads at {soak['rate']:g} requests/s open loop for "
+            f"{soak['seconds']:g} s (bench/soak.py lists what is left out and why); RSS "
+            f"sampled every {soak['interval']:g} s, growth measured from the end of a "
             f"{soak['warmup_seconds']:g} s warm-up; every user has a webhook to a receiver "
-            "and the welcome emails go to an SMTP sink, both in the benchmark process; once "
-            "the outbox settles, a ledger checks every side effect against MongoDB |"
+            "and the emails go to an SMTP sink, both in the benchmark process; once the "
+            "outbox settles, a ledger checks every side effect against MongoDB, then fires "
+            "the rollup and reminder jobs and checks theirs |"
         )
     return rows
 
