@@ -185,6 +185,8 @@ class Tracker:
         self._task: asyncio.Task[None] | None = None
         self._warned = False
         self._stopping = False
+        #: The last session armed the cache: the next failure retries from the shortest wait.
+        self._was_armed = False
 
     def start(self) -> None:
         """Run in the background until :meth:`stop`."""
@@ -207,6 +209,8 @@ class Tracker:
                 backoff = 0.1
             except Exception as exc:  # any failure: disarmed, logged once, retried
                 self.cache.disarm()
+                if self._was_armed:
+                    backoff, self._was_armed = 0.1, False
                 if not self._warned:
                     log.warning("local_cache.tracker_down", error=repr(exc))
                     self._warned = True
@@ -230,6 +234,7 @@ class Tracker:
                 tracking += ["PREFIX", prefix]
             await self._expect(proto, tracking, "OK")
             self.cache.arm(HEARTBEAT + HEARTBEAT_TIMEOUT)
+            self._was_armed = True
             if self._warned:
                 log.info("local_cache.tracker_up")
                 self._warned = False
