@@ -45,7 +45,7 @@ def test_report_generator_writes_the_document_and_plots(tmp_path: Path) -> None:
     ):
         assert f"\n{heading}" in doc, heading
     assert "failed in this run" not in doc
-    assert "| machine | " in doc and "Shared machine" in doc
+    assert "| machine | " in doc and "| load on the machine | " in doc
     for fw in ("dramatiq", "celery", "rq"):
         assert f"| {fw} " in doc, fw
     assert "What a real MongoDB changes" in doc
