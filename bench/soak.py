@@ -56,8 +56,8 @@ from bench.peers import children_of
 from bench.procs import (
     Child,
     Services,
-    clean_env,
     event_settled,
+    product_env,
     rss_mb,
     taskmanager_exe,
     wait_http,
@@ -175,17 +175,9 @@ class Soak:
         svc = Services.start()
         started = time.monotonic()
         try:
-            env = clean_env(
-                APP_ENV="production",
-                HOST="127.0.0.1",
-                MONGODB_URL=svc.mongo.url,
-                MONGODB_DB=svc.db,
-                REDIS_URL=svc.redis_url,
-                REDIS_PREFIX=svc.prefix,
-                JWT_SECRET=SECRET,
-                ACCESS_TOKEN_TTL="3600",
-                LOG_LEVEL="WARNING",
-                RATE_LIMIT="1000000/minute",
+            env = product_env(
+                svc,
+                SECRET,
                 WORKER_METRICS_PORT=str(free_port()),  # never another run's port
                 SMTP_URL=smtp.url,
                 WEBHOOK_ALLOW_HOSTS="127.0.0.1",
