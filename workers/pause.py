@@ -98,19 +98,34 @@ class PausedQueues:
         self._read_at = float("-inf")
 
     def names(self) -> frozenset[str]:
-        """The paused queues, at most :data:`REFRESH_SECONDS` old."""
-        if time.monotonic() - self._read_at >= self._refresh and self._lock.acquire(blocking=False):
+        """The paused queues, at most :data:`REFRESH_SECONDS` old. Until the first reading is
+        done every thread waits for it: a worker that starts just after a pause never takes a
+        paused queue's message because its first look found nothing read yet."""
+        if not self._stale():
+            return self._names
+        first = self._read_at == float("-inf")
+        if self._lock.acquire(blocking=first):
             try:
-                if self._store is None:
-                    self._store = self._factory()
-                assert self._store is not None
-                self._names = frozenset(self._store.paused())
-            except redis.RedisError as exc:
-                log.warning("queue.pause_state_unreadable", error=type(exc).__name__)
+                if self._stale():  # another thread may have read it while this one waited
+                    self._read()
             finally:
-                self._read_at = time.monotonic()
                 self._lock.release()
         return self._names
+
+    def _stale(self) -> bool:
+        return time.monotonic() - self._read_at >= self._refresh
+
+    def _read(self) -> None:
+        """One reading of the paused set (the lock held); a Redis error keeps the last one."""
+        try:
+            if self._store is None:
+                self._store = self._factory()
+            assert self._store is not None
+            self._names = frozenset(self._store.paused())
+        except redis.RedisError as exc:
+            log.warning("queue.pause_state_unreadable", error=type(exc).__name__)
+        finally:
+            self._read_at = time.monotonic()
 
     def __contains__(self, queue: object) -> bool:
         return queue in self.names()

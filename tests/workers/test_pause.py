@@ -17,7 +17,7 @@ from config.settings import Settings
 from core.errors import NotFound
 from tests.workers.test_queue_admin import wait_for
 from workers.broker import Platform, build_broker
-from workers.pause import REFRESH_SECONDS
+from workers.pause import REFRESH_SECONDS, PausedQueues
 from workers.pools import WorkerPools
 
 FIRST = "pause_a"
@@ -130,3 +130,27 @@ def test_pausing_an_unknown_queue_is_refused(setup: Any) -> None:
     with pytest.raises(NotFound):
         platform.inspector.set_paused("nope", True)
     assert platform.inspector.paused() == set()
+
+
+def test_threads_asking_during_the_first_reading_wait_for_it() -> None:
+    """A slow first reading (Redis busy): the threads that ask meanwhile get its answer, not
+    the empty set a worker starts with (which let a just-started worker run paused messages)."""
+    reading = threading.Event()
+
+    class SlowStore:
+        def paused(self) -> set[str]:
+            reading.set()
+            time.sleep(0.3)
+            return {FIRST}
+
+    paused = PausedQueues(SlowStore)
+    seen: list[frozenset[str]] = []
+    first = threading.Thread(target=lambda: seen.append(paused.names()))
+    first.start()
+    assert reading.wait(5)
+    others = [threading.Thread(target=lambda: seen.append(paused.names())) for _ in range(3)]
+    for t in others:
+        t.start()
+    for t in [first, *others]:
+        t.join(5)
+    assert seen == [frozenset({FIRST})] * 4
