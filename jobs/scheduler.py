@@ -229,7 +229,8 @@ class Scheduler:
             while not self._stopping.is_set():
                 wait = await self._pass()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), wait)
+                    async with asyncio.timeout(wait):  # not wait_for: see workers/relay.py
+                        await self._wake.wait()
                 self._wake.clear()
         finally:
             holder.cancel()

@@ -84,7 +84,10 @@ class Dependency:
 
     async def _answers(self) -> bool:
         try:
-            await asyncio.wait_for(self.probe(), PROBE_TIMEOUT)
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow the cancellation
+            # close() sends as a ping completes, and this loop would never end while down.
+            async with asyncio.timeout(PROBE_TIMEOUT):
+                await self.probe()
         except Exception:  # still unreachable, whatever the client raises
             return False
         return True

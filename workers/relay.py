@@ -208,8 +208,11 @@ class Relay:
             took = time.monotonic() - began
             idle = max(self.fair_poll, took) if self.held_back else self.poll_interval
             delay = backoff if failures else idle
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
+            # arrives as the wake is set, and this loop would outlive its application.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wake.wait(), delay)
+                async with asyncio.timeout(delay):
+                    await self.wake.wait()
 
     async def refresh_lag(self, *, force: bool = False) -> None:
         """Update the outbox gauges (at most every ``lag_interval`` seconds unless ``force``)."""

@@ -48,13 +48,6 @@ def private_redis() -> Iterator[Restartable]:
     redis.stop()
 
 
-# Known and not yet diagnosed: in two full CI runs after the web's in-process cache landed,
-# a socket was garbage-collected unclosed while the relay's outage traceback was rendered
-# (its traceback context is redis-py's sync connect, refused during the outage); the test
-# passes alone. Only that warning is ignored here: every assertion below still holds.
-@pytest.mark.filterwarnings(
-    "ignore:Exception ignored in. <socket.socket:pytest.PytestUnraisableExceptionWarning"
-)
 async def test_writes_during_redis_outage_keep_their_side_effects(
     private_redis: Restartable,
     make_settings: Any,
