@@ -51,6 +51,7 @@ import random
 import string
 import sys
 import time
+import traceback
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -98,6 +99,8 @@ class Options:
     users: int = 100
     max_burst: int = 25
     window: int = 16
+    #: FAIR_SHARE_BUDGET of the "on" mode (0: none, the product's default).
+    budget: int = 0
     timeout: float = 1200.0
     seed: int = 13
     out: Path | None = RESULTS / "fairness-latest.txt"
@@ -236,6 +239,7 @@ class Stack:
             WORKER_METRICS_PORT="0",
             FAIR_SHARE="true" if mode == "on" else "false",
             FAIR_SHARE_WINDOW=str(bench.opts.window),
+            FAIR_SHARE_BUDGET=str(bench.opts.budget if mode == "on" else 0),
         )
         self.settings = Settings(
             mongodb_url=svc.mongo.url,
@@ -339,7 +343,7 @@ class FairnessBench:
             try:
                 await asyncio.wait_for(self._mode(mode, result), self.opts.timeout)
             except Exception as exc:  # reported, the other mode still runs
-                result.errors.append(f"{type(exc).__name__}: {exc}"[:500])
+                result.errors.append(f"{type(exc).__name__}: {exc} ({_where(exc)})"[:500])
 
     async def _mode(self, mode: str, result: ModeResult) -> None:
         receiver = Receiver()
@@ -467,7 +471,8 @@ class FairnessBench:
             f"load average at start {self._load('start')}, at end {self._load('end')}",
             f"{self.results.get('services', '')}",
             f"per mode: web (relay) + worker (4 threads, general queues) + worker (8 threads, "
-            f"webhooks); FAIR_SHARE_WINDOW={o.window}",
+            f"webhooks); FAIR_SHARE_WINDOW={o.window}; FAIR_SHARE_BUDGET (on) "
+            f"{o.budget or 'none'}",
             "",
             f"1. B's write → effect, idle ({o.idle_probes}) and during A's {o.burst}-task burst "
             f"({o.probes} probes, 1 s apart), p95 in seconds",
@@ -585,6 +590,16 @@ class FairnessBench:
         return out
 
 
+def _where(exc: BaseException) -> str:
+    """The innermost frame of this benchmark an error came through (``file:line in func``),
+    so a failed mode says which of its steps failed."""
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if "/bench/" in f.filename]
+    if not frames:
+        return "outside the benchmark's code"
+    f = frames[-1]
+    return f"{Path(f.filename).name}:{f.lineno} in {f.name}"
+
+
 def parse(argv: list[str]) -> Options:
     """Command-line options of ``python -m bench fairness``."""
     ap = argparse.ArgumentParser(
@@ -596,6 +611,9 @@ def parse(argv: list[str]) -> Options:
     ap.add_argument("--users", type=int, default=100, help="users of the many-users part")
     ap.add_argument("--max-burst", type=int, default=25, help="largest of their bursts")
     ap.add_argument("--window", type=int, default=16, help="FAIR_SHARE_WINDOW")
+    ap.add_argument(
+        "--budget", type=int, default=0, help="FAIR_SHARE_BUDGET with fairness on (0: none)"
+    )
     ap.add_argument("--timeout", type=float, default=1200.0, help="bound of each mode (s)")
     ap.add_argument("--seed", type=int, default=13)
     ap.add_argument(
@@ -605,6 +623,8 @@ def parse(argv: list[str]) -> Options:
     ns = ap.parse_args(argv)
     if min(ns.burst, ns.probes, ns.idle_probes, ns.users, ns.max_burst, ns.window) < 1:
         ap.error("counts must be at least 1")
+    if ns.budget < 0:
+        ap.error("--budget must be 0 (none) or more")
     return Options(
         burst=ns.burst,
         probes=ns.probes,
@@ -612,6 +632,7 @@ def parse(argv: list[str]) -> Options:
         users=ns.users,
         max_burst=ns.max_burst,
         window=ns.window,
+        budget=ns.budget,
         timeout=ns.timeout,
         seed=ns.seed,
         out=None if str(ns.out) == "-" else ns.out,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.fairness import burst_sizes, jain, model, p95
+from bench.fairness import _where, burst_sizes, jain, model, p95, parse
 from tests.bench.runs import run_bench
 
 #: A tiny run.
@@ -61,3 +61,21 @@ def test_the_model_of_ideal_policies() -> None:
         pytest.approx(jain([2.0, 8 / 3])),
         pytest.approx(jain([2.0, 4 / 3])),
     )
+
+
+def test_budget_option_and_where_a_mode_failed(capsys: pytest.CaptureFixture[str]) -> None:
+    assert parse(["--budget", "64"]).budget == 64
+    assert parse([]).budget == 0  # the product's default: no budget
+    with pytest.raises(SystemExit):
+        parse(["--budget", "-1"])
+    assert "--budget must be 0 (none) or more" in capsys.readouterr().err
+
+    def step() -> None:
+        raise TimeoutError("slow")
+
+    try:
+        step()
+    except TimeoutError as exc:
+        where = _where(exc)
+    assert where.startswith("test_fairness_smoke.py:") and where.endswith(" in step")
+    assert _where(TimeoutError()) == "outside the benchmark's code"
