@@ -4,7 +4,6 @@ scheduler of ``taskmanager run``."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import signal
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -16,7 +15,7 @@ from cli.common import echo_json, echo_table, iso, load_settings, run_async
 from config.connections import Connections
 from config.logging import setup_logging
 from config.sentry import setup_sentry
-from core import jobruns
+from core import cancel, jobruns
 from core.context import open_context
 from jobs.schedule import SCHEDULE, by_name
 from jobs.scheduler import Scheduler
@@ -35,8 +34,8 @@ def in_app(platform: Platform) -> Callable[[web.Application], AsyncIterator[None
         yield
         # Finish the pass and release the lock, so another replica takes over at once.
         scheduler.stop()
-        with contextlib.suppress(asyncio.CancelledError, TimeoutError):
-            await asyncio.wait_for(task, 10)
+        if not await cancel.stop(task, 10, cancel=False):
+            await cancel.stop(task, 5)
 
     return ctx
 

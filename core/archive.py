@@ -68,7 +68,7 @@ from pymongo.errors import BulkWriteError, OperationFailure, PyMongoError
 
 from config.logging import get_logger
 from config.settings import Settings
-from core import backup_replication
+from core import backup_replication, cancel
 from core import restore as restoring
 from core.backup_format import (
     DIR_MODE,
@@ -403,11 +403,12 @@ class Archiver:
         try:
             while True:
                 if not await self.lock.tick():
-                    await asyncio.sleep(tick)
+                    await cancel.pause(tick)
                     continue
                 follow = asyncio.create_task(self.follow(), name="archiver")
                 try:
                     while not follow.done():
+                        cancel.checkpoint()
                         await asyncio.wait({follow}, timeout=tick)
                         if not follow.done() and not await self.lock.tick():
                             log.warning("archive.leadership_lost")
@@ -419,7 +420,7 @@ class Archiver:
                         await follow
                 if follow.done() and not follow.cancelled() and follow.exception() is not None:
                     log.error("archive.failed", error=repr(follow.exception()))
-                    await asyncio.sleep(min(5.0, self.interval))
+                    await cancel.pause(min(5.0, self.interval))
         finally:
             for task in self.backups:
                 task.cancel()

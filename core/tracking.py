@@ -29,6 +29,7 @@ from typing import Any
 from redis.asyncio.connection import SSLConnection, UnixDomainSocketConnection, parse_url
 
 from config.logging import get_logger
+from core import cancel
 from core.local_cache import LOCAL_PUSHES, LocalCache
 
 log = get_logger(__name__)
@@ -196,9 +197,7 @@ class Tracker:
         """Stop and disarm the cache."""
         self._stopping = True
         if self._task is not None:
-            self._task.cancel()
-            with suppress(asyncio.CancelledError):
-                await self._task
+            await cancel.stop(self._task, 5)
         self.cache.disarm()
 
     async def _run(self) -> None:

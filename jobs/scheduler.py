@@ -25,7 +25,7 @@ from datetime import UTC, datetime, timedelta
 from apscheduler.triggers.base import BaseTrigger
 
 from config.logging import get_logger
-from core import jobruns
+from core import cancel, jobruns
 from core.context import Context
 from core.leader import LeaderLock
 from core.store import utcnow
@@ -227,15 +227,14 @@ class Scheduler:
         holder = asyncio.create_task(self._hold_lock(), name="scheduler-lock")
         try:
             while not self._stopping.is_set():
+                cancel.checkpoint()  # a stop PyMongo swallowed (core/cancel.py)
                 wait = await self._pass()
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(wait):  # not wait_for: see workers/relay.py
                         await self._wake.wait()
                 self._wake.clear()
         finally:
-            holder.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await holder
+            await cancel.stop(holder, 5)
             await self.lock.release()
             log.info("scheduler.stopped", instance=self.lock.instance)
 
@@ -254,7 +253,7 @@ class Scheduler:
                 self._wake.set()
                 with contextlib.suppress(Exception):
                     await self.publish()
-            await asyncio.sleep(self.renew_seconds if leading else self.poll_seconds)
+            await cancel.pause(self.renew_seconds if leading else self.poll_seconds)
 
     async def _pass(self) -> float:
         """Fire what is due if leading; returns how long to wait before the next pass."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ctypes
 import ctypes.util
 import gc
@@ -21,7 +20,7 @@ from pydantic import SecretStr
 from config.connections import Connections
 from config.logging import get_logger
 from config.settings import Settings
-from core import accounts
+from core import accounts, cancel
 from core.context import Context, open_context
 from core.errors import Invalid
 from core.local_cache import LocalCache
@@ -158,9 +157,7 @@ async def _relay(app: web.Application) -> AsyncIterator[None]:
     app[RELAY] = relay
     task = asyncio.create_task(relay.run(), name="outbox-relay")
     yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError, TimeoutError):
-        await asyncio.wait_for(task, 10)
+    await cancel.stop(task, 10)
 
 
 def _setup_cors(app: web.Application, origins: list[str]) -> None:

@@ -19,7 +19,6 @@ succeeds one ``dependency.recovered`` line is logged and requests flow again.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Awaitable, Callable
 
@@ -29,6 +28,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from config.logging import get_logger
+from core import cancel
 from core.errors import Unavailable
 
 log = get_logger(__name__)
@@ -95,7 +95,7 @@ class Dependency:
     async def _until_back(self) -> None:
         answered = False
         while not answered:
-            await asyncio.sleep(PROBE_EVERY)
+            await cancel.pause(PROBE_EVERY)
             answered = await self._answers()
         since, self.down_since, self._watch = self.down_since or time.monotonic(), None, None
         log.info(
@@ -109,9 +109,7 @@ class Dependency:
         """Stop the probe (application clean-up)."""
         task, self._watch = self._watch, None
         if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel.stop(task, 5)
 
 
 class Outages:

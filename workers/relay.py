@@ -48,8 +48,8 @@ from prometheus_client import Counter, Gauge
 from pymongo.errors import PyMongoError
 
 from config.logging import get_logger
+from core import cancel, fairness
 from core import events as outbox
-from core import fairness
 from core.context import Context
 from core.events import outbox_lag
 from core.store import Doc, utcnow
@@ -173,19 +173,18 @@ class Relay:
         try:
             await self._drain_forever()
         finally:
-            gauges.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await gauges
+            await cancel.stop(gauges, 5)
 
     async def _keep_gauges(self) -> None:
         while True:
             await self.refresh_lag()
             await self.refresh_backlog()
-            await asyncio.sleep(min(self.lag_interval, self.backlog_interval))
+            await cancel.pause(min(self.lag_interval, self.backlog_interval))
 
     async def _drain_forever(self) -> None:
         failures = 0
         while True:
+            cancel.checkpoint()  # a stop PyMongo swallowed (core/cancel.py)
             # Cleared before draining, so a write that lands during the drain wakes the next
             # round at once instead of waiting for the poll.
             self.wake.clear()
