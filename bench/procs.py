@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -18,6 +19,7 @@ import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
@@ -251,6 +253,30 @@ def publish(report: str, out: Path | None) -> None:
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(report)
+        note_written(out)
+
+
+#: Beside results files: when each was written (``{"name": "YYYY-MM-DD HH:MM UTC"}``). A file's
+#: modification time cannot say it: a clone's files all carry the time of its checkout.
+WRITTEN = "written.json"
+
+
+def note_written(path: Path) -> None:
+    """Record that ``path`` was written now (in :data:`WRITTEN` beside it)."""
+    book = path.parent / WRITTEN
+    known = json.loads(book.read_text()) if book.exists() else {}
+    known[path.name] = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    book.write_text(json.dumps(dict(sorted(known.items())), indent=2) + "\n")
+
+
+def written_at(path: Path) -> str:
+    """When ``path`` was written (``YYYY-MM-DD HH:MM UTC``): as :func:`note_written` recorded
+    it, else its modification time."""
+    book = path.parent / WRITTEN
+    known = json.loads(book.read_text()) if book.exists() else {}
+    if path.name in known:
+        return str(known[path.name])
+    return datetime.fromtimestamp(path.stat().st_mtime, UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
 def event_settled(event: Mapping[str, Any]) -> bool:

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.plots import draw_all
+from bench.procs import note_written, written_at
 from bench.report_text import document
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -73,6 +74,7 @@ def run_one(
     if proc.returncode != 0 or not js.exists():
         tail = (proc.stdout[-1500:] + proc.stderr[-1500:]).strip()
         return {"failed": f"exit {proc.returncode}: {tail}", "command": " ".join(cmd[1:])}
+    note_written(js)
     data: dict[str, Any] = json.loads(js.read_text())
     data["_command"] = "python " + " ".join(cmd[1:])
     data["_seconds"] = round(time.monotonic() - started, 1)
@@ -117,8 +119,7 @@ def extra_results(results_dir: Path) -> dict[str, tuple[str, str]]:
     for name in ("dr", "dr-rpo", "fairness", "pipeline", "coherence"):
         path = results_dir / f"{name}-latest.txt"
         if path.exists():
-            when = datetime.fromtimestamp(path.stat().st_mtime, UTC).strftime("%Y-%m-%d %H:%M UTC")
-            out[name] = (path.read_text(), when)
+            out[name] = (path.read_text(), written_at(path))
     return out
 
 
@@ -150,8 +151,7 @@ def main(argv: list[str]) -> int:
             args += ["--seconds", f"{ns.soak_seconds:g}"]
         timeout = TIMEOUTS.get(name, ns.soak_seconds + 300)
         if ns.reuse and (ns.results / f"{name}-latest.json").exists():
-            written = (ns.results / f"{name}-latest.json").stat().st_mtime
-            reused[name] = datetime.fromtimestamp(written, UTC).strftime("%H:%M UTC")
+            reused[name] = written_at(ns.results / f"{name}-latest.json")
             data = json.loads((ns.results / f"{name}-latest.json").read_text())
             txt = ns.results / f"{name}-latest.txt"
             data["_text"] = txt.read_text() if txt.exists() else ""

@@ -22,9 +22,10 @@ in the broker at a time and fills the windows round-robin across users:
   once, served in the order they were written: whoever wrote last waits behind everyone.
   With it the broker holds a short line and the round-robin decides who goes next, which
   aims at each user's burst served in time proportional to its size (equal slowdown, the
-  processor-sharing notion of fairness). Off by default because its one measurement here
-  (128, on a loaded machine) was slower overall: the relay, held back most of the time,
-  polls the outbox every ``fair_poll`` and the test server is the bottleneck;
+  processor-sharing notion of fairness). Off by default because it costs throughput: an
+  event holds its place until its side effects finished and a relay round (every
+  ``fair_poll`` at best) has seen the receipts, so a short line leaves workers idle between
+  refills (measured in the README, Fair share: 32 took 4.6 times as long to index 905 tasks);
 - **round-robin**: each round, the users with pending events (the relay's
   :class:`PendingView`: the outbox read whole every few seconds through the ``outbox`` index,
   and only the newest events in between) are taken in turn from a rotating start, one event

@@ -79,3 +79,22 @@ def test_budget_option_and_where_a_mode_failed(capsys: pytest.CaptureFixture[str
         where = _where(exc)
     assert where.startswith("test_fairness_smoke.py:") and where.endswith(" in step")
     assert _where(TimeoutError()) == "outside the benchmark's code"
+
+
+def test_results_carry_when_they_were_written(tmp_path: Path) -> None:
+    """A clone's files all have its checkout's mtime: the report reads when a result was
+    written from the book publish() keeps beside the results."""
+    import os
+
+    from bench.procs import WRITTEN, publish, written_at
+
+    out = tmp_path / "x-latest.txt"
+    publish("report\n", out)
+    recorded = written_at(out)
+    os.utime(out, (0, 0))  # as if checked out at another time
+    assert written_at(out) == recorded
+    assert (tmp_path / WRITTEN).exists()
+    other = tmp_path / "y-latest.txt"
+    other.write_text("no record")
+    os.utime(other, (86_400, 86_400))
+    assert written_at(other) == "1970-01-02 00:00 UTC"  # no record: its mtime
