@@ -534,9 +534,13 @@ def why_extra(extra: dict[str, tuple[str, str]]) -> list[str]:
             "time, refilled as receipts show side effects finished, and the 100 users' bursts "
             "also took longer to index. Not the window's size: with `--window 32` A's drain "
             "with fairness on stayed the same (56.7 s against 57.0 s at 16, 2026-12-01) while "
-            "B's searchable p95 grew to 2.33 s, a miss; the cause is not yet traced. Next: "
-            "per-process CPU and the relay's round cadence during A's drain (the test server "
-            "is the busiest process; a read of 900 marked in-flight events costs it ~70 ms)."
+            "B's searchable p95 grew to 2.33 s, a miss. Much of it is the per-user webhook "
+            "cap: an event holds its place until its webhook is delivered, and a delivery over "
+            "the cap (4) retries after 0.5-1 s; with the cap at 16 (a trial) A drained in "
+            "37.5 s with fairness on, 28.3 s off. What would close it: a freed delivery slot "
+            "waking the next waiting delivery at once. The 100 users' backlog (25.4 s off, "
+            "50.6 s on) is not explained yet: a read of 900 marked in-flight events costs the "
+            "test server ~70 ms, and a held-back relay reads them every round."
         )
     if _missed(fair, "per-user slowdown"):
         out.append(
