@@ -566,6 +566,9 @@ class Archiver:
             await stream.close()
 
     async def _next(self, stream: Any) -> Doc | None:
+        # Every read of the change stream passes here: the follower stops even when PyMongo
+        # swallowed its cancellation (core/cancel.py), so run()'s wait for it ends.
+        cancel.checkpoint()
         try:
             event: Doc | None = await stream.try_next()
         except OperationFailure as exc:
