@@ -261,22 +261,30 @@ def publish(report: str, out: Path | None) -> None:
 WRITTEN = "written.json"
 
 
+#: How :data:`WRITTEN` and the reports give a moment.
+STAMP = "%Y-%m-%d %H:%M UTC"
+
+
+def _book(path: Path) -> dict[str, str]:
+    """The :data:`WRITTEN` record beside ``path`` (empty when there is none)."""
+    book = path.parent / WRITTEN
+    return dict(json.loads(book.read_text())) if book.exists() else {}
+
+
 def note_written(path: Path) -> None:
     """Record that ``path`` was written now (in :data:`WRITTEN` beside it)."""
-    book = path.parent / WRITTEN
-    known = json.loads(book.read_text()) if book.exists() else {}
-    known[path.name] = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-    book.write_text(json.dumps(dict(sorted(known.items())), indent=2) + "\n")
+    known = _book(path)
+    known[path.name] = datetime.now(UTC).strftime(STAMP)
+    (path.parent / WRITTEN).write_text(json.dumps(dict(sorted(known.items())), indent=2) + "\n")
 
 
 def written_at(path: Path) -> str:
     """When ``path`` was written (``YYYY-MM-DD HH:MM UTC``): as :func:`note_written` recorded
     it, else its modification time."""
-    book = path.parent / WRITTEN
-    known = json.loads(book.read_text()) if book.exists() else {}
+    known = _book(path)
     if path.name in known:
-        return str(known[path.name])
-    return datetime.fromtimestamp(path.stat().st_mtime, UTC).strftime("%Y-%m-%d %H:%M UTC")
+        return known[path.name]
+    return datetime.fromtimestamp(path.stat().st_mtime, UTC).strftime(STAMP)
 
 
 def event_settled(event: Mapping[str, Any]) -> bool:
