@@ -284,6 +284,19 @@ def _lines(path: Path) -> Iterator[bytes]:
             yield from gz
 
 
+def _decode(line: bytes) -> Any:
+    """One line's JSON; a damaged line raises ValueError whatever bson's decoder raised.
+
+    A flipped bit inside a gzip member is only caught by its CRC at the member's end, so lines
+    before it are decoded first: bson raises TypeError, InvalidBSON or OverflowError (a date out
+    of range) on such lines, each a sign of the same damage.
+    """
+    try:
+        return json_util.loads(line, json_options=_JSON)
+    except Exception as exc:
+        raise ValueError(f"a damaged line ({type(exc).__name__}: {exc})") from exc
+
+
 def check_segment(seg: SegmentFile) -> SegmentContent:
     """Read a whole segment and check it; :class:`CorruptSegment` naming the file otherwise."""
     sha = hashlib.sha256()
@@ -295,14 +308,14 @@ def check_segment(seg: SegmentFile) -> SegmentContent:
             if trailer is not None:
                 raise ValueError("lines after the trailer")
             if header is None:
-                header = json_util.loads(line, json_options=_JSON)
+                header = _decode(line)
                 sha.update(line)
                 continue
             if line.startswith(_TRAILER):
-                trailer = json_util.loads(line, json_options=_JSON)
+                trailer = _decode(line)
                 continue
             sha.update(line)
-            json_util.loads(line, json_options=_JSON)
+            _decode(line)
             events += 1
     except (OSError, EOFError, ValueError, zlib.error, UnicodeDecodeError) as exc:
         raise CorruptSegment(seg.path.name, f"unreadable ({exc})") from exc
@@ -330,7 +343,10 @@ def read_events(seg: SegmentFile) -> Iterator[Doc]:
     for i, line in enumerate(_lines(seg.path)):
         if i == 0 or line.startswith(_TRAILER):
             continue
-        event: Doc = json_util.loads(line, json_options=_JSON)
+        try:
+            event: Doc = _decode(line)
+        except ValueError as exc:  # changed since it was checked
+            raise CorruptSegment(seg.path.name, str(exc)) from exc
         yield event
 
 
