@@ -61,6 +61,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from bson import json_util
+from bson.codec_options import CodecOptions, DatetimeConversion
 from bson.timestamp import Timestamp
 from pymongo import DeleteOne, ReplaceOne, UpdateOne
 from pymongo.asynchronous.database import AsyncDatabase
@@ -97,7 +98,17 @@ GAP_CODES = frozenset({9, 260, 280, 286})
 #: The gzip header every segment starts with (no name, mtime 0, level 6, OS unknown): checked
 #: byte for byte, as gzip's own CRC does not cover it.
 GZIP_HEADER = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"
-_JSON = json_util.JSONOptions(json_mode=json_util.JSONMode.CANONICAL, tz_aware=True, tzinfo=UTC)
+#: Dates outside Python's range are valid BSON (MongoDB stores them): they are read as DatetimeMS,
+#: from the change stream and from segments alike, so one such event never stops the archive.
+_JSON = json_util.JSONOptions(
+    json_mode=json_util.JSONMode.CANONICAL,
+    tz_aware=True,
+    tzinfo=UTC,
+    datetime_conversion=DatetimeConversion.DATETIME_AUTO,
+)
+_STREAM: CodecOptions[Doc] = CodecOptions(
+    tz_aware=True, tzinfo=UTC, datetime_conversion=DatetimeConversion.DATETIME_AUTO
+)
 
 _TRAILER = b'{"kind": "trailer"'
 
@@ -544,7 +555,7 @@ class Archiver:
         self.last_gap = time.time()
 
     async def _open(self, position: _Position) -> Any:
-        db = self.ctx.store.db
+        db = self.ctx.store.db.with_options(codec_options=_STREAM)
         options: dict[str, Any] = {"max_await_time_ms": 500, "batch_size": 1000}
         if position.token is not None:
             options["resume_after"] = position.token

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from bson.datetime_ms import DatetimeMS
 from bson.timestamp import Timestamp
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -91,6 +92,23 @@ def test_every_flipped_bit_is_refused_naming_the_file(tmp_path: Path) -> None:
     assert (accepted, other) == ([], [])
     seg.path.write_bytes(original)
     assert archive.check_segment(seg).events == 20
+
+
+def test_dates_outside_pythons_range_round_trip(tmp_path: Path) -> None:
+    """Valid BSON dates Python cannot hold (MongoDB stores them; the test server refuses them on
+    insert, so this runs on the segment format alone) are archived and read back, not refused."""
+    chain = tmp_path / "20260101T000000Z-abcdef"
+    chain.mkdir()
+    w = SegmentWriter(chain, chain.name, 1, (100, 1), None)
+    event = _event(101, 1, 1)
+    event["fullDocument"]["far"] = DatetimeMS(2**62)
+    event["fullDocument"]["bc"] = DatetimeMS(-(2**62))
+    event["fullDocument"]["now"] = datetime(2026, 12, 1, tzinfo=UTC)
+    w.add(event)
+    seg = w.close((102, 0), {"_data": "end"}, datetime.fromtimestamp(102, UTC))
+    assert archive.check_segment(seg).events == 1
+    [back] = archive.read_events(seg)
+    assert back["fullDocument"] == event["fullDocument"]
 
 
 def test_a_missing_segment_is_refused(tmp_path: Path) -> None:
