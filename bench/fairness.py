@@ -62,16 +62,18 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from bench.pipeline import mongo_cpu, mongo_ops
 from bench.procs import (
     Child,
     Services,
     clean_env,
     cpu_model,
+    proc_cpu,
     publish,
     taskmanager_exe,
     wait_http,
 )
-from bench.workers import finite, log_errors
+from bench.workers import finite, log_errors, worker_children
 from cli.embedded import free_port
 from config.connections import Connections
 from config.settings import Settings
@@ -119,6 +121,10 @@ class ModeResult:
     burst_written_s: float = math.nan
     a_drain_s: float = math.nan
     a_waiting_at_probes: int = 0
+    #: Over A's burst (first write to last webhook): the store's operations (all clients) and
+    #: each process's CPU seconds, to tell where the drain's time went.
+    a_drain_ops: int = 0
+    a_drain_cpu: dict[str, float] = field(default_factory=dict)
     jain_delay: float = math.nan
     jain_slowdown: float = math.nan
     users_mean_delay_s: dict[str, float] = field(default_factory=dict)
@@ -398,6 +404,7 @@ class FairnessBench:
         self, stack: Stack, receiver: Receiver, user_a: str, token_b: str, result: ModeResult
     ) -> None:
         n = self.opts.burst
+        ops_before, cpu_before = await self._usage(stack)
         started = time.monotonic()
         await self._write(stack.settings, [user_a] * n)
         result.burst_written_s = time.monotonic() - started
@@ -415,7 +422,21 @@ class FairnessBench:
                 raise RuntimeError(f"A's webhooks: {len(receiver.got.get('a', []))} of {n}")
             await asyncio.sleep(0.1)
         result.a_drain_s = max(at for at, _ in receiver.got["a"]) - started
+        ops_after, cpu_after = await self._usage(stack)
+        result.a_drain_ops = ops_after - ops_before
+        result.a_drain_cpu = {k: round(v - cpu_before.get(k, 0.0), 1) for k, v in cpu_after.items()}
         self.note(f"{stack.mode}: A drained in {result.a_drain_s:.1f} s")
+
+    async def _usage(self, stack: Stack) -> tuple[int, dict[str, float]]:
+        """The store's operations so far (all clients) and CPU seconds of the store and of
+        each of the mode's processes (a worker's forked Dramatiq processes included)."""
+        async with open_context(stack.settings, Connections(stack.settings)) as ctx:
+            ops = sum((await mongo_ops(ctx)).values())
+        cpu = {"store": mongo_cpu(self.services)}
+        for child in stack.children:
+            pids = [child.pid, *worker_children(child.pid)]
+            cpu[child.name.rsplit("-", 1)[0]] = sum(proc_cpu(pid) for pid in pids)
+        return ops, cpu
 
     async def _many_users(self, stack: Stack, result: ModeResult) -> None:
         sizes = burst_sizes(self.opts.users, self.opts.max_burst)
@@ -498,6 +519,21 @@ class FairnessBench:
             ),
             row("A's burst written (s)", off.burst_written_s, on.burst_written_s, "{:.1f}"),
             row("A's drain time (s)", off.a_drain_s, on.a_drain_s, "{:.1f}"),
+            row(
+                "  store ops per A task",
+                off.a_drain_ops / o.burst,
+                on.a_drain_ops / o.burst,
+                "{:.1f}",
+            ),
+            *(
+                row(
+                    f"  CPU s: {name}",
+                    off.a_drain_cpu.get(name, math.nan),
+                    on.a_drain_cpu.get(name, math.nan),
+                    "{:.1f}",
+                )
+                for name in ("store", "web", "worker", "hooks")
+            ),
             "",
             f"2. {o.users} users, bursts of 1 to {o.max_burst} tasks "
             f"({sum(burst_sizes(o.users, o.max_burst))} in all), write → search entry",
