@@ -190,6 +190,13 @@ class Services:
         mongo = EmbeddedMongo(":memory:").start()
         return cls(mongo, url, source, f"bench{tag}:", f"bench_{tag}", private)
 
+    def fresh_store(self) -> None:
+        """Replace SecantusDB by a new, empty one: runs compared side by side each start from
+        the same store (one carrying an earlier run's data and its retryable-write registry,
+        which it prunes in O(n) on every write, is measurably slower)."""
+        self.mongo.stop()
+        self.mongo = EmbeddedMongo(":memory:").start()
+
     @property
     def redis(self) -> redis.Redis:
         """A synchronous client (for readings and clean-up)."""
