@@ -232,26 +232,32 @@ class ReplayResult(BaseModel):
     not_found: list[str]
 
 
-async def outbox_lag(ctx: Context) -> OutboxLag:
+async def outbox_lag(ctx: Context, known: tuple[int, datetime | None] | None = None) -> OutboxLag:
     """The outbox's lag, read through the ``outbox`` and ``set_aside`` indexes.
 
     The oldest pending event is the first in ``_id`` order; its age is measured from its
-    ``created_at`` (never negative: an event from a fast clock counts as new).
+    ``created_at`` (never negative: an event from a fast clock counts as new). ``known``: the
+    pending count and oldest ``created_at`` as a fair relay's view already holds them
+    (``core/fairness.py``), so only the set-aside events are counted here: reading a long
+    outbox costs SecantusDB a walk of the whole index range each time.
     """
     events = ctx.store["events"]
-    oldest = (
-        await events.find({"pending": True}, {"created_at": 1})
-        .sort("_id", ASCENDING)
-        .limit(1)
-        .to_list()
-    )
-    age: float | None = None
-    if oldest:
-        created = oldest[0].get("created_at") or oldest[0]["_id"].generation_time
-        age = max(0.0, (utcnow() - created).total_seconds())
+    if known is None:
+        oldest = (
+            await events.find({"pending": True}, {"created_at": 1})
+            .sort("_id", ASCENDING)
+            .limit(1)
+            .to_list()
+        )
+        created = None
+        if oldest:
+            created = oldest[0].get("created_at") or oldest[0]["_id"].generation_time
+        known = (await events.count_documents({"pending": True}), created)
+    pending, created = known
+    age = None if created is None else max(0.0, (utcnow() - created).total_seconds())
     return OutboxLag(
         oldest_pending_age_seconds=age,
-        pending=await events.count_documents({"pending": True}),
+        pending=pending,
         set_aside=await events.count_documents(_SET_ASIDE),
     )
 

@@ -138,8 +138,16 @@ async def in_flight(ctx: Context, horizon: datetime | None = None) -> dict[str, 
     return counts
 
 
-#: What the relay reads of a pending event.
-FIELDS = {"user_id": 1, "lease_until": 1, "lease_owner": 1, "next_attempt_at": 1, "attempts": 1}
+#: What the relay reads of a pending event (``type`` and ``created_at`` for the gauges).
+FIELDS = {
+    "user_id": 1,
+    "type": 1,
+    "created_at": 1,
+    "lease_until": 1,
+    "lease_owner": 1,
+    "next_attempt_at": 1,
+    "attempts": 1,
+}
 
 
 class PendingView:
@@ -195,6 +203,29 @@ class PendingView:
     def stale(self) -> None:
         """Read everything again at the next refresh (events given back to the outbox)."""
         self._read_at = -float("inf")
+
+    @property
+    def known(self) -> bool:
+        """Whether the view has been read (whole, at least once)."""
+        return self._since is not None
+
+    def oldest_created(self) -> datetime | None:
+        """When the oldest pending event known was written (``None``: none pending)."""
+        docs = [doc for events in self.by_user.values() for doc in events.values()]
+        if not docs:
+            return None
+        first = min(docs, key=lambda d: d["_id"])
+        made = first.get("created_at")
+        return made if isinstance(made, datetime) else first["_id"].generation_time
+
+    def by_type(self) -> dict[tuple[str, str], int]:
+        """Pending events known per (user id, event type)."""
+        counts: dict[tuple[str, str], int] = {}
+        for user, events in self.by_user.items():
+            for doc in events.values():
+                key = (str(user), str(doc.get("type")))
+                counts[key] = counts.get(key, 0) + 1
+        return counts
 
     def forget(self, ids: list[ObjectId]) -> None:
         """Drop events (claimed, or found not to be claimable)."""

@@ -15,6 +15,7 @@ which publishes the top :data:`GAUGE_TOP` per queue as ``taskmanager_user_backlo
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -64,28 +65,40 @@ def _queue_of() -> dict[str, str]:
     return {spec.name: spec.queue for spec in CATALOGUE.actors}
 
 
-async def user_backlog(
-    ctx: Context, *, queue: str | None = None, limit: int = 10
-) -> dict[str, list[UserBacklog]]:
-    """The ``limit`` users with the most messages waiting on each queue (only ``queue`` when
-    given), most first (ties by user id); queues with nothing waiting are left out."""
-    queue_of = _queue_of()
-    held: dict[tuple[str, str], int] = {}
-    sent: dict[tuple[str, str], int] = {}
-    coll = ctx.store["events"]
+async def pending_by_type(ctx: Context) -> dict[tuple[str, str], int]:
+    """Pending events per (user id, event type), from the outbox."""
     groups = await (
-        await coll.aggregate(
+        await ctx.store["events"].aggregate(
             [
                 {"$match": {"pending": True}},
                 {"$group": {"_id": {"u": "$user_id", "t": "$type"}, "n": {"$sum": 1}}},
             ]
         )
     ).to_list()
-    for group in groups:
-        user, type_ = str(group["_id"].get("u")), str(group["_id"].get("t"))
+    return {(str(g["_id"].get("u")), str(g["_id"].get("t"))): int(g["n"]) for g in groups}
+
+
+async def user_backlog(
+    ctx: Context,
+    *,
+    queue: str | None = None,
+    limit: int = 10,
+    pending: Mapping[tuple[str, str], int] | None = None,
+) -> dict[str, list[UserBacklog]]:
+    """The ``limit`` users with the most messages waiting on each queue (only ``queue`` when
+    given), most first (ties by user id); queues with nothing waiting are left out.
+    ``pending``: the outbox's events per (user, type) when the caller knows them (a fair
+    relay's view), else they are read (:func:`pending_by_type`)."""
+    queue_of = _queue_of()
+    held: dict[tuple[str, str], int] = {}
+    sent: dict[tuple[str, str], int] = {}
+    coll = ctx.store["events"]
+    if pending is None:
+        pending = await pending_by_type(ctx)
+    for (user, type_), n in pending.items():
         for actor in CATALOGUE.actors_for(type_):
             key = (queue_of[actor], user)
-            held[key] = held.get(key, 0) + int(group["n"])
+            held[key] = held.get(key, 0) + n
     awaited = coll.find(
         {outbox.RECHECK_AT: {"$gte": _EPOCH}},
         {"user_id": 1, outbox.AWAITING: 1, outbox.FINISHED: 1},
@@ -108,11 +121,14 @@ async def user_backlog(
     }
 
 
-async def publish_backlog(ctx: Context) -> None:
+async def publish_backlog(
+    ctx: Context, pending: Mapping[tuple[str, str], int] | None = None
+) -> None:
     """Set the ``taskmanager_user_backlog`` gauge to the top :data:`GAUGE_TOP` per queue
     (users that left the top are removed; in prometheus_client's multiprocess mode, where a
-    series cannot leave the files, they are set to 0 instead)."""
-    top = await user_backlog(ctx, limit=GAUGE_TOP)
+    series cannot leave the files, they are set to 0 instead). ``pending``: as for
+    :func:`user_backlog`."""
+    top = await user_backlog(ctx, limit=GAUGE_TOP, pending=pending)
     now = {(name, row.user_id) for name, rows in top.items() for row in rows}
     if getattr(values.ValueClass, "_multiprocess", False):
         # No ``clear`` here: each series made again would be one more value object that

@@ -87,6 +87,7 @@ async def test_a_burst_waits_in_the_outbox_while_a_newcomer_goes_out(
         ("alice", 50, 46, 4),
         ("bob", 1, 0, 1),
     ]
+    await _gauges_read_the_view_alike(ctx, relay)
     # A late newcomer overtakes the 46 events waiting: its window is empty.
     await _burst(ctx, "carol", 1)
     assert await relay.drain_once() == 1
@@ -98,6 +99,21 @@ async def test_a_burst_waits_in_the_outbox_while_a_newcomer_goes_out(
     assert await fairness.in_flight(ctx) == {"alice": 4, "bob": 1, "carol": 1}
     await relay.refresh_backlog(force=True)
     assert USER_BACKLOG.labels("search", "alice")._value.get() == 46  # 42 held + 4 sent
+
+
+async def _gauges_read_the_view_alike(ctx: Any, relay: Relay) -> None:
+    """The fair relay's gauges come from its round's view of the pending events, not from a
+    reading of the outbox of their own: the same figures."""
+    known = relay._known_pending()
+    assert known is not None and known[0] == 46
+    read, viewed = await events.outbox_lag(ctx), await events.outbox_lag(ctx, known)
+    assert (viewed.pending, viewed.set_aside) == (read.pending, read.set_aside)
+    assert read.oldest_pending_age_seconds is not None
+    assert viewed.oldest_pending_age_seconds == pytest.approx(
+        read.oldest_pending_age_seconds, abs=0.5
+    )
+    assert relay.view.by_type() == {("alice", "task.created"): 46}
+    assert await user_backlog(ctx, pending=relay.view.by_type()) == await user_backlog(ctx)
 
 
 async def test_only_finished_side_effects_free_a_window(platform: Any, ctx: Any) -> None:
