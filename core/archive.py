@@ -330,7 +330,11 @@ def check_segment(seg: SegmentFile) -> SegmentContent:
             events += 1
     except (OSError, EOFError, ValueError, zlib.error, UnicodeDecodeError) as exc:
         raise CorruptSegment(seg.path.name, f"unreadable ({exc})") from exc
-    if header is None or header.get("kind") != "header" or header.get("format") != FORMAT:
+    if (
+        not isinstance(header, dict)
+        or header.get("kind") != "header"
+        or header.get("format") != FORMAT
+    ):
         raise CorruptSegment(seg.path.name, "no valid header")
     if trailer is None:
         raise CorruptSegment(seg.path.name, "no trailer: the segment is incomplete")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gzip
+import io
 import stat
 import urllib.request
 from collections.abc import AsyncIterator
@@ -92,6 +93,17 @@ def test_every_flipped_bit_is_refused_naming_the_file(tmp_path: Path) -> None:
     assert (accepted, other) == ([], [])
     seg.path.write_bytes(original)
     assert archive.check_segment(seg).events == 20
+
+
+def test_a_header_that_is_not_an_object_is_refused(tmp_path: Path) -> None:
+    [seg, *_] = _chain(tmp_path, 1)
+    lines = gzip.decompress(seg.path.read_bytes()).splitlines(keepends=True)
+    raw = io.BytesIO()  # written as the archiver writes (no file name in the gzip header)
+    with gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=6, mtime=0) as gz:
+        gz.write(b"[1]\n" + b"".join(lines[1:]))
+    seg.path.write_bytes(raw.getvalue())
+    with pytest.raises(CorruptSegment, match="no valid header"):
+        archive.check_segment(seg)
 
 
 def test_dates_outside_pythons_range_round_trip(tmp_path: Path) -> None:
