@@ -110,7 +110,10 @@ def test_stats_history_with_nothing_yet(ops_env: Settings) -> None:
 
 
 def test_schedules_history_lists_the_latest_runs(ops_env: Settings) -> None:
-    base = datetime(2026, 3, 1, tzinfo=UTC)
+    # Recent runs: job_runs has a 30-day TTL index on enqueued_at, whose monitor would delete
+    # older ones in the middle of the test.
+    base = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0) - timedelta(days=2)
+    last = f"{base + timedelta(hours=18):%Y-%m-%dT%H:%M:%S}"
     docs: list[dict[str, Any]] = [
         {
             "_id": f"backup:{n}",
@@ -137,7 +140,7 @@ def test_schedules_history_lists_the_latest_runs(ops_env: Settings) -> None:
     runs = json.loads(result.output)
     assert [r["fire_key"] for r in runs] == ["backup:3", "backup:2", "backup:1", "backup:0"]
     assert runs[0]["status"] == "failed" and runs[0]["duration_seconds"] == 30.0
-    assert runs[0]["scheduled_for"] == "2026-03-01T18:00:00.000Z"
+    assert runs[0]["scheduled_for"] == f"{last}.000Z"
     for name in ("scheduled_for", "enqueued_at", "started_at", "finished_at"):
         assert ISO_Z.match(runs[0][name]), runs[0][name]
     assert (
@@ -154,7 +157,7 @@ def test_schedules_history_lists_the_latest_runs(ops_env: Settings) -> None:
     assert len(rows) == 4
     first = rows[0].split()
     assert first[:6] == [
-        "backup:3", "2026-03-01T18:00:00Z", "failed", "2026-03-01T18:00:01Z", "30.000s", "no"
+        "backup:3", f"{last}Z", "failed", f"{last[:-2]}01Z", "30.000s", "no"
     ]  # fmt: skip
     assert rows[0].endswith("disk full: no space left on device")
 
