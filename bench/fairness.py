@@ -37,6 +37,11 @@ prints both indexes for the ideal FIFO (users' blocks in the run's write order) 
 round-robin on the same bursts (:func:`model`), so the measured figures can be read against
 what each policy can reach.
 
+Repeats (``--rounds N``): the modes run N times each, alternated (off, on, on, off, ...), each
+on a fresh store; B's probes are pooled, A's drain growth is the median over the pairs of runs
+that ran one after the other (one pair's figure moved from -3.5 % to +10.9 % between runs of
+one morning), times are the runs' median and Jain's indexes their mean.
+
 Targets (reported, never asserted): during A's burst, B's write → searchable and write →
 webhook p95 ≤ 2 x idle p95 + 1 s; A's drain time grows ≤ 10 % with fairness on; Jain ≥ 0.9
 with fairness on, over the slowdown and (as the issue words it) over the raw mean delay.
@@ -50,6 +55,7 @@ import json
 import math
 import os
 import random
+import statistics
 import string
 import sys
 import time
@@ -70,12 +76,12 @@ from bench.procs import (
     Services,
     clean_env,
     cpu_model,
-    proc_cpu,
     publish,
     taskmanager_exe,
+    tree_cpu,
     wait_http,
 )
-from bench.workers import finite, log_errors, worker_children
+from bench.workers import finite, log_errors
 from cli.embedded import free_port
 from config.connections import Connections
 from config.settings import Settings
@@ -107,6 +113,8 @@ class Options:
     budget: int = 0
     timeout: float = 1200.0
     seed: int = 13
+    #: Runs of each mode, alternated off/on, on/off, ... (each on a fresh store).
+    rounds: int = 1
     out: Path | None = RESULTS / "fairness-latest.txt"
     json_out: Path | None = None
 
@@ -174,6 +182,44 @@ def model(sizes: list[int], order: list[int]) -> dict[str, tuple[float, float]]:
         )
         for policy, times in done.items()
     }
+
+
+def run_order(rounds: int) -> list[str]:
+    """The modes in the order they run: off, on, then on, off, ... (ABBA), so that a drift of
+    the machine over the run weighs on both modes alike."""
+    return [m for r in range(rounds) for m in (MODES if r % 2 == 0 else MODES[::-1])]
+
+
+def middle(values: list[float]) -> float:
+    """The median of the finite values (NaN: none)."""
+    finite_values = [v for v in values if not math.isnan(v)]
+    return statistics.median(finite_values) if finite_values else math.nan
+
+
+def merge(mode: str, runs: list[ModeResult]) -> ModeResult:
+    """One mode's runs as one: probes pooled (their p95 is over all of them), timings the
+    median of the runs', Jain's indexes and the usage over A's drain the mean."""
+    if len(runs) <= 1:
+        return runs[0] if runs else ModeResult(mode)
+    out = ModeResult(mode)
+    for run in runs:
+        out.idle_search += run.idle_search
+        out.idle_hook += run.idle_hook
+        out.burst_search += run.burst_search
+        out.burst_hook += run.burst_hook
+        out.users_mean_delay_s.update(run.users_mean_delay_s)
+        out.errors += run.errors
+        for name, seconds in run.a_drain_cpu.items():
+            out.a_drain_cpu[name] = out.a_drain_cpu.get(name, 0.0) + seconds / len(runs)
+    out.write_order = runs[0].write_order
+    out.burst_written_s = middle([r.burst_written_s for r in runs])
+    out.a_drain_s = middle([r.a_drain_s for r in runs])
+    out.many_drain_s = middle([r.many_drain_s for r in runs])
+    out.a_waiting_at_probes = round(middle([r.a_waiting_at_probes for r in runs]))
+    out.a_drain_ops = round(sum(r.a_drain_ops for r in runs) / max(1, len(runs)))
+    out.jain_delay = statistics.fmean([r.jain_delay for r in runs])
+    out.jain_slowdown = statistics.fmean([r.jain_slowdown for r in runs])
+    return out
 
 
 def burst_sizes(users: int, largest: int) -> list[int]:
@@ -320,6 +366,9 @@ class FairnessBench:
         self.opts = opts
         self.services: Services
         self.results: dict[str, Any] = {"options": {k: str(v) for k, v in vars(opts).items()}}
+        #: Every mode run, in the order they ran.
+        self.runs: list[ModeResult] = []
+        #: Each mode's runs merged (:func:`merge`).
         self.modes: dict[str, ModeResult] = {}
 
     def note(self, text: str) -> None:
@@ -341,15 +390,19 @@ class FairnessBench:
         finally:
             self.services.stop()
         self.results["load_average_end"] = os.getloadavg()
+        self.modes = {m: merge(m, [r for r in self.runs if r.mode == m]) for m in MODES}
+        self.results["runs"] = [vars(r) for r in self.runs]
         self.results["modes"] = {k: vars(v) for k, v in self.modes.items()}
         return self.report()
 
     async def _all_modes(self) -> None:
-        for i, mode in enumerate(MODES):
-            self.modes[mode] = result = ModeResult(mode)
+        order = run_order(self.opts.rounds)
+        for i, mode in enumerate(order):
+            result = ModeResult(mode)
+            self.runs.append(result)
             if i:
                 await asyncio.to_thread(self.services.fresh_store)
-            self.note(f"fairness {mode}")
+            self.note(f"fairness {mode} (run {i + 1} of {len(order)})")
             try:
                 await asyncio.wait_for(self._mode(mode, result), self.opts.timeout)
             except Exception as exc:  # reported, the other mode still runs
@@ -438,8 +491,7 @@ class FairnessBench:
             ops = sum((await mongo_ops(ctx)).values())
         cpu = {"store": mongo_cpu(self.services)}
         for child in stack.children:
-            pids = [child.pid, *worker_children(child.pid)]
-            cpu[child.name.rsplit("-", 1)[0]] = sum(proc_cpu(pid) for pid in pids)
+            cpu[child.name.rsplit("-", 1)[0]] = tree_cpu(child.pid)
         return ops, cpu
 
     async def _many_users(self, stack: Stack, result: ModeResult) -> None:
@@ -490,6 +542,7 @@ class FairnessBench:
         """The report: figures side by side, then the targets."""
         off, on = self.modes.get("off", ModeResult("off")), self.modes.get("on", ModeResult("on"))
         o = self.opts
+        median = ", median" if o.rounds > 1 else ""
         lines = [
             "Fairness benchmark (python -m bench fairness)",
             f"started {self.results['started_at']}; {cpu_model()}; {os.cpu_count()} CPUs; "
@@ -497,7 +550,13 @@ class FairnessBench:
             f"{self.results.get('services', '')}",
             f"per mode: web (relay) + worker (4 threads, general queues) + worker (8 threads, "
             f"webhooks); FAIR_SHARE_WINDOW={o.window}; FAIR_SHARE_BUDGET (on) "
-            f"{o.budget or 'none'}",
+            f"{o.budget or 'none'}"
+            + (
+                f"; {o.rounds} runs of each mode, alternated (off, on, on, off, ...), each "
+                "on a fresh store: probes pooled, times the median, the rest the mean"
+                if o.rounds > 1
+                else ""
+            ),
             "",
             f"1. B's write → effect, idle ({o.idle_probes}) and during A's {o.burst}-task burst "
             f"({o.probes} probes, 1 s apart), p95 in seconds",
@@ -522,7 +581,8 @@ class FairnessBench:
                 "{:.0f}",
             ),
             row("A's burst written (s)", off.burst_written_s, on.burst_written_s, "{:.1f}"),
-            row("A's drain time (s)", off.a_drain_s, on.a_drain_s, "{:.1f}"),
+            row(f"A's drain time (s){median}", off.a_drain_s, on.a_drain_s, "{:.1f}"),
+            *self._drain_runs(),
             row(
                 "  store ops per A task",
                 off.a_drain_ops / o.burst,
@@ -557,6 +617,30 @@ class FairnessBench:
         if errors:
             lines += ["", "Errors:"] + [f"  {e}" for e in errors[:20]]
         return "\n".join(lines) + "\n"
+
+    def pairs(self) -> list[tuple[ModeResult, ModeResult]]:
+        """The runs two by two as (off, on): each pair ran one after the other."""
+        out = []
+        for first, second in zip(self.runs[::2], self.runs[1::2], strict=False):
+            by_mode = {first.mode: first, second.mode: second}
+            out.append((by_mode.get("off", ModeResult("off")), by_mode.get("on", ModeResult("on"))))
+        return out
+
+    def drain_growths(self) -> list[float]:
+        """A's drain time with fairness on against off, per pair of runs (NaN: one failed)."""
+        return [on.a_drain_s / off.a_drain_s - 1 for off, on in self.pairs()]
+
+    def _drain_runs(self) -> list[str]:
+        if self.opts.rounds <= 1:
+            return []
+        pairs = self.pairs()
+        return [
+            "  each pair of runs (off / on s, growth): "
+            + "; ".join(
+                f"{off.a_drain_s:.1f} / {on.a_drain_s:.1f}, {growth * 100:+.1f} %"
+                for (off, on), growth in zip(pairs, self.drain_growths(), strict=True)
+            )
+        ]
 
     def _load(self, when: str) -> str:
         value = self.results.get(f"load_average_{when}")
@@ -602,10 +686,11 @@ class FairnessBench:
                     got <= bound,
                 )
             )
-        growth = on.a_drain_s / off.a_drain_s - 1 if off.a_drain_s else math.nan
+        growth = middle(self.drain_growths())
+        of_pairs = " (median of the pairs of runs)" if self.opts.rounds > 1 else ""
         out.append(
             (
-                f"A's drain time grows {growth * 100:+.1f} % "
+                f"A's drain time grows {growth * 100:+.1f} %{of_pairs} "
                 f"(<= {DRAIN_GROWTH_TARGET * 100:.0f} %)",
                 growth <= DRAIN_GROWTH_TARGET,
             )
@@ -657,11 +742,17 @@ def parse(argv: list[str]) -> Options:
     ap.add_argument("--timeout", type=float, default=1200.0, help="bound of each mode (s)")
     ap.add_argument("--seed", type=int, default=13)
     ap.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="runs of each mode, alternated, each on a fresh store (drain: median of the pairs)",
+    )
+    ap.add_argument(
         "--out", type=Path, default=RESULTS / "fairness-latest.txt", help="report ('-': none)"
     )
     ap.add_argument("--json", type=Path, default=None, help="also write the results as JSON")
     ns = ap.parse_args(argv)
-    if min(ns.burst, ns.probes, ns.idle_probes, ns.users, ns.max_burst, ns.window) < 1:
+    if min(ns.burst, ns.probes, ns.idle_probes, ns.users, ns.max_burst, ns.window, ns.rounds) < 1:
         ap.error("counts must be at least 1")
     if ns.budget < 0:
         ap.error("--budget must be 0 (none) or more")
@@ -675,6 +766,7 @@ def parse(argv: list[str]) -> Options:
         budget=ns.budget,
         timeout=ns.timeout,
         seed=ns.seed,
+        rounds=ns.rounds,
         out=None if str(ns.out) == "-" else ns.out,
         json_out=ns.json,
     )

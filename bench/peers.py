@@ -32,7 +32,7 @@ from typing import Any
 
 import redis
 
-from bench.procs import Child, clean_env, proc_cpu, python, rss_mb
+from bench.procs import Child, children, clean_env, python, rss_mb, tree_cpu
 from cli.embedded import PrivateRedis
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -57,15 +57,6 @@ class Options:
 def bin_of(name: str) -> str:
     """A console script beside the running interpreter."""
     return str(Path(python()).with_name(name))
-
-
-def children_of(pid: int) -> list[int]:
-    """Direct children of ``pid`` (the Dramatiq CLI forks its worker process)."""
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as fh:
-            return [int(p) for p in fh.read().split()]
-    except OSError:
-        return []
 
 
 def fill(framework: str, url: str, count: int) -> float:
@@ -146,7 +137,7 @@ def drain(framework: str, url: str, opts: Options) -> dict[str, Any]:
     n = 0
 
     def worker_cpu() -> float:
-        return proc_cpu(child.pid) + sum(proc_cpu(p) for p in children_of(child.pid))
+        return tree_cpu(child.pid)
 
     try:
         while time.monotonic() < deadline:
@@ -159,7 +150,7 @@ def drain(framework: str, url: str, opts: Options) -> dict[str, Any]:
                     marks[q] = now
                     if q == 0.1:
                         cpu_at_10 = worker_cpu()
-            for pid in (child.pid, *children_of(child.pid)):
+            for pid in (child.pid, *children(child.pid)):
                 with contextlib.suppress(OSError):
                     rss_peak = max(rss_peak, rss_mb(pid)[0])
             if n >= opts.messages:

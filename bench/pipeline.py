@@ -49,9 +49,9 @@ from bench.procs import (
     product_settings,
     publish,
     taskmanager_exe,
+    tree_cpu,
     wait_http,
 )
-from bench.workers import worker_children
 from cli.embedded import free_port
 from config.connections import Connections
 from core import search
@@ -161,14 +161,14 @@ class PipelineBench:
 
         quiet_wait = await self.quiet(svc)
         ops0 = await mongo_ops(ctx)
-        cpu0 = {k: cpu(p) for k, p in procs.items()} | {"mongo": mongo_cpu(svc)}
+        cpu0 = {k: tree_cpu(p.pid) for k, p in procs.items()} | {"mongo": mongo_cpu(svc)}
         t0 = time.monotonic()
         await asyncio.gather(*(post(b) for b in bodies))
         acked = time.monotonic() - t0
         await self.settled(ctx, owner, t0 + SETTLE_TIMEOUT, procs)
         took = time.monotonic() - t0
         ops1 = await mongo_ops(ctx)
-        cpu1 = {k: cpu(p) for k, p in procs.items()} | {"mongo": mongo_cpu(svc)}
+        cpu1 = {k: tree_cpu(p.pid) for k, p in procs.items()} | {"mongo": mongo_cpu(svc)}
         ops = {k: ops1.get(k, 0) - ops0.get(k, 0) for k in ops1}
         ok = self.writes - len(errors)
         result = {
@@ -218,12 +218,6 @@ async def mongo_ops(ctx: Any) -> dict[str, int]:
     """The server's operation counters."""
     status = await ctx.store.client.admin.command("serverStatus")
     return {k: int(v) for k, v in status.get("opcounters", {}).items()}
-
-
-def cpu(child: Child) -> float:
-    """CPU seconds of a process, or of the Dramatiq processes a ``taskmanager worker`` forked."""
-    pids = worker_children(child.pid) if child.name.startswith("worker") else []
-    return sum(proc_cpu(pid) for pid in pids or [child.pid])
 
 
 def mongo_cpu(svc: Services) -> float:

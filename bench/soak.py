@@ -52,10 +52,10 @@ import aiohttp
 from pymongo import AsyncMongoClient
 
 from bench.api import API, PASSWORD, SECRET, WORDS, task_body
-from bench.peers import children_of
 from bench.procs import (
     Child,
     Services,
+    children,
     event_settled,
     product_env,
     rss_mb,
@@ -147,7 +147,7 @@ class Soak:
         out = {name: child.pid for name, child in self.procs.items() if child.alive()}
         worker = self.procs.get("worker")
         if worker is not None:
-            for i, pid in enumerate(children_of(worker.pid)):
+            for i, pid in enumerate(children(worker.pid)):
                 out[f"worker process {i + 1}"] = pid
             out["worker (parent)"] = out.pop("worker")
         return out

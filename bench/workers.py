@@ -67,6 +67,7 @@ from bench.procs import (
     Child,
     CpuSnapshot,
     Services,
+    children,
     clean_env,
     cpu_model,
     machine_busy,
@@ -176,26 +177,6 @@ def cells(d: dict[str, float]) -> str:
 def verdict(ok: bool) -> str:
     """PASS or MISS."""
     return "PASS" if ok else "MISS"
-
-
-def worker_children(parent: int) -> list[int]:
-    """The Dramatiq worker processes of ``parent`` (its children, forked on Linux; not
-    multiprocessing's resource tracker)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as fh:
-                ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
-            if ppid != parent:
-                continue
-            with open(f"/proc/{entry}/cmdline", "rb") as fh:
-                if b"resource_tracker" not in fh.read():
-                    found.append(int(entry))
-        except (OSError, ValueError, IndexError):
-            continue
-    return found
 
 
 def log_errors(child: Child) -> list[str]:
@@ -612,7 +593,7 @@ class WorkerBench:
             if math.isnan(first):
                 if ready < n:
                     first = now
-                    pids = worker_children(child.pid)
+                    pids = children(child.pid)
                     pid = pids[0] if pids else 0
                     cpu0, busy0 = proc_cpu(pid), machine_busy()
                 elif now > start_deadline or not child.alive():
@@ -825,14 +806,14 @@ class WorkerBench:
             live = r.zrangebyscore(
                 registry_index(self.ev_prefix), time.time() * 1000 - 3000, "+inf"
             )
-            if live and worker_children(child.pid):
+            if live and children(child.pid):
                 return
             await asyncio.sleep(0.1)
         raise RuntimeError(f"no worker registered within {timeout}s:\n{child.output()}")
 
     def event_pids(self) -> dict[str, int]:
         """The processes whose CPU the events section reports."""
-        pids = worker_children(self.worker.pid)
+        pids = children(self.worker.pid)
         mongo = self.svc.mongo.process
         return {
             "web": self.web.pid,

@@ -58,3 +58,32 @@ def test_api_benchmark_runs_end_to_end(tmp_path: Path) -> None:
     if not results["redis_private"]:
         client = redis.Redis.from_url(results["redis_url"])
         assert list(client.scan_iter(match=results["redis_prefix"] + "*")) == []
+
+
+def test_a_process_trees_children_and_cpu() -> None:
+    """``children`` finds what a process forked (and only that); ``tree_cpu`` adds their CPU
+    to the parent's: the child here spins for 0.5 s of CPU while its parent sleeps."""
+    import subprocess
+    import sys
+    import time
+
+    from bench.procs import children, proc_cpu, tree_cpu
+
+    code = (
+        "import os, sys, time\n"
+        "if os.fork() == 0:\n"
+        "    end = time.process_time() + 0.5\n"
+        "    while time.process_time() < end: pass\n"
+        "    time.sleep(5); os._exit(0)\n"
+        "print('forked', flush=True); time.sleep(5)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    with parent:
+        assert parent.stdout is not None and parent.stdout.readline() == "forked\n"
+        forked = children(parent.pid)
+        assert len(forked) == 1 and children(forked[0]) == []
+        deadline = time.monotonic() + 10
+        while proc_cpu(forked[0]) < 0.4 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert tree_cpu(parent.pid) >= proc_cpu(parent.pid) + 0.4
+        parent.kill()

@@ -8,7 +8,18 @@ from pathlib import Path
 
 import pytest
 
-from bench.fairness import _where, burst_sizes, jain, model, p95, parse
+from bench.fairness import (
+    FairnessBench,
+    ModeResult,
+    _where,
+    burst_sizes,
+    jain,
+    merge,
+    model,
+    p95,
+    parse,
+    run_order,
+)
 from tests.bench.runs import run_bench
 
 #: A tiny run.
@@ -61,6 +72,51 @@ def test_the_model_of_ideal_policies() -> None:
         pytest.approx(jain([2.0, 8 / 3])),
         pytest.approx(jain([2.0, 4 / 3])),
     )
+
+
+def test_rounds_alternate_pair_up_and_merge() -> None:
+    """With --rounds the modes alternate (ABBA), A's drain growth is the median over pairs of
+    runs that ran one after the other, and each mode's runs merge into its figures."""
+    assert run_order(1) == ["off", "on"]
+    assert run_order(3) == ["off", "on", "on", "off", "off", "on"]
+
+    def ran(mode: str, drain: float, probe: float, jain_index: float) -> ModeResult:
+        return ModeResult(
+            mode,
+            idle_search=[probe],
+            burst_search=[probe * 2],
+            a_drain_s=drain,
+            a_drain_ops=100,
+            a_drain_cpu={"store": drain / 2},
+            jain_delay=jain_index,
+            jain_slowdown=jain_index / 2,
+            users_mean_delay_s={f"u00{len(mode)}{drain}": drain},
+        )
+
+    bench = FairnessBench(parse(["--rounds", "2", "--out", "-"]))
+    bench.runs = [
+        ran("off", 50.0, 0.2, 0.9),
+        ran("on", 60.0, 0.3, 0.8),
+        ran("on", 52.0, 0.4, 1.0),
+        ran("off", 52.0, 0.1, 0.7),
+    ]
+    assert [(off.a_drain_s, on.a_drain_s) for off, on in bench.pairs()] == [(50, 60), (52, 52)]
+    assert bench.drain_growths() == pytest.approx([0.2, 0.0])
+    on = merge("on", [r for r in bench.runs if r.mode == "on"])
+    assert on.a_drain_s == 56.0 and on.jain_delay == pytest.approx(0.9)
+    assert on.idle_search == [0.3, 0.4] and on.burst_search == [0.6, 0.8]
+    assert on.a_drain_cpu == {"store": pytest.approx(28.0)} and on.a_drain_ops == 100
+    assert len(on.users_mean_delay_s) == 2
+    assert merge("off", [bench.runs[0]]) is bench.runs[0]
+    bench.modes = {m: merge(m, [r for r in bench.runs if r.mode == m]) for m in ("off", "on")}
+    bench.results["started_at"] = "now"
+    report = bench.report()
+    assert "A's drain time (s), median" in report
+    assert "50.0 / 60.0, +20.0 %; 52.0 / 52.0, +0.0 %" in report
+    assert "MISS  A's drain time grows +10.0 % (median of the pairs of runs)" not in report
+    assert "PASS  A's drain time grows +10.0 % (median of the pairs of runs)" in report
+    with pytest.raises(SystemExit):
+        parse(["--rounds", "0"])
 
 
 def test_budget_option_and_where_a_mode_failed(capsys: pytest.CaptureFixture[str]) -> None:
