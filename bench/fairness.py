@@ -544,7 +544,7 @@ class FairnessBench:
         o = self.opts
         median = ", median" if o.rounds > 1 else ""
         lines = [
-            "Fairness benchmark (python -m bench fairness)",
+            f"Fairness benchmark ({self.results.get('command', 'python -m bench fairness')})",
             f"started {self.results['started_at']}; {cpu_model()}; {os.cpu_count()} CPUs; "
             f"load average at start {self._load('start')}, at end {self._load('end')}",
             f"{self.results.get('services', '')}",
@@ -772,10 +772,22 @@ def parse(argv: list[str]) -> Options:
     )
 
 
+def command_line(argv: list[str]) -> str:
+    """What to type to run the benchmark again as ``argv`` did, its output paths left out."""
+    shown, args = [], iter(argv)
+    for arg in args:
+        if arg in ("--out", "--json"):
+            next(args, None)  # and its value
+        elif not arg.startswith(("--out=", "--json=")):
+            shown.append(arg)
+    return " ".join(["python -m bench fairness", *shown])
+
+
 def main(argv: list[str]) -> int:
     """Run the fairness benchmark; print the report and write it to the results file."""
     opts = parse(argv)
     bench = FairnessBench(opts)
+    bench.results["command"] = command_line(argv)
     report = bench.run()
     publish(report, opts.out)
     if opts.json_out is not None:

@@ -5,6 +5,7 @@ the causes measured by the benchmarks themselves (their text reports are appende
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from bench.growth import KINDS
@@ -194,6 +195,13 @@ def targets(res: dict[str, dict[str, Any]]) -> list[tuple[str, str, str, str]]:
     return rows
 
 
+def written_by(name: str, command: str, text: str) -> str:
+    """The command a quoted report was written by: ``command``, else the one its first line
+    names in parentheses (the fairness report, whose options vary), else the bare one."""
+    ran = re.match(r"[^(\n]*\((python -m bench [^)\n]*)\)", text)
+    return command or (ran.group(1) if ran else f"python -m bench {name}")
+
+
 def _img(plots: dict[str, str], rel: str, name: str, alt: str) -> list[str]:
     return [f"![{alt}]({rel}/{plots[name]})", ""] if name in plots else []
 
@@ -311,7 +319,8 @@ def document(
             "Disaster recovery, RPO at the default interval",
             "python -m bench dr --tasks 20000 --out bench/results/dr-rpo-latest.txt",
         ),
-        ("fairness", "Fair dispatch", "python -m bench fairness --burst 500"),
+        # The fairness report names its command line (options vary) in its first line.
+        ("fairness", "Fair dispatch", ""),
         (
             "pipeline",
             "Worker pipeline as the store grows",
@@ -325,6 +334,7 @@ def document(
     ):
         if name in extra:
             text, when = extra[name]
+            command = written_by(name, command, text)
             out += [
                 f"{title}: `bench/results/{name}-latest.txt` as written on {when} by "
                 f"`{command}` (not re-run by `make bench`):",
@@ -336,7 +346,8 @@ def document(
             ]
         else:
             out += [
-                f"{title}: no `bench/results/{name}-latest.txt` yet (`{command}` writes it).",
+                f"{title}: no `bench/results/{name}-latest.txt` yet "
+                f"(`{written_by(name, command, '')}` writes it).",
                 "",
             ]
     out += ["## Why the misses", "", why(res, extra), ""]

@@ -13,6 +13,7 @@ from bench.fairness import (
     ModeResult,
     _where,
     burst_sizes,
+    command_line,
     jain,
     merge,
     model,
@@ -20,6 +21,7 @@ from bench.fairness import (
     parse,
     run_order,
 )
+from bench.report_text import written_by
 from tests.bench.runs import run_bench
 
 #: A tiny run.
@@ -110,7 +112,13 @@ def test_rounds_alternate_pair_up_and_merge() -> None:
     assert merge("off", [bench.runs[0]]) is bench.runs[0]
     bench.modes = {m: merge(m, [r for r in bench.runs if r.mode == m]) for m in ("off", "on")}
     bench.results["started_at"] = "now"
+    bench.results["command"] = command_line(["--rounds", "2", "--out", "x.txt", "--json=y"])
     report = bench.report()
+    assert report.startswith("Fairness benchmark (python -m bench fairness --rounds 2)\n")
+    # BENCHMARKS.md quotes the report with the command it names.
+    assert written_by("fairness", "", report) == "python -m bench fairness --rounds 2"
+    assert written_by("fairness", "", "") == "python -m bench fairness"
+    assert written_by("dr", "python -m bench dr", report) == "python -m bench dr"
     assert "A's drain time (s), median" in report
     assert "50.0 / 60.0, +20.0 %; 52.0 / 52.0, +0.0 %" in report
     assert "MISS  A's drain time grows +10.0 % (median of the pairs of runs)" not in report
