@@ -4,6 +4,7 @@ on them)."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -103,7 +104,7 @@ def test_rounds_alternate_pair_up_and_merge() -> None:
         ran("off", 52.0, 0.1, 0.7),
     ]
     assert [(off.a_drain_s, on.a_drain_s) for off, on in bench.pairs()] == [(50, 60), (52, 52)]
-    assert bench.drain_growths() == pytest.approx([0.2, 0.0])
+    assert bench.drain_growths() == [(pytest.approx(0.2), ""), (pytest.approx(0.0), "")]
     on = merge("on", [r for r in bench.runs if r.mode == "on"])
     assert on.a_drain_s == 56.0 and on.jain_delay == pytest.approx(0.9)
     assert on.idle_search == [0.3, 0.4] and on.burst_search == [0.6, 0.8]
@@ -125,6 +126,24 @@ def test_rounds_alternate_pair_up_and_merge() -> None:
     assert "PASS  A's drain time grows +10.0 % (median of the pairs of runs)" in report
     with pytest.raises(SystemExit):
         parse(["--rounds", "0"])
+
+    # A drain given up (not over within the bound) bounds the growth: fairness off not over
+    # after 600 s while on drained in 240 s is a growth under -60 %, a pass; the other way
+    # round a growth over +150 %, no proof of anything below the target.
+    gave_up = ModeResult("off", a_drain_unfinished_s=600.0)
+    bench.runs = [gave_up, ran("on", 240.0, 0.3, 0.8)]
+    assert bench.drain_growths() == [(pytest.approx(-0.6), "<")]
+    assert bench.drain_growth() == (pytest.approx(-0.6), "<", True)
+    bench.runs = [ran("off", 240.0, 0.3, 0.8), ModeResult("on", a_drain_unfinished_s=600.0)]
+    assert bench.drain_growth() == (pytest.approx(1.5), ">", False)
+    bench.runs = [gave_up, ModeResult("on")]
+    assert math.isnan(bench.drain_growth()[0]) and not bench.drain_growth()[2]
+    bench.opts.rounds = 1
+    bench.runs = [gave_up, ran("on", 240.0, 0.3, 0.8)]
+    bench.modes = {"off": gave_up, "on": bench.runs[1]}
+    report = bench.report()
+    assert "A's drain time (s)                        >600.0         240.0" in report
+    assert "PASS  A's drain time grows <-60.0 % (<= 10 %; a drain not over after 600 s" in report
 
 
 def test_budget_option_and_where_a_mode_failed(capsys: pytest.CaptureFixture[str]) -> None:
