@@ -97,6 +97,8 @@ P95_FACTOR, P95_SLACK_S = 2.0, 1.0
 DRAIN_GROWTH_TARGET = 0.10
 JAIN_TARGET = 0.9
 MODES = ("off", "on")
+#: A probe's effect not seen within this many seconds is given up (unseen).
+PROBE_LIMIT_S = 60.0
 
 
 @dataclass
@@ -147,10 +149,11 @@ class ModeResult:
 
 
 def p95(values: list[float]) -> float:
-    """The 95th percentile (nearest rank); NaN for no values."""
+    """The 95th percentile (nearest rank), an unseen probe (NaN) counting as infinitely late;
+    NaN for no values."""
     if not values:
         return math.nan
-    ordered = sorted(values)
+    ordered = sorted(math.inf if math.isnan(v) else v for v in values)
     return ordered[max(0, math.ceil(0.95 * len(ordered)) - 1)]
 
 
@@ -184,6 +187,12 @@ def model(sizes: list[int], order: list[int]) -> dict[str, tuple[float, float]]:
         )
         for policy, times in done.items()
     }
+
+
+def mean(values: list[float]) -> float:
+    """The mean of the finite values (NaN: none; a failed run has none)."""
+    finite_values = [v for v in values if math.isfinite(v)]
+    return statistics.fmean(finite_values) if finite_values else math.nan
 
 
 def run_order(rounds: int) -> list[str]:
@@ -236,8 +245,8 @@ def merge(mode: str, runs: list[ModeResult]) -> ModeResult:
     out.many_drain_s = middle([r.many_drain_s for r in runs])
     out.a_waiting_at_probes = round(middle([r.a_waiting_at_probes for r in runs]))
     out.a_drain_ops = round(sum(r.a_drain_ops for r in runs) / max(1, len(runs)))
-    out.jain_delay = statistics.fmean([r.jain_delay for r in runs])
-    out.jain_slowdown = statistics.fmean([r.jain_slowdown for r in runs])
+    out.jain_delay = mean([r.jain_delay for r in runs])
+    out.jain_slowdown = mean([r.jain_slowdown for r in runs])
     return out
 
 
@@ -449,12 +458,15 @@ class FairnessBench:
             await receiver.close()
 
     async def _probe(self, stack: Stack, receiver: Receiver, token: str) -> tuple[float, float]:
-        """B writes one task; seconds to searchable and to its webhook (NaN: not in 60 s)."""
+        """B writes one task; seconds to searchable and to its webhook (NaN: not within
+        :data:`PROBE_LIMIT_S`)."""
         w = word()
         task = await stack.call("POST", f"{API}/tasks", token, {"title": f"probe {w}"})
         acked = time.monotonic()
         searchable = hook = math.nan
-        while time.monotonic() - acked < 60 and (math.isnan(searchable) or math.isnan(hook)):
+        while time.monotonic() - acked < PROBE_LIMIT_S and (
+            math.isnan(searchable) or math.isnan(hook)
+        ):
             if math.isnan(searchable):
                 hits = await stack.call("GET", f"{API}/search?q={w}&limit=5", token)
                 if any(h["task"]["id"] == task["id"] for h in hits["items"]):
@@ -586,6 +598,8 @@ class FairnessBench:
 
         def row(label: str, a: float, b: float, fmt: str = "{:.2f}") -> str:
             def cell(v: float) -> str:
+                if math.isinf(v):  # a probe unseen
+                    return f">{PROBE_LIMIT_S:.0f}"
                 return "-" if math.isnan(v) else fmt.format(v)
 
             return f"{label:34}{cell(a):>14}{cell(b):>14}"

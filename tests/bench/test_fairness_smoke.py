@@ -62,6 +62,8 @@ def test_the_figures_helpers() -> None:
     assert jain([2.0, 2.0, 2.0]) == pytest.approx(1.0)
     assert jain([1.0, 0.0, 0.0, 0.0]) == pytest.approx(0.25)
     assert p95([float(i) for i in range(1, 101)]) == 95.0
+    # A probe unseen within the limit (NaN) is later than any seen one.
+    assert p95([1.0, math.nan, 2.0]) == math.inf
     assert burst_sizes(5, 9) == [1, 1, 3, 5, 9]
 
 
@@ -136,6 +138,8 @@ def test_rounds_alternate_pair_up_and_merge() -> None:
     assert bench.drain_growth() == (pytest.approx(-0.6), "<", True)
     bench.runs = [ran("off", 240.0, 0.3, 0.8), ModeResult("on", a_drain_unfinished_s=600.0)]
     assert bench.drain_growth() == (pytest.approx(1.5), ">", False)
+    # A mode that failed in one run (no Jain figures) is merged from the others'.
+    assert merge("off", [gave_up, ran("off", 240.0, 0.3, 0.8)]).jain_delay == pytest.approx(0.8)
     bench.runs = [gave_up, ModeResult("on")]
     assert math.isnan(bench.drain_growth()[0]) and not bench.drain_growth()[2]
     bench.opts.rounds = 1
