@@ -91,8 +91,8 @@ def machine() -> list[str]:
     return [
         f"- Machine: {platform.system()} {platform.release()}, {os.cpu_count()} CPUs ({cpu}), "
         f"{mem_kb / 1024 / 1024:.1f} GiB RAM; load average at the end "
-        f"{' '.join(f'{x:.1f}' for x in os.getloadavg())} (the machine is shared: other "
-        "jobs ran)",
+        f"{' '.join(f'{x:.1f}' for x in os.getloadavg())} (other work on the "
+        "machine, if any, competes for the same cores)",
         f"- Python {sys.version.split()[0]}; aiohttp {_pkg('aiohttp')}, "
         f"dramatiq {_pkg('dramatiq')}, pymongo {_pkg('pymongo')}, redis-py {_pkg('redis')}",
         f"- {_cmd_version('redis-server', '--version')}",
@@ -175,7 +175,7 @@ def render(results: list[Result], skipped: dict[str, str], took_s: float) -> str
     misses = [r for r in results if not r.passed]
     lines += ["", "## Misses: cause and the change that would close them", ""]
     if not misses and not skipped:
-        lines.append("None.")
+        lines += ["None.", ""]
     for r in misses:
         lines.append(f"### {r.name}")
         lines.append("")
