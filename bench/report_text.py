@@ -541,15 +541,13 @@ def why_extra(extra: dict[str, tuple[str, str]]) -> list[str]:
         )
     if _missed(fair, "A's drain time grows"):
         out.append(
-            "- **A's drain time with fair share on**: within run-to-run noise of the bound "
-            "(three runs on 2026-12-01, each mode on a fresh test server: -3.5 %, +0.2 %, "
-            "+10.9 %), with the same store operations per A task in both modes. The +32 % to "
-            "+43 % reported before were mostly the benchmark's: the on mode ran second on the "
-            "server the off mode had filled (SecantusDB prunes its retryable-write registry in "
-            "O(n) per write; one mode twice on one server: 78.1 s then 85.1 s). What fair "
-            "share still costs the test server: the held-back relay's rounds (every 0.1 s, "
-            "newest pending and in-flight events read again); its outbox and backlog gauges "
-            "now come from the rounds' view instead of walking the outbox's index each second."
+            "- **A's drain time with fair share on**: one pair of runs varies by about ±10 % "
+            "(on 2026-12-01 one pair moved from -3.5 % to +10.9 % between runs), so the "
+            "figure is meant from `--rounds 2` or more (modes alternated on fresh test "
+            "servers, the median over the pairs: -2.4 % that day). What fair share costs "
+            "the test server is the held-back relay's rounds (every 0.1 s: newest pending and "
+            "in-flight events read again); rounds 0.25 s apart cost 10 % less of its CPU but "
+            "drained A's burst 18-21 % more slowly (the refills' latency bounds the drain)."
         )
     if _missed(fair, "per-user slowdown"):
         out.append(
@@ -627,6 +625,16 @@ def why(res: dict[str, dict[str, Any]], extra: dict[str, tuple[str, str]] | None
             "windows of the ceiling, the raw store and the web process also get different "
             "shares of the CPU (the API report's CPU table shows how much *other* work ran "
             "in each window)."
+            + (
+                " POST /tasks is another matter: both its windows are bound by the test "
+                "server (the API report's *bottleneck*), and the raw store's write is the "
+                "transaction alone, while the web process's window also carries its outbox "
+                "relay reading, claiming and settling the events those writes recorded, on the "
+                "same server (the relay's share: *MongoDB operations per write* below). What "
+                "would close it: a real MongoDB; fewer relay operations per event."
+                if any(e is eps.get("create") for e in missed)
+                else ""
+            )
         )
     ev = wk.get("events")
     search_p95, hook_p95 = (ev or {}).get("searchable_ms", {}), (ev or {}).get("webhook_ms", {})
