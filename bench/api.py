@@ -65,6 +65,7 @@ from bench.procs import (
     Services,
     clean_env,
     cpu_model,
+    publish,
     python,
     rss_mb,
     taskmanager_exe,
@@ -1485,10 +1486,7 @@ def main(argv: list[str]) -> int:
     opts = parse(argv)
     bench = ApiBench(opts, argv)
     report = asyncio.run(bench.run())
-    sys.stdout.write(report)
-    if opts.out is not None:
-        opts.out.parent.mkdir(parents=True, exist_ok=True)
-        opts.out.write_text(report)
+    publish(report, opts.out)
     if opts.json_out is not None:
         opts.json_out.write_text(json.dumps(bench.results, indent=2, default=str))
     return 0

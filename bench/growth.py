@@ -40,6 +40,7 @@ from bench.procs import (
     Services,
     product_env,
     product_settings,
+    publish,
     rss_mb,
     taskmanager_exe,
     wait_http,
@@ -261,10 +262,7 @@ def main(argv: list[str]) -> int:
         ap.error("--sizes of positive integers, --requests >= 1")
     res = asyncio.run(GrowthBench(sizes, ns.requests, ns.warmup, ns.budget).run())
     text = report(res)
-    sys.stdout.write(text)
-    if str(ns.out) != "-":
-        ns.out.parent.mkdir(parents=True, exist_ok=True)
-        ns.out.write_text(text)
+    publish(text, None if str(ns.out) == "-" else ns.out)
     if ns.json is not None:
         ns.json.write_text(json.dumps(res, indent=2))
     return 0

@@ -32,7 +32,7 @@ from typing import Any
 
 import redis
 
-from bench.procs import Child, children, clean_env, python, rss_mb, tree_cpu
+from bench.procs import Child, children, clean_env, publish, python, rss_mb, tree_cpu
 from cli.embedded import PrivateRedis
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -273,10 +273,7 @@ def main(argv: list[str]) -> int:
     opts = parse(argv)
     res = run(opts)
     text = report(res)
-    sys.stdout.write(text)
-    if opts.out is not None:
-        opts.out.parent.mkdir(parents=True, exist_ok=True)
-        opts.out.write_text(text)
+    publish(text, opts.out)
     if opts.json_out is not None:
         opts.json_out.write_text(json.dumps(res, indent=2))
     return 0

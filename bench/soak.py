@@ -58,6 +58,7 @@ from bench.procs import (
     children,
     event_settled,
     product_env,
+    publish,
     rss_mb,
     taskmanager_exe,
     wait_http,
@@ -746,10 +747,7 @@ def main(argv: list[str]) -> int:
     soak = Soak(ns.seconds, ns.rate, ns.interval, ns.warmup_share, ns.drain_timeout)
     res = asyncio.run(soak.run())
     text = report(res)
-    sys.stdout.write(text)
-    if str(ns.out) != "-":
-        ns.out.parent.mkdir(parents=True, exist_ok=True)
-        ns.out.write_text(text)
+    publish(text, None if str(ns.out) == "-" else ns.out)
     if ns.json is not None:
         ns.json.write_text(json.dumps(res, indent=2))
     return 0
