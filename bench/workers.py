@@ -1084,9 +1084,12 @@ class WorkerBench:
             async for d in db["search_index"].find({"_id": {"$in": oids}}, {"indexed_at": 1})
             if "indexed_at" in d
         }
+        # When the fold was written (``at`` is when a later compaction added it up).
         folded = {
-            by_event[d["_id"]]: d["at"]
-            async for d in db["analytics_seen"].find({"_id": {"$in": list(by_event)}}, {"at": 1})
+            by_event[d["_id"]]: d["folded_at"]
+            async for d in db["analytics_seen"].find(
+                {"_id": {"$in": list(by_event)}}, {"folded_at": 1}
+            )
         }
         delivered: dict[str, datetime] = {}
         attempts: list[int] = []

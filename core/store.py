@@ -109,11 +109,13 @@ INDEXES: dict[str, list[IndexModel]] = {
             [("deleted_at", ASCENDING)], expireAfterSeconds=86_400, sparse=True, name="tombstones"
         ),
     ],
-    # Analytics (core/analytics.py): folded event ids (the at-least-once guard), reaped after
-    # a week; per-day counters read by the rollup, day by day; the rolled-up figures, read by
-    # _id range ("<user>:<day>") and rewritten day by day.
+    # Analytics (core/analytics.py): folds by event id (the at-least-once guard), the open
+    # ones read by the compaction, reaped a week after they were added to the counters (``at``
+    # is set then); per-day counters read by the rollup, day by day; the rolled-up figures,
+    # read by _id range ("<user>:<day>") and rewritten day by day.
     "analytics_seen": [
         IndexModel([("at", ASCENDING)], expireAfterSeconds=7 * 86_400, name="ttl"),
+        IndexModel([("open", ASCENDING)], name="open", sparse=True),
     ],
     "analytics_counters": [IndexModel([("day", ASCENDING), ("user_id", ASCENDING)], name="day")],
     "analytics_daily": [IndexModel([("day", ASCENDING), ("user_id", ASCENDING)], name="day")],

@@ -1,8 +1,8 @@
 """Analytics actor: folds task events into the per-day counters (core/analytics.py).
 
-Folding is guarded by the event id in the same transaction as the increments, so a redelivered
-message counts once. The per-day figures the API serves are rolled up from these counters by
-the ``rollup_analytics`` maintenance actor (scheduled job ``analytics-rollup``).
+A fold is one insert keyed by the event id, so a redelivered message counts once. The
+``rollup_analytics`` maintenance actor (scheduled job ``analytics-rollup``) adds the folds to
+the per-day counters and rolls those up into the figures the API serves.
 """
 
 from __future__ import annotations
@@ -17,6 +17,6 @@ log = get_logger(__name__)
 
 
 async def fold_analytics(ctx: ActorContext, event: TaskEvent) -> None:
-    """Count the event on its day, for its user and for everyone (once per event id)."""
+    """Count the event on its user's day (once per event id; the rollup adds it up)."""
     folded = await analytics.fold_event(ctx, event)
     log.debug("analytics.folded", type=event.type.value, folded=folded)

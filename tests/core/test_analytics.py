@@ -48,12 +48,15 @@ def event(
 
 
 async def counters(ctx: Context, owner: str, day: date = DAY) -> Doc:
+    """The user's counters of ``day`` once the open folds are added (as the rollup reads them)."""
+    await analytics.compact(ctx)
     doc = await ctx.store["analytics_counters"].find_one({"_id": f"{owner}:{day.isoformat()}"})
     return {f: (doc or {}).get(f, 0) for f in analytics.FIGURES}
 
 
 async def totals(ctx: Context, day: date = DAY) -> Doc:
     """Everyone's counters of ``day`` (summed from the users')."""
+    await analytics.compact(ctx)
     found = await analytics.day_totals(ctx, [day.isoformat()])
     return found.get(day.isoformat(), dict.fromkeys(analytics.FIGURES, 0))
 
@@ -103,14 +106,37 @@ async def test_concurrent_redeliveries_count_once(ctx: Context) -> None:
     assert await totals(ctx) == {"created": 0, "completed": 1, "deleted": 0}
 
 
+async def test_a_fold_is_one_insert_carrying_its_increments(ctx: Context) -> None:
+    created = event("task.created", status="done", completed_at=MIDNIGHT)
+    assert await analytics.fold_event(ctx, created) is True
+    fold = await ctx.store["analytics_seen"].find_one({"_id": created.id})
+    assert fold is not None
+    assert (fold["user_id"], fold["day"], fold["inc"]) == (
+        ME,
+        DAY.isoformat(),
+        {"created": 1, "completed": 1},
+    )
+    # Open: not yet in the counters, and not reaped (the TTL index reads ``at``).
+    assert fold[analytics.OPEN] is True and "at" not in fold
+    assert await ctx.store["analytics_counters"].count_documents({}) == 0
+    assert await analytics.compact(ctx) == 1
+    closed = await ctx.store["analytics_seen"].find_one({"_id": created.id})
+    assert closed is not None and analytics.OPEN not in closed and "at" in closed
+    assert await counters(ctx, ME) == {"created": 1, "completed": 1, "deleted": 0}
+    # The guard outlives the compaction: a redelivery now still counts nothing.
+    assert await analytics.fold_event(ctx, created) is False
+    assert await analytics.compact(ctx) == 0
+    assert await counters(ctx, ME) == {"created": 1, "completed": 1, "deleted": 0}
+
+
 class _FailingCounters:
-    """``analytics_counters`` whose increment fails: a crash after the guard was written
-    inside the transaction."""
+    """``analytics_counters`` whose increment fails: a crash after the folds were closed
+    inside the compaction's transaction."""
 
     def __init__(self, real: Any):
         self.real = real
 
-    async def update_one(self, flt: Doc, *args: Any, **kwargs: Any) -> Any:
+    async def bulk_write(self, *args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("crash between the writes")
 
 
@@ -120,17 +146,42 @@ class _CrashingStore(Store):
         return _FailingCounters(real) if name == "analytics_counters" else real
 
 
-async def test_a_crash_mid_fold_leaves_neither_guard_nor_counts(ctx: Context) -> None:
+async def test_a_crash_mid_compaction_leaves_the_folds_open_and_uncounted(ctx: Context) -> None:
     crashing = Context(ctx.settings, _CrashingStore(ctx.store.client, ctx.store.db.name), ctx.redis)
     created = event("task.created")
-    with pytest.raises(RuntimeError):
-        await analytics.fold_event(crashing, created)
-    assert await ctx.store["analytics_seen"].find_one({"_id": created.id}) is None
-    assert await counters(ctx, ME) == {"created": 0, "completed": 0, "deleted": 0}
-    # The redelivery (the actor retries) counts it, once.
     assert await analytics.fold_event(ctx, created) is True
+    with pytest.raises(RuntimeError):
+        await analytics.compact(crashing)
+    fold = await ctx.store["analytics_seen"].find_one({"_id": created.id})
+    assert fold is not None and fold[analytics.OPEN] is True, "the close was rolled back"
+    assert await ctx.store["analytics_counters"].count_documents({}) == 0
+    # The next compaction counts it, once.
     assert await counters(ctx, ME) == {"created": 1, "completed": 0, "deleted": 0}
     assert (await totals(ctx))["created"] == 1
+
+
+async def test_racing_compactions_count_each_fold_once(ctx: Context) -> None:
+    folds = [event("task.created", ME if i % 3 else OTHER) for i in range(45)]
+    await asyncio.gather(*(analytics.fold_event(ctx, e) for e in folds))
+    # Small batches, so the racers meet on the same folds many times.
+    closed = await asyncio.gather(*(analytics.compact(ctx, batch=7) for _ in range(4)))
+    assert sum(closed) == 45, closed
+    assert await counters(ctx, ME) == {"created": 30, "completed": 0, "deleted": 0}
+    assert await counters(ctx, OTHER) == {"created": 15, "completed": 0, "deleted": 0}
+    assert await ctx.store["analytics_seen"].count_documents({analytics.OPEN: True}) == 0
+
+
+async def test_folds_made_before_compaction_existed_count_as_closed(ctx: Context) -> None:
+    """A fold written by the transaction of earlier versions (guard with ``at``, increments
+    already in the counters) is never counted again."""
+    await ctx.store["analytics_seen"].insert_one(
+        {"_id": "old-event", "type": "task.created", "day": DAY.isoformat(), "at": MIDNIGHT}
+    )
+    await ctx.store["analytics_counters"].insert_one(
+        {"_id": f"{ME}:{DAY.isoformat()}", "user_id": ME, "day": DAY.isoformat(), "created": 1}
+    )
+    assert await analytics.compact(ctx) == 0
+    assert await counters(ctx, ME) == {"created": 1, "completed": 0, "deleted": 0}
 
 
 async def test_events_count_on_the_task_s_own_day(ctx: Context) -> None:

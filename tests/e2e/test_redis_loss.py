@@ -27,6 +27,7 @@ from bson import ObjectId
 from pymongo import AsyncMongoClient
 
 from cli.embedded import PrivateRedis
+from core import analytics
 from tests.conftest import SmtpSink, eventually
 from tests.e2e.helpers import Proc
 from tests.e2e.test_pipeline import API, Api, Receiver, receiver, service_env, services
@@ -231,5 +232,4 @@ async def run_scenario(
 
 
 async def analytics_created(db: Any, user_id: str) -> int:
-    docs = await db["analytics_counters"].find({"user_id": user_id}).to_list()
-    return sum(int(d.get("created", 0)) for d in docs)
+    return (await analytics.counted_now(db, [user_id]))["created"]

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from core import jobruns
+from core import analytics, jobruns
 from core.context import Context
 from core.events import public_event
 from tests.conftest import bearer, eventually, register
@@ -40,6 +40,7 @@ def moment(text: str) -> datetime:
 
 
 async def counted(ctx: Context, user_id: str, day: str) -> tuple[int, int]:
+    await analytics.compact(ctx)
     doc = await ctx.store["analytics_counters"].find_one({"_id": f"{user_id}:{day}"}) or {}
     return doc.get("created", 0), doc.get("completed", 0)
 
@@ -115,6 +116,7 @@ async def test_a_deleted_task_is_counted_and_a_redelivery_is_not(
     for _ in range(2):
         await asyncio.to_thread(app[PLATFORM].actors["fold_analytics"].send, public_event(stored))
     await asyncio.to_thread(broker.join, "analytics", timeout=30_000)
+    await analytics.compact(ctx)
     doc = await ctx.store["analytics_counters"].find_one({"_id": f"{user_id}:{day}"})
     assert doc is not None
     assert (doc.get("created"), doc.get("completed"), doc.get("deleted")) == (1, None, 1), doc
