@@ -147,6 +147,18 @@ def children(parent: int) -> list[int]:
     return found
 
 
+async def await_children(parent: int, count: int, timeout: float = 30.0) -> list[int]:
+    """The first ``count`` processes ``parent`` forks (a web group's members, a worker's
+    worker processes), once they exist."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = children(parent)
+        if len(found) >= count:
+            return sorted(found)[:count]
+        await asyncio.sleep(0.2)
+    raise RuntimeError(f"process {parent} forked {children(parent)}, not {count} processes")
+
+
 def tree_cpu(pid: int) -> float:
     """CPU seconds of a process and of the processes it forked (their sum)."""
     return proc_cpu(pid) + sum(proc_cpu(child) for child in children(pid))
@@ -179,6 +191,61 @@ def cpu_model() -> str:
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     return "unknown CPU"
+
+
+class CpuCap:
+    """CPU quotas for benchmarked processes (Linux cgroups, v1 ``cpu`` or v2 ``cpu.max``;
+    needs write access to the cgroup tree, as root): one cgroup per capped process, each
+    allowed ``cores`` of CPU time per 100 ms period. N processes each held to the same share
+    of a core stand for N processes on N cores, where the machine's cores are too few to give
+    each process its own beside the load generator. Processes forked by a capped one stay in
+    its cgroup. :meth:`close` moves what is left back and removes the cgroups."""
+
+    V1 = Path("/sys/fs/cgroup/cpu")
+    V2 = Path("/sys/fs/cgroup")
+    PERIOD_US = 100_000
+
+    def __init__(self, tag: str):
+        self.tag = tag
+        self.made: list[Path] = []
+        self.root = self.V1 if (self.V1 / "cpu.cfs_quota_us").exists() else self.V2
+
+    @classmethod
+    def unavailable(cls) -> str | None:
+        """Why processes cannot be capped here (``None`` when they can)."""
+        probe = cls(f"probe{os.getpid()}")
+        try:
+            probe.cap("probe", [os.getpid()], 1.0, move=False)
+        except OSError as exc:
+            return f"no writable cgroup cpu controller ({type(exc).__name__}: {exc})"
+        finally:
+            probe.close()
+        return None
+
+    def cap(self, name: str, pids: list[int], cores: float, *, move: bool = True) -> None:
+        """Hold processes ``pids`` (and what they fork later) to ``cores`` of CPU together."""
+        group = self.root / f"tm-bench-{self.tag}-{name}"
+        group.mkdir()
+        self.made.append(group)
+        quota = int(cores * self.PERIOD_US)
+        if self.root == self.V1:
+            (group / "cpu.cfs_period_us").write_text(str(self.PERIOD_US))
+            (group / "cpu.cfs_quota_us").write_text(str(quota))
+        else:
+            (group / "cpu.max").write_text(f"{quota} {self.PERIOD_US}")
+        for pid in pids if move else ():
+            (group / "cgroup.procs").write_text(str(pid))
+
+    def close(self) -> None:
+        """Move any process still in our cgroups back to the root and remove them."""
+        for group in reversed(self.made):
+            with contextlib.suppress(OSError):
+                for pid in (group / "cgroup.procs").read_text().split():
+                    with contextlib.suppress(OSError):
+                        (self.root / "cgroup.procs").write_text(pid)
+            with contextlib.suppress(OSError):
+                group.rmdir()
+        self.made.clear()
 
 
 @dataclass
@@ -334,7 +401,7 @@ def event_settled(event: Mapping[str, Any]) -> bool:
 def product_env(svc: Services, secret: str, **extra: str) -> dict[str, str]:
     """The environment of a product process (production settings, loopback, no rate limit to
     speak of) on ``svc``'s store and Redis prefix; ``extra`` adds or overrides variables."""
-    return clean_env(
+    values = dict(
         APP_ENV="production",
         HOST="127.0.0.1",
         MONGODB_URL=svc.mongo.url,
@@ -345,8 +412,8 @@ def product_env(svc: Services, secret: str, **extra: str) -> dict[str, str]:
         ACCESS_TOKEN_TTL="3600",
         LOG_LEVEL="WARNING",
         RATE_LIMIT="1000000/minute",
-        **extra,
     )
+    return clean_env(**(values | extra))
 
 
 def product_settings(svc: Services, secret: str) -> Settings:

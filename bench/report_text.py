@@ -560,29 +560,36 @@ def why_extra(extra: dict[str, tuple[str, str]]) -> list[str]:
     pipe = extra.get("pipeline", ("", ""))[0]
     if _missed(pipe, "throughput with"):
         out.append(
-            "- **Worker throughput at 20,000 tasks stored against 1,000**: every step is bound "
-            "by the test server (SecantusDB: a Python process over WiredTiger, the busiest "
-            "process of every step), and its CPU per write grows with the collections "
-            "(index trees, the search entries' multikey terms). The scans that made it "
-            "collapse are gone: "
-            "the cache actor's first page was hinted (a hinted index is walked whole on "
-            "SecantusDB: 24 ms at 1k, 461 ms at 20k) and the search entries' guard used "
-            "`$or` (a scan: 50 ms against 1 ms); before those fixes the 20k step did not "
-            "settle within 60 s (under 13 messages/s). What would close the rest: a real "
-            "MongoDB, whose index seeks stay O(log n) in C++, or fewer operations per write. "
-            "The ratio is noisy: four runs on this machine gave 57-87 %."
+            "- **Worker throughput at 20,000 tasks stored against 1,000**: every uncapped "
+            "step is bound by the test server (SecantusDB: a Python process over WiredTiger, "
+            "the busiest process of every step), and its CPU per write grows with the "
+            "collections (index trees, the search entries' multikey terms). The scans that "
+            "made it collapse are gone (the cache actor's hinted first page, `$or` in the "
+            "search entries' guard). The sizes take turns (ABBA) and each figure is a median, "
+            "but one step still varies by about ±5 %. What would close the rest: a real "
+            "MongoDB, whose index seeks stay O(log n) in C++."
         )
     if _missed(pipe, "operations per write"):
         out.append(
-            "- **MongoDB operations per write**: per `task.created` (no webhook): the web's "
-            "transaction 3, the relay's round about 6 (read the new events, read and unmark "
-            "the finished ones, claim and re-read, settle: a round serves a whole batch, so "
-            "bursts pay less), the receipts 1-2, the cache warm-up 0.5-5 (debounced per "
-            "user), the index 2, the fan-out 1, analytics 3 (a transaction with its dedupe "
-            "key). A webhook adds 5 (fan-out: one upsert and the enqueue mark; delivery: "
-            "the claim, the webhook's read, the attempt). What would close it: the relay's "
-            "unmark and settle in one bulk write, the receipts merged per event, the stats in one "
-            "aggregation, the index entry built from the event's snapshot."
+            "- **MongoDB operations per write**: per `task.created` (no webhook), counted by "
+            "caller with command monitoring on 2026-12-01 (9.1 in all): the web's "
+            "transaction 3 (two inserts and the commit), the relay about 1.5 (a fair round's "
+            "reads of new and in-flight events, the claim, the settle: a round serves a "
+            "whole batch, so bursts pay less), the receipts 0.5, the cache warm-up 0.1 "
+            "(debounced per user), the index 2 (the task's read, the entry's upsert), the "
+            "fan-out 1 (the user's webhooks), the analytics fold 1 (one insert; the rollup "
+            "adds folds to the counters a thousand at a time). A webhook adds 5 (fan-out: "
+            "one upsert and the enqueue mark; delivery: the claim, the webhook's read, the "
+            "attempt). What would lower it further: the index entry built from the event's "
+            "snapshot, the receipts merged per event."
+        )
+    if _missed(pipe, "two worker processes vs one (median"):
+        out.append(
+            "- **Two worker processes against one**: measured with each worker held to a "
+            "share of a core (cgroup quota), so that the workers bind the pipeline while the "
+            "test server has headroom; what keeps two from doing twice one's work is shown "
+            "by the cores columns (the web's relay and the store's latency per message, "
+            "which a second worker does not shorten)."
         )
     return out
 
