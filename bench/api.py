@@ -58,6 +58,7 @@ import aiohttp
 from bson import ObjectId
 from pymongo import DESCENDING
 
+from bench import scaling
 from bench.patches import ENV_PATCHES, PATCHES
 from bench.procs import (
     Child,
@@ -180,6 +181,9 @@ class Options:
     trial_endpoints: list[str] = field(default_factory=lambda: ["list", "get", "stats"])
     trial_rounds: int = 3
     trial_seconds: float = 2.0
+    #: Each web process's CPU quota in the scaling phase (bench/scaling.py); 0 skips it.
+    scaling_cores: float = 0.5
+    scaling_rounds: int = 2
     out: Path | None = RESULTS / "api-latest.txt"
     json_out: Path | None = None
 
@@ -789,6 +793,10 @@ class ApiBench:
             self.results["web_rss_mb"] = round(rss, 1)
             self.results["web_peak_rss_mb"] = round(hwm, 1)
             self.results["ratios"] = {k: self.ratio(measured, k)[0] for k in ENDPOINT_KEYS}
+            if self.opts.scaling_cores > 0:
+                self.results["scaling"] = await scaling.measure(
+                    self, raw, token, task_ids, self.opts.scaling_cores, self.opts.scaling_rounds
+                )
             trials: dict[str, dict[str, list[Measurement]]] = {}
             if self.opts.trials:
                 trials = await self.run_trials(raw, token, task_ids)
@@ -1126,6 +1134,7 @@ class ApiBench:
             "throughput: a p95 of 10 ms at saturation needs more than "
             f"{self.opts.connections / 0.010:,.0f} req/s."
         )
+        lines += scaling.lines(self.results.get("scaling", {}), ENDPOINT_LABELS)
         if trials:
             add("")
             lines += trial_lines(trials, self.trial_rss)
@@ -1454,6 +1463,14 @@ def parse(argv: list[str]) -> Options:
         help="endpoints the trials measure (comma-separated keys)",
     )
     ap.add_argument(
+        "--scaling-cores",
+        type=float,
+        default=0.5,
+        help="two web processes vs one, each held to this much of a core (cgroup quota; "
+        "bench/scaling.py); 0 skips the comparison",
+    )
+    ap.add_argument("--scaling-rounds", type=int, default=2, help="ABBA rounds of the scaling")
+    ap.add_argument(
         "--out", type=Path, default=RESULTS / "api-latest.txt", help="report file ('-': none)"
     )
     ap.add_argument("--json", type=Path, default=None, help="also write the results as JSON")
@@ -1476,6 +1493,8 @@ def parse(argv: list[str]) -> Options:
         trial_endpoints=[t for t in ns.trial_endpoints.split(",") if t],
         trial_rounds=max(1, ns.trial_rounds),
         trial_seconds=ns.trial_seconds,
+        scaling_cores=max(0.0, ns.scaling_cores),
+        scaling_rounds=max(1, ns.scaling_rounds),
         out=None if str(ns.out) == "-" else ns.out,
         json_out=ns.json,
     )
