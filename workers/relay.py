@@ -157,6 +157,8 @@ class Relay:
         self._roles = fairness.Roles()
         self._stored = fairness.StoredWeights()
         self.view = fairness.PendingView()
+        #: Events in flight per user, read at most once a second unless a window may be full.
+        self.flights = fairness.FlightCounts()
         self._turn = 0
         #: Whether the last round left pending events behind a full window.
         self.held_back = False
@@ -291,6 +293,7 @@ class Relay:
             turn=self._turn,
             roles=self._roles,
             horizon=self.redeliver_after + timedelta(seconds=5),
+            flights=self.flights,
         )
         self._turn = plan.next_turn
         self.held_back = bool(plan.full) or plan.budget_full
@@ -391,6 +394,8 @@ class Relay:
             }
             if self.fair and actors:  # it takes a place in its user's window
                 update["$set"][fairness.INFLIGHT] = True
+                for event_id in ids:
+                    self.flights.sent(str(by_id[event_id].get("user_id")))
             if actors:
                 due = now + self.redeliver_after
                 awaited = outbox.receipt(

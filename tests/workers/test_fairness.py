@@ -342,3 +342,31 @@ async def test_over_each_broker_a_newcomer_overtakes_a_burst_and_the_burst_drain
 
     await eventually(all_of_a, timeout=90, what="A's burst drained")
     assert await ctx.store["events"].count_documents({fairness.INFLIGHT: True}) <= 2
+
+
+async def test_a_reading_of_what_is_in_flight_serves_until_a_window_may_be_full(
+    platform: Any, ctx: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Between readings the relay counts what it sends; it reads again as soon as a user with
+    pending events may have reached their window, so a full window is judged afresh."""
+    readings: list[int] = []
+    real = fairness.in_flight
+
+    async def counted(*args: Any, **kwargs: Any) -> dict[str, int]:
+        readings.append(1)
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(fairness, "in_flight", counted)
+    relay = Relay(ctx, platform.broker)
+    relay.windows = fairness.Windows(4)
+    relay.flights = fairness.FlightCounts(max_age=3600)  # only a possibly full window reads
+    sent = _recording(relay)
+    await _burst(ctx, "alice", 2)
+    assert await relay.drain_once() == 2 and len(readings) == 1  # the first reading
+    await _burst(ctx, "alice", 4)
+    assert await relay.drain_once() == 2  # 2 + 2 fill the window of 4, on the counts alone
+    assert len(readings) == 1 and relay.flights.counts == {"alice": 4}
+    assert await relay.drain_once() == 0 and len(readings) == 2  # full: read again, still full
+    await _finish(ctx, "alice")
+    assert await relay.drain_once() == 2 and len(readings) == 3  # read again: the window freed
+    assert _per_user(sent) == {"alice": 6}

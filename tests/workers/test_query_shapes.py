@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -19,7 +20,7 @@ from pymongo import AsyncMongoClient, monitoring
 
 from config.connections import Connections
 from config.settings import Settings
-from core import events, search
+from core import events, fairness, search
 from core.context import Context
 from core.store import Store, utcnow
 from workers.relay import Outcome, Relay
@@ -156,3 +157,36 @@ async def test_the_relay_claims_and_settles_by_id_without_or(
     # Two relays sharing the work sent each event once.
     assert sorted(sent) == sorted(str(e["_id"]) for e in evs)
     assert _assert_no_scan(recorder, "events") >= 2
+
+
+async def test_a_claim_of_events_read_whole_reads_nothing_again(
+    monitored: Context, recorder: Recorder
+) -> None:
+    """The relay's view reads its newest events whole, so claiming them is the compare-and-set
+    update alone; when another relay took one first, the claim reads back what it got."""
+    evs = [
+        events.new_event(events.EventType.TASK_CREATED, user_id="u", subject_id=f"t{i}", data={})
+        for i in range(4)
+    ]
+    await events.record(monitored, evs, None)
+    coll = monitored.store["events"]
+    whole = await coll.find({"pending": True}).sort("_id", 1).to_list()
+    now = utcnow()
+    recorder.filters.clear()
+    mine = await fairness.claim(monitored, whole[:2], now, timedelta(seconds=30), "me")
+    assert [d["_id"] for d in mine] == [e["_id"] for e in evs[:2]]
+    assert all(d["lease_owner"] == "me" and d["data"] == {} for d in mine)
+    assert [n for c, n, _ in recorder.filters if c == "events"] == ["update"], recorder.filters
+    # Another relay claims one of the next two between our read and our claim.
+    await coll.update_one({"_id": evs[2]["_id"]}, {"$set": {"lease_owner": "other"}})
+    recorder.filters.clear()
+    mine = await fairness.claim(monitored, whole[2:], now, timedelta(seconds=30), "me")
+    assert [d["_id"] for d in mine] == [evs[3]["_id"]]
+    assert [n for c, n, _ in recorder.filters if c == "events"] == ["update", "find"]
+    # Read through the view's projection (no data): read back whole after the claim.
+    await coll.update_many({}, {"$unset": {"lease_owner": "", "lease_until": ""}})
+    partial = await coll.find({"_id": evs[2]["_id"]}, fairness.FIELDS).to_list()
+    recorder.filters.clear()
+    mine = await fairness.claim(monitored, partial, now, timedelta(seconds=30), "me")
+    assert [d["_id"] for d in mine] == [evs[2]["_id"]] and "data" in mine[0]
+    assert [n for c, n, _ in recorder.filters if c == "events"] == ["update", "find"]
