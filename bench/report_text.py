@@ -658,8 +658,8 @@ def why(res: dict[str, dict[str, Any]], extra: dict[str, tuple[str, str]] | None
                 "server (the API report's *bottleneck*), and the raw store's write is the "
                 "transaction alone, while the web process's window also carries its outbox "
                 "relay reading, claiming and settling the events those writes recorded, on the "
-                "same server (about a fifth of the pipeline's operations per write: 3.4 of "
-                "17.7 at a steady 20 writes/s, the README's Fair share). What would close it: a "
+                "same server (about a fifth of the pipeline's operations per write: 3.6 of "
+                "17.8 at a steady 20 writes/s, the README's Fair share). What would close it: a "
                 "real MongoDB."
                 if any(e is eps.get("create") for e in missed)
                 else ""

@@ -157,7 +157,7 @@ class Relay:
         self._roles = fairness.Roles()
         self._stored = fairness.StoredWeights()
         self.view = fairness.PendingView()
-        #: Events in flight per user, read at most once a second unless a window may be full.
+        #: Events in flight per user, read every 0.5 s at most unless a window may be full.
         self.flights = fairness.FlightCounts()
         self._turn = 0
         #: Whether the last round left pending events behind a full window.
