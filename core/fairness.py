@@ -148,8 +148,9 @@ class FlightCounts:
     raised counts are an upper bound for this relay's own sends; a round reads again as soon
     as a user with pending events might have reached their window (or all of them the
     budget), so a full window is always judged on a fresh reading. At a steady trickle of
-    writes this is one reading (and one unmarking of finished events) a second instead of one
-    per round: measured at 20 writes/s, the relay's operations per write fell from 6.3 to 3.6.
+    writes this is two readings (and unmarkings of finished events) a second at most instead
+    of one per round: measured at 20 writes/s, the relay's operations per write fell from 6.3
+    to 3.6.
 
     Other relays' sends are seen at the next reading: with N relays (a web group) a user's
     window can be overshot by up to N - 1 windows for up to ``max_age`` after a reading, at
