@@ -37,6 +37,7 @@ from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
+from config.logging import get_logger
 from core.context import Context
 from core.errors import FieldError, Invalid
 from core.events import EventType, TaskEvent
@@ -63,6 +64,7 @@ _WRITE_BATCH = 1000
 #: The field of a fold not yet added to the counters (sparse index ``open``).
 OPEN = "open"
 _ONE_DAY = timedelta(days=1)
+log = get_logger(__name__)
 _ISO_DAY = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 
 
@@ -165,9 +167,14 @@ class _Raced(Exception):
 
 async def _close(ctx: Context, folds: list[Doc]) -> bool:
     """Close ``folds`` and add their increments to the counters, in one transaction; False
-    when another compaction closed some of them first (nothing written)."""
+    when another compaction closed some of them first (nothing written). A fold without a
+    user or a day (not one :func:`fold_event` writes) is closed uncounted, so it cannot stop
+    every later rollup."""
     sums: dict[str, Doc] = {}
     for fold in folds:
+        if not isinstance(fold.get("user_id"), str) or not isinstance(fold.get("day"), str):
+            log.warning("analytics.fold_malformed", fold_id=str(fold.get("_id")))
+            continue
         key = f"{fold['user_id']}:{fold['day']}"
         entry = sums.setdefault(key, {"user_id": fold["user_id"], "day": fold["day"], "inc": {}})
         for name, n in (fold.get("inc") or {}).items():

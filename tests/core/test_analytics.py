@@ -395,3 +395,15 @@ def test_resolve_range_accepts_edges() -> None:
     )  # 366 days (leap year)
     assert analytics.resolve_range(None, date(1, 1, 3), DAY) == (date(1, 1, 1), date(1, 1, 3))
     assert analytics.resolve_range(DAY, DAY, DAY) == (DAY, DAY)
+
+
+async def test_a_malformed_open_fold_is_closed_uncounted_and_does_not_stop_compaction(
+    ctx: Context,
+) -> None:
+    await ctx.store["analytics_seen"].insert_one(
+        {"_id": "bad", "inc": {"created": 1}, "open": True}
+    )
+    assert await analytics.fold_event(ctx, event("task.created")) is True
+    assert await analytics.compact(ctx) == 2
+    assert await ctx.store["analytics_seen"].count_documents({analytics.OPEN: True}) == 0
+    assert await counters(ctx, ME) == {"created": 1, "completed": 0, "deleted": 0}
