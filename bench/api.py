@@ -66,10 +66,13 @@ from bench.procs import (
     Services,
     clean_env,
     cpu_model,
+    product_env,
+    product_settings,
     publish,
     python,
     rss_mb,
     taskmanager_exe,
+    tree_cpu,
     wait_http,
 )
 from cli.embedded import free_port
@@ -111,6 +114,9 @@ class Measurement:
     cpu: dict[str, float] = field(default_factory=dict)
     #: Lookups of the cache the endpoint uses, by result (hit, miss, error), warm-up included.
     cache: dict[str, float] | None = None
+    #: Cores the measured process and its children used over the load, warm-up included
+    #: (set by :meth:`ApiBench.alternate`).
+    tree_cores: float | None = None
 
     @property
     def hit_ratio(self) -> float | None:
@@ -404,33 +410,14 @@ class ApiBench:
 
     def web_env(self, services: Services) -> dict[str, str]:
         """The web process's environment (production settings)."""
-        return clean_env(
-            APP_ENV="production",
-            HOST="127.0.0.1",
-            MONGODB_URL=services.mongo.url,
-            MONGODB_DB=services.db,
-            REDIS_URL=services.redis_url,
-            REDIS_PREFIX=services.prefix,
-            JWT_SECRET=SECRET,
-            ACCESS_TOKEN_TTL="3600",
-            LOG_LEVEL="WARNING",
-            RATE_LIMIT="1000000/minute",
-        )
+        return product_env(services, SECRET)
 
     async def start(self) -> None:
         """Start the store servers, the web process and the ceiling."""
         self.note("starting SecantusDB, Redis, the web process and the ceiling")
         services = self.services = Services.start()
         env = self.web_env(services)
-        self.settings = Settings(
-            app_env="production",
-            mongodb_url=services.mongo.url,
-            mongodb_db=services.db,
-            redis_url=services.redis_url,
-            redis_prefix=services.prefix,
-            jwt_secret=SECRET,
-            rate_limit="1000000/minute",
-        )
+        self.settings = product_settings(services, SECRET)
         self.web = services.spawn(
             "web", [taskmanager_exe(), "web", "--port", str(self.web_port)], env
         )
@@ -943,20 +930,43 @@ class ApiBench:
         variants = ["none", *self.opts.trials]
         keys = [k for k in ENDPOINT_KEYS if k in self.opts.trial_endpoints]
         procs = {v: await self.start_trial(v) for v in variants}
-        samples: dict[str, dict[str, list[Measurement]]] = {
-            v: {k: [] for k in keys} for v in variants
-        }
-        for r in range(self.opts.trial_rounds):
-            for v in variants if r % 2 == 0 else variants[::-1]:
-                child, port = procs[v]
-                self.web = child
-                for endpoint in self.endpoints(raw, token, task_ids, port):
-                    if endpoint.key not in keys:
-                        continue
-                    await self.check(endpoint, token, port)
-                    self.note(f"trial round {r + 1}: {v}: {endpoint.label}")
-                    samples[v][endpoint.key].append(
-                        await self.http_load(
+        samples = await self.alternate(
+            raw, token, task_ids, procs, keys, self.opts.trial_rounds, "trial"
+        )
+        for v, (child, _) in procs.items():
+            self.trial_rss[v] = (self.trial_rss[v][0], rss_mb(child.pid)[0])
+            child.stop()
+        return samples
+
+    async def alternate(
+        self,
+        raw: RawStore,
+        token: str,
+        task_ids: list[str],
+        procs: dict[str, tuple[Child, int]],
+        keys: list[str],
+        rounds: int,
+        tag: str,
+    ) -> dict[str, dict[str, list[Measurement]]]:
+        """Measure the ``keys`` endpoints on each variant's process (``procs``: variant ->
+        process and port), the variants in turns over ``rounds`` with the order alternating
+        (ABBA), so that a slow spell of the machine hits all of them; ``trial_seconds``
+        windows, each with the cores its process tree used (``tree_cores``)."""
+        samples: dict[str, dict[str, list[Measurement]]] = {v: {k: [] for k in keys} for v in procs}
+        variants = list(procs)
+        main = self.web
+        try:
+            for r in range(rounds):
+                for v in variants if r % 2 == 0 else variants[::-1]:
+                    child, port = procs[v]
+                    self.web = child  # the CPU table's "web" column
+                    for endpoint in self.endpoints(raw, token, task_ids, port):
+                        if endpoint.key not in keys:
+                            continue
+                        await self.check(endpoint, token, port)
+                        self.note(f"{tag} round {r + 1}: {v}: {endpoint.label}")
+                        cpu0, t0 = tree_cpu(child.pid), time.monotonic()
+                        m = await self.http_load(
                             f"{endpoint.label} [{v}]",
                             port,
                             endpoint.requests,
@@ -964,10 +974,10 @@ class ApiBench:
                             expect_header=endpoint.expect_header,
                             seconds=self.opts.trial_seconds,
                         )
-                    )
-        for v, (child, _) in procs.items():
-            self.trial_rss[v] = (self.trial_rss[v][0], rss_mb(child.pid)[0])
-            child.stop()
+                        m.tree_cores = (tree_cpu(child.pid) - cpu0) / (time.monotonic() - t0)
+                        samples[v][endpoint.key].append(m)
+        finally:
+            self.web = main
         return samples
 
     # ---- report ----------------------------------------------------------------------------

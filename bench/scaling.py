@@ -21,11 +21,10 @@ without one the phase says why and measures nothing.
 from __future__ import annotations
 
 import statistics
-import time
 import uuid
 from typing import TYPE_CHECKING, Any
 
-from bench.procs import CpuCap, await_children, taskmanager_exe, tree_cpu, wait_http
+from bench.procs import CpuCap, await_children, taskmanager_exe, wait_http
 from cli.embedded import free_port
 
 if TYPE_CHECKING:
@@ -63,34 +62,25 @@ async def measure(
         cap.cap("one", [procs["one"].pid], cores)
         for k, pid in enumerate(await await_children(procs["two"].pid, 2)):
             cap.cap(f"two-{k}", [pid], cores)
-        samples: dict[str, dict[str, list[float]]] = {v: {k: [] for k in KEYS} for v in VARIANTS}
-        used: dict[str, dict[str, list[float]]] = {v: {k: [] for k in KEYS} for v in VARIANTS}
-        for r in range(rounds):
-            for v in VARIANTS if r % 2 == 0 else VARIANTS[::-1]:
-                for endpoint in bench.endpoints(raw, token, task_ids, ports[v]):
-                    if endpoint.key not in KEYS:
-                        continue
-                    await bench.check(endpoint, token, ports[v])
-                    bench.note(f"scaling round {r + 1}: {v} process(es): {endpoint.label}")
-                    cpu0, t0 = tree_cpu(procs[v].pid), time.monotonic()
-                    m = await bench.http_load(
-                        f"{endpoint.label} [{v}]",
-                        ports[v],
-                        endpoint.requests,
-                        ok=endpoint.ok,
-                        expect_header=endpoint.expect_header,
-                        seconds=bench.opts.trial_seconds,
-                    )
-                    # Warm-up included on both sides: the cap holds all along.
-                    cores_used = (tree_cpu(procs[v].pid) - cpu0) / (time.monotonic() - t0)
-                    if m.error_count:
-                        raise RuntimeError(f"{m.name}: {m.errors} {m.error_sample}")
-                    samples[v][endpoint.key].append(m.rps)
-                    used[v][endpoint.key].append(cores_used)
+        measured = await bench.alternate(
+            raw,
+            token,
+            task_ids,
+            {v: (procs[v], ports[v]) for v in VARIANTS},
+            list(KEYS),
+            rounds,
+            "scaling",
+        )
     finally:
         for proc in procs.values():
             proc.stop()
         cap.close()
+    for m in (m for per in measured.values() for ms in per.values() for m in ms):
+        if m.error_count:
+            raise RuntimeError(f"{m.name}: {m.errors} {m.error_sample}")
+    samples = {v: {k: [m.rps for m in measured[v][k]] for k in KEYS} for v in VARIANTS}
+    # Warm-up included on both sides: the cap holds all along.
+    used = {v: {k: [m.tree_cores or 0.0 for m in measured[v][k]] for k in KEYS} for v in VARIANTS}
     return {
         "cores_each": cores,
         "rounds": rounds,

@@ -72,6 +72,7 @@ from bench.procs import (
     cpu_model,
     machine_busy,
     proc_cpu,
+    product_env,
     publish,
     python,
     rss_mb,
@@ -399,20 +400,8 @@ class WorkerBench:
 
     def product_env(self, prefix: str, **extra: str) -> dict[str, str]:
         """The environment of a product process (production settings) under ``prefix``."""
-        svc = self.svc
-        return clean_env(
-            APP_ENV="production",
-            HOST="127.0.0.1",
-            MONGODB_URL=svc.mongo.url,
-            MONGODB_DB=svc.db,
-            REDIS_URL=svc.redis_url,
-            REDIS_PREFIX=prefix,
-            JWT_SECRET=SECRET,
-            ACCESS_TOKEN_TTL="3600",
-            LOG_LEVEL="WARNING",
-            RATE_LIMIT="1000000/minute",
-            WEBHOOK_ALLOW_HOSTS="127.0.0.1",
-            **extra,
+        return product_env(
+            self.svc, SECRET, REDIS_PREFIX=prefix, WEBHOOK_ALLOW_HOSTS="127.0.0.1", **extra
         )
 
     def run(self) -> str:
