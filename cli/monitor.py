@@ -19,13 +19,13 @@ from config.settings import Settings
 
 
 def _registry(settings: Settings) -> list[Any]:
-    from workers.queue_admin import BACKEND_ERRORS
+    from workers.queue_inspector import backend_errors
     from workers.registry import list_workers
 
     client = Connections(settings).redis_sync()
     try:
         return list_workers(client, settings.redis_prefix)
-    except BACKEND_ERRORS as exc:
+    except backend_errors() as exc:
         raise click.ClickException(f"Redis (REDIS_URL) is unreachable: {exc}") from exc
     finally:
         client.close()

@@ -24,13 +24,13 @@ def _inspector() -> Any:
 
 def _backend_call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     from core.errors import AppError
-    from workers.queue_admin import BACKEND_ERRORS
+    from workers.queue_inspector import backend_errors
 
     try:
         return fn(*args, **kwargs)
     except AppError as exc:
         raise click.ClickException(exc.detail) from exc
-    except BACKEND_ERRORS as exc:
+    except backend_errors() as exc:
         raise click.ClickException(f"the broker is unreachable: {exc}") from exc
 
 

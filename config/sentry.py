@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Any
-
-import sentry_sdk
-from sentry_sdk.integrations.aiohttp import AioHttpIntegration
-from sentry_sdk.integrations.dramatiq import DramatiqIntegration
-from sentry_sdk.integrations.logging import LoggingIntegration
-from sentry_sdk.types import Breadcrumb, BreadcrumbHint, Event, Hint
+import sys
+from typing import TYPE_CHECKING, Any
 
 from config.settings import Settings
+
+if TYPE_CHECKING:
+    from sentry_sdk.types import Breadcrumb, BreadcrumbHint, Event, Hint
 
 #: structlog's bookkeeping keys, not worth sending.
 _NOISE = frozenset({"event", "exc_info", "exception", "timestamp", "level", "logger"})
@@ -29,9 +27,16 @@ def setup_sentry(settings: Settings, *, process: str) -> bool:
     """Initialise Sentry when ``SENTRY_DSN`` is set; returns whether it was initialised.
 
     Call it before the broker is built: the Dramatiq integration patches the broker class.
+    A process without a DSN never imports the SDK (it and urllib3 hold ~8 MB of memory):
+    code that reports goes through :func:`capture_exception` and :func:`tag_scope`.
     """
     if not settings.sentry_dsn:
         return False
+    import sentry_sdk
+    from sentry_sdk.integrations.aiohttp import AioHttpIntegration
+    from sentry_sdk.integrations.dramatiq import DramatiqIntegration
+    from sentry_sdk.integrations.logging import LoggingIntegration
+
     sentry_sdk.init(
         dsn=settings.sentry_dsn,
         environment=settings.app_env,
@@ -49,6 +54,33 @@ def setup_sentry(settings: Settings, *, process: str) -> bool:
     )
     sentry_sdk.set_tag("process", process)
     return True
+
+
+def _active_sdk() -> Any:
+    """``sentry_sdk`` when it is initialised in this process, else ``None``."""
+    sdk = sys.modules.get("sentry_sdk")
+    return sdk if sdk is not None and sdk.is_initialized() else None
+
+
+def capture_exception(exc: BaseException) -> None:
+    """Report ``exc`` to Sentry when it is set up here; nothing otherwise."""
+    sdk = _active_sdk()
+    if sdk is not None:
+        sdk.capture_exception(exc)
+
+
+def tag_scope(fields: dict[str, Any]) -> None:
+    """When Sentry is set up here, tag the current scope's events with the non-empty
+    ``fields``, ``user_id`` as the user; nothing otherwise."""
+    sdk = _active_sdk()
+    if sdk is None:
+        return
+    scope = sdk.get_current_scope()
+    for key, value in fields.items():
+        if value and key != "user_id":
+            scope.set_tag(key, value)
+    if fields.get("user_id"):
+        scope.set_user({"id": fields["user_id"]})
 
 
 FILTERED = "[Filtered]"

@@ -6,8 +6,6 @@ from email.message import EmailMessage
 from typing import Any
 from urllib.parse import unquote, urlparse
 
-import aiosmtplib
-
 from config.logging import get_logger
 
 log = get_logger(__name__)
@@ -42,6 +40,10 @@ class SmtpMailer(Mailer):
         }
 
     async def send(self, message: EmailMessage) -> None:
+        # Imported on first use: of the processes that import this module only the workers
+        # that send email need the SMTP client.
+        import aiosmtplib
+
         await aiosmtplib.send(message, **self.options)
 
 

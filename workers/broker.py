@@ -13,7 +13,6 @@ from functools import cached_property
 from typing import Any
 
 import dramatiq
-from dramatiq.brokers.rabbitmq import RabbitmqBroker
 from dramatiq.brokers.redis import RedisBroker
 from dramatiq.common import q_name
 from dramatiq.middleware.asyncio import AsyncIO
@@ -70,6 +69,9 @@ def build_broker(connections: Connections, catalogue: Catalogue = CATALOGUE) -> 
     url = settings.effective_broker_url
     broker: dramatiq.Broker
     if url is not None and url.startswith(("amqp://", "amqps://")):
+        # Imported here: only a RabbitMQ deployment's processes load pika.
+        from dramatiq.brokers.rabbitmq import RabbitmqBroker
+
         broker = RabbitmqBroker(url=url)
     else:
         broker = RedisBroker(client=connections.broker_redis(), **_redis_options(connections))

@@ -10,11 +10,11 @@ from typing import Any
 
 import dramatiq
 import redis
-import sentry_sdk
 from dramatiq.brokers.redis import RedisBroker
 from dramatiq.common import q_name, xq_name
 
 from config.connections import Connections
+from config.sentry import capture_exception
 from workers.actors import EXPECTED
 
 # KEYS: dead zset, dead hash; ARGV: id, body. Only while the letter is still there, so a purge
@@ -72,7 +72,7 @@ class DeadLetterNotes(dramatiq.Middleware):
         note = {"dead_letter_error": error_summary(exc, tb), "traceback": tb}
         if exc is not None and not isinstance(exc, EXPECTED):
             # A malformed message or a bug: Sentry's integration skips `throws`, so say it here.
-            sentry_sdk.capture_exception(exc)
+            capture_exception(exc)
         try:
             if isinstance(broker, RedisBroker):
                 self._rewrite(broker, message, note)

@@ -35,6 +35,7 @@ from config.settings import Settings, parse_latency_objectives
 from core.context import Context
 from core.events import outbox_lag
 from workers import queue_admin, registry
+from workers.queue_inspector import backend_errors
 
 Status = Literal["ok", "degraded", "failing"]
 CheckStatus = Literal["ok", "degraded", "failing", "unknown"]
@@ -254,7 +255,7 @@ def _read_workers(settings: Settings) -> list[registry.WorkerInfo]:
 async def _attempt(fn: Any, *args: Any) -> Any:
     try:
         return await asyncio.to_thread(fn, *args)
-    except queue_admin.BACKEND_ERRORS as exc:
+    except backend_errors() as exc:
         return exc
 
 

@@ -21,7 +21,6 @@ from datetime import datetime, timedelta
 from typing import Any, Literal
 
 import dramatiq
-import sentry_sdk
 import structlog
 from bson import ObjectId
 from dramatiq.asyncio import get_event_loop_thread
@@ -31,6 +30,7 @@ from pymongo import UpdateOne
 from pymongo.errors import PyMongoError
 
 from config.logging import get_logger
+from config.sentry import tag_scope
 from core import events
 from core.store import utcnow
 from workers.catalogue import CATALOGUE
@@ -55,14 +55,9 @@ class MessageContext(OutcomeMiddleware):
         }
         structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(**context)
-        if not sentry_sdk.is_initialized():
-            return  # no SENTRY_DSN: skip the scope work (~4 % of a no-op message's CPU)
-        scope = sentry_sdk.get_current_scope()
-        for key in ("request_id", "event_id", "message_id", "actor"):
-            if context[key]:
-                scope.set_tag(key, context[key])
-        if context["user_id"]:
-            scope.set_user({"id": context["user_id"]})
+        # Without SENTRY_DSN this is one dict lookup (the scope work was ~4 % of a no-op
+        # message's CPU).
+        tag_scope(context)
 
     def message_ended(
         self, broker: dramatiq.Broker, message: MessageProxy, exception: BaseException | None

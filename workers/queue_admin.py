@@ -31,13 +31,13 @@ frames first) are :mod:`workers.queue_messages`; pausing a queue is :mod:`worker
 
 from __future__ import annotations
 
+import sys
 import uuid
 from collections.abc import Iterable, Iterator
 from typing import Any
 
 import dramatiq
 import redis
-from dramatiq.brokers.rabbitmq import RabbitmqBroker
 from dramatiq.brokers.redis import RedisBroker
 from dramatiq.common import dq_name, xq_name
 from dramatiq.errors import DecodeError
@@ -47,10 +47,8 @@ from config.connections import Connections
 from core.errors import NotFound
 from core.pagination import CursorCodec
 from workers.pause import PauseStore
-from workers.queue_admin_rabbitmq import RabbitmqQueueInspector
 from workers.queue_inspector import (
     ATTEMPT_OPTIONS,
-    BACKEND_ERRORS,
     DeadMessage,
     DeadPage,
     QueueInspector,
@@ -67,12 +65,10 @@ from workers.registry import _now_ms
 
 __all__ = [
     "ATTEMPT_OPTIONS",
-    "BACKEND_ERRORS",
     "DeadMessage",
     "DeadPage",
     "QueueInspector",
     "QueueStats",
-    "RabbitmqQueueInspector",
     "RedisQueueInspector",
     "RetryResult",
     "Unsupported",
@@ -359,10 +355,15 @@ def build_inspector(broker: dramatiq.Broker, connections: Connections) -> QueueI
     cursors = CursorCodec.of(connections.settings)
     prefix = connections.settings.redis_prefix
     pauses = PauseStore(connections.redis_sync(), prefix)
-    if isinstance(broker, RabbitmqBroker):
-        notes = connections.redis_sync()
-        return RabbitmqQueueInspector(broker.parameters, queues, cursors, notes, prefix, pauses)
     if isinstance(broker, RedisBroker):
         client = connections.broker_redis()
         return RedisQueueInspector(client, broker.namespace, queues, cursors, pauses)
+    # A RabbitMQ broker's module is loaded already (workers/broker.py imports it for one);
+    # where it is not, no broker can be one, and pika stays unloaded.
+    rabbitmq = sys.modules.get("dramatiq.brokers.rabbitmq")
+    if rabbitmq is not None and isinstance(broker, rabbitmq.RabbitmqBroker):
+        from workers.queue_admin_rabbitmq import RabbitmqQueueInspector
+
+        notes = connections.redis_sync()
+        return RabbitmqQueueInspector(broker.parameters, queues, cursors, notes, prefix, pauses)
     return QueueInspector(queues, cursors, pauses)

@@ -6,12 +6,12 @@ implement. Synchronous: the web layer runs every call on a thread.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-import pika.exceptions  # type: ignore[import-untyped]
 import redis
 from dramatiq.common import q_name
 from dramatiq.message import Message
@@ -23,8 +23,16 @@ from workers.pause import PauseStore
 from workers.queue_messages import MessageDetail, MessagePage, ours_first
 from workers.registry import _now_ms, _utc
 
-#: Errors of the queue backends; the web layer answers 503 for them.
-BACKEND_ERRORS: tuple[type[Exception], ...] = (redis.RedisError, pika.exceptions.AMQPError)
+
+def backend_errors() -> tuple[type[Exception], ...]:
+    """Errors of the queue backends; the web layer answers 503 for them. pika's count only
+    once it is imported: only a RabbitMQ broker imports it (a Redis deployment's processes
+    never load its 27 modules), and until then none of its errors can be raised."""
+    pika_exceptions = sys.modules.get("pika.exceptions")
+    if pika_exceptions is None:
+        return (redis.RedisError,)
+    return (redis.RedisError, pika_exceptions.AMQPError)
+
 
 #: Options that describe one delivery attempt, dropped when a dead letter is replayed.
 ATTEMPT_OPTIONS = frozenset(

@@ -4,8 +4,11 @@ Each was measured in a web process (``python -m bench api`` reports its RSS): zx
 package builds the ranked dictionaries of all its lists (14.5 MB) where the check of a new
 password needs only its list of common passwords (``core/account_rules.py``); swagger-ui-py
 loads 44 modules (2.4 MB) where the app needs only the folder of its files (``web/app.py``);
-fakeredis is for tests and ``REDIS_URL=memory://`` (``config/connections.py``). Run in a fresh
-interpreter, since this test process imports them all.
+fakeredis is for tests and ``REDIS_URL=memory://`` (``config/connections.py``); Sentry's SDK
+(with urllib3, 3.2 MB here) only where ``SENTRY_DSN`` is set (``config/sentry.py``); pika (2.5 MB)
+only where the broker is RabbitMQ (``workers/broker.py``, ``workers/queue_inspector.py``); the
+SMTP client only when a worker sends mail (``core/mail.py``). Run in a fresh interpreter, since
+this test process imports them all.
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ except ValueError:
     pass
 else:
     raise SystemExit("a common password was accepted")
-print(",".join(sorted(m for m in ("zxcvbn", "swagger_ui", "fakeredis") if m in sys.modules)))
+heavy = ("zxcvbn", "swagger_ui", "fakeredis", "sentry_sdk", "pika", "aiosmtplib")
+print(",".join(sorted(m for m in heavy if m in sys.modules)))
 """
 
 

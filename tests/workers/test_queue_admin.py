@@ -395,7 +395,7 @@ def test_cli_healthcheck_worker(
 def test_rabbitmq_counts_and_dead_letters(make_settings: Any, rabbitmq_url: str) -> None:
     import pika
 
-    from workers.queue_admin import RabbitmqQueueInspector
+    from workers.queue_admin_rabbitmq import RabbitmqQueueInspector
 
     platform = build_broker(Connections(make_settings(broker_url=rabbitmq_url)))
     # RabbitMQ queue names are global: a unique one keeps this test to itself.

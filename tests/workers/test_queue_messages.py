@@ -372,7 +372,8 @@ def test_rabbitmq_dead_letters_one_by_one_pause_and_what_it_cannot_do(
 ) -> None:
     import pika
 
-    from workers.queue_admin import RabbitmqQueueInspector, Unsupported
+    from workers.queue_admin import Unsupported
+    from workers.queue_admin_rabbitmq import RabbitmqQueueInspector
 
     platform = build_broker(Connections(make_settings(broker_url=rabbitmq_url)))
     # RabbitMQ queue names are global: a unique one keeps this test to itself.

@@ -31,6 +31,7 @@ from web.keys import CONNECTIONS, CONTEXT, PLATFORM
 from web.metrics import QUEUE_EXPORTER
 from web.routing import body, claims, json_response, query
 from workers import health, queue_admin, registry
+from workers.queue_inspector import backend_errors
 
 log = get_logger(__name__)
 T = TypeVar("T")
@@ -162,7 +163,7 @@ async def _call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     # not the broker's fault.
     try:
         return await asyncio.to_thread(fn, *args, **kwargs)
-    except queue_admin.BACKEND_ERRORS as exc:
+    except backend_errors() as exc:
         raise Unavailable(f"The broker is unreachable: {type(exc).__name__}") from exc
 
 
@@ -295,7 +296,7 @@ class QueueMetrics(Collector):
                 return
             self.reading = (time.monotonic(), inspector.stats())
             self._source = inspector
-        except queue_admin.BACKEND_ERRORS as exc:
+        except backend_errors() as exc:
             log.warning("metrics.queues_unreadable", error=type(exc).__name__)
         finally:
             self._busy.release()

@@ -11,7 +11,7 @@ from web.keys import CONTEXT, PLATFORM
 from web.routing import json_response, query
 from workers.catalogue import CATALOGUE
 from workers.maintenance import enqueue_run
-from workers.queue_admin import BACKEND_ERRORS
+from workers.queue_inspector import backend_errors
 
 #: The scheduled job (jobs/schedule.py) whose maintenance actor takes backups.
 JOB = "backup"
@@ -42,7 +42,7 @@ async def start_backup(request: web.Request) -> web.Response:
         fire_key = await enqueue_run(
             ctx, request.app[PLATFORM].broker, JOB, ACTOR, extra={"backup_id": doc["_id"]}
         )
-    except BACKEND_ERRORS as exc:
+    except backend_errors() as exc:
         await backups.not_enqueued(ctx, doc["_id"])
         raise Unavailable("The broker is unreachable: the backup was not started") from exc
     await backups.enqueued(ctx, doc["_id"], fire_key)
