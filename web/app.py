@@ -15,6 +15,7 @@ from importlib.metadata import version
 
 import aiohttp_cors
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 from pydantic import SecretStr
 
 from config.connections import Connections
@@ -28,7 +29,7 @@ from core.tracking import Tracker
 from web.handlers import dashboard
 from web.handlers.probes import READINESS, Readiness
 from web.keys import CONNECTIONS, CONTEXT, OPENAPI, PLATFORM, RELAY, RELAY_WAKE, SETTINGS
-from web.middlewares import problems, real_client, request_context, security_headers
+from web.middlewares import real_client, request_context, security_headers
 from web.openapi import build_openapi
 from web.outages import OUTAGES, Outages
 from web.routes import ROUTES
@@ -51,10 +52,10 @@ def create_app(
     ``connections`` and ``platform`` are shared with in-process workers by ``taskmanager run``;
     ``relay=False`` leaves the outbox to another process.
     """
-    app = web.Application(
-        middlewares=[real_client(settings.trusted_proxies), request_context, problems],
-        client_max_size=settings.max_body_size,
-    )
+    chain: list[Middleware] = [request_context]
+    if settings.trusted_proxies:
+        chain.insert(0, real_client(settings.trusted_proxies))
+    app = web.Application(middlewares=chain, client_max_size=settings.max_body_size)
     app[SETTINGS] = settings
     app[CONNECTIONS] = connections or Connections(settings)
     app[PLATFORM] = platform or build_broker(app[CONNECTIONS])
@@ -73,8 +74,7 @@ def create_app(
 
     app[OUTAGES] = Outages(ping_mongodb, ping_redis)
     app.on_shutdown.append(_stop_probes)
-    app.on_response_prepare.append(security_headers)
-    app.on_response_prepare.append(_close_when_draining)
+    app.on_response_prepare.append(_prepare)
 
     add_routes(app.router, ROUTES)
     app.router.add_static("/docs/static", _swagger_ui_static())
@@ -212,9 +212,11 @@ class Draining:
 DRAINING = web.AppKey("draining", Draining)
 
 
-async def _close_when_draining(request: web.Request, response: web.StreamResponse) -> None:
-    """Once shutdown began, every answer closes its connection, so the client sends its next
-    request elsewhere instead of on a connection about to be closed."""
+async def _prepare(request: web.Request, response: web.StreamResponse) -> None:
+    """Every answer carries the security headers (web/middlewares.py). Once shutdown began,
+    every answer closes its connection, so the client sends its next request elsewhere instead
+    of on a connection about to be closed. (One callback: each is a layer per answer.)"""
+    security_headers(response)
     if request.app[DRAINING].active:
         response.force_close()
         response.headers["Connection"] = "close"
