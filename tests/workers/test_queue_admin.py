@@ -455,3 +455,21 @@ def test_rabbitmq_counts_and_dead_letters(make_settings: Any, rabbitmq_url: str)
         for name in (queue, f"{queue}.DQ", f"{queue}.XQ"):
             channel.queue_delete(name)
         connection.close()
+
+
+def test_a_rabbitmq_broker_that_cannot_be_reached_is_a_backend_error(
+    make_settings: Any,
+) -> None:
+    """``backend_errors()`` names pika's errors once a RabbitMQ broker loaded pika, so the
+    admin API answers 503 for an unreachable RabbitMQ as for an unreachable Redis."""
+    from cli.embedded import free_port
+    from workers.queue_inspector import backend_errors
+
+    url = f"amqp://127.0.0.1:{free_port()}"  # a loopback port nobody listens on
+    platform = build_broker(Connections(make_settings(broker_url=url)))
+    try:
+        with pytest.raises(backend_errors()) as caught:
+            platform.inspector.stats()
+        assert type(caught.value).__module__.startswith("pika"), repr(caught.value)
+    finally:
+        platform.close()
