@@ -3,7 +3,7 @@
 A request that fails because a store is unreachable (PyMongo's ``ConnectionFailure`` family:
 ``ServerSelectionTimeoutError``, ``AutoReconnect``, ``NetworkTimeout``...; redis-py's
 ``ConnectionError`` / ``TimeoutError``) is answered ``503`` problem+json with
-``Retry-After: RETRY_AFTER``, never 500 with a traceback (the ``problems`` middleware asks
+``Retry-After: RETRY_AFTER``, never 500 with a traceback (``web.middlewares.problems`` asks
 :meth:`Outages.failed`).
 
 The first failure marks the store down: one ``dependency.unavailable`` error line is logged
