@@ -63,4 +63,3 @@ class _LazyModule(types.ModuleType):
             del sys.modules[self.__name__]
             real = importlib.import_module(self.__name__)
         return getattr(real, name)
-
