@@ -25,7 +25,10 @@ which process was the bottleneck and how much other work on the machine disturbe
 
 Targets (reported, never asserted): ``GET /tasks/stats`` ≥ 50 % of the ceiling with p95 ≤
 10 ms; every other endpoint ≥ 70 % of the lower of (ceiling, raw store); the web process ≤ 80 MB
-RSS after the run.
+RSS after the run. Then the cached reads again, in turns with the ceiling (``--share-rounds``,
+:meth:`ApiBench.ceiling_share`): stats and the first page ≥ 35 % of the ceiling (the fast-path
+issue), each round's windows side by side; and two web processes against one, each held to
+the same CPU quota (``--scaling-cores``, bench/scaling.py).
 
 Opt-in extras: ``--profile [KEYS]`` profiles endpoints in a fresh web process (cProfile on the
 event-loop thread's CPU clock, see bench/webproc.py); ``--trials PATCHES`` measures trial
@@ -74,6 +77,7 @@ from bench.procs import (
     taskmanager_exe,
     tree_cpu,
     wait_http,
+    write_json,
 )
 from cli.embedded import free_port
 from config.connections import Connections
@@ -87,6 +91,10 @@ PATCH_NAMES = (*PATCHES, *ENV_PATCHES)
 SECRET = "bench-secret-" + "b" * 40
 PASSWORD = "bench password 1"
 RSS_LIMIT_MB = 80.0
+#: The fast-path issue's floor for a cached read's share of the ceiling, in turns.
+SHARE_TARGET = 0.35
+#: The cached reads measured in turns with the ceiling.
+SHARE_KEYS = ("stats", "list")
 RESULTS = Path(__file__).resolve().parent / "results"
 
 WORDS = [
@@ -190,6 +198,8 @@ class Options:
     #: Each web process's CPU quota in the scaling phase (bench/scaling.py); 0 skips it.
     scaling_cores: float = 0.5
     scaling_rounds: int = 2
+    #: Rounds of the cached reads measured in turns with the ceiling (0 skips them).
+    share_rounds: int = 3
     out: Path | None = RESULTS / "api-latest.txt"
     json_out: Path | None = None
 
@@ -780,6 +790,8 @@ class ApiBench:
             self.results["web_rss_mb"] = round(rss, 1)
             self.results["web_peak_rss_mb"] = round(hwm, 1)
             self.results["ratios"] = {k: self.ratio(measured, k)[0] for k in ENDPOINT_KEYS}
+            if self.opts.share_rounds > 0:
+                self.results["share"] = await self.ceiling_share(raw, token, task_ids)
             if self.opts.scaling_cores > 0:
                 self.results["scaling"] = await scaling.measure(
                     self, raw, token, task_ids, self.opts.scaling_cores, self.opts.scaling_rounds
@@ -824,6 +836,59 @@ class ApiBench:
             self.rss(f"after {endpoint.label}")
             self.results.setdefault("raw_desc", {})[endpoint.key] = endpoint.raw_desc
         return out
+
+    async def ceiling_share(self, raw: RawStore, token: str, task_ids: list[str]) -> dict[str, Any]:
+        """The cached reads against the ceiling with their windows in turns: each round
+        measures the ceiling, cached stats and the cached first page (the order reversed every
+        other round, ABBA), ``trial_seconds`` each; a read's share is the median over rounds of
+        its req/s over that round's ceiling. The table above measures the ceiling once, minutes
+        before the endpoints, and on a shared machine the two windows get unequal CPU.
+
+        It runs after ``POST /tasks``, whose writes left the web process's relay a backlog of
+        events and the user's cache entries stale: first the process is let go quiet (its CPU
+        under a tenth of a core, for 60 s at most) and both entries are read back in."""
+        assert self.web is not None
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            cpu0 = tree_cpu(self.web.pid)
+            await asyncio.sleep(1.0)
+            if tree_cpu(self.web.pid) - cpu0 < 0.1:
+                break
+        ceiling_req = f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{self.ceiling_port}\r\n\r\n"
+        windows: list[tuple[str, int, list[str], tuple[int, ...], str | None]] = [
+            ("ceiling", self.ceiling_port, [ceiling_req], (200,), None)
+        ]
+        for e in self.endpoints(raw, token, task_ids):
+            if e.key in SHARE_KEYS:
+                await self.check(e, token)
+                windows.append((e.key, self.web_port, e.requests, e.ok, e.expect_header))
+        rps: dict[str, list[float]] = {w[0]: [] for w in windows}
+        for r in range(self.opts.share_rounds):
+            for key, port, requests, ok, header in windows if r % 2 == 0 else windows[::-1]:
+                self.note(f"in turns with the ceiling, round {r + 1}: {key}")
+                m = await self.http_load(
+                    f"{key} [in turns]",
+                    port,
+                    requests,
+                    ok=ok,
+                    expect_header=header,
+                    seconds=self.opts.trial_seconds,
+                )
+                rps[key].append(m.rps)
+        shares = {
+            key: statistics.median(
+                v / c if c else 0.0 for v, c in zip(rps[key], rps["ceiling"], strict=True)
+            )
+            for key in SHARE_KEYS
+        }
+        return {
+            "rounds": self.opts.share_rounds,
+            "seconds": self.opts.trial_seconds,
+            "rps": rps,
+            "shares": shares,
+            "target": SHARE_TARGET,
+            "pass": all(s >= SHARE_TARGET for s in shares.values()),
+        }
 
     # ---- profile ---------------------------------------------------------------------------
 
@@ -1144,6 +1209,7 @@ class ApiBench:
             "throughput: a p95 of 10 ms at saturation needs more than "
             f"{self.opts.connections / 0.010:,.0f} req/s."
         )
+        lines += share_lines(self.results.get("share"))
         lines += scaling.lines(self.results.get("scaling", {}), ENDPOINT_LABELS)
         if trials:
             add("")
@@ -1211,6 +1277,28 @@ async def cache_lookups(port: int, cache: str) -> dict[str, float]:
             labels, _, value = line.rpartition(" ")
             result = labels.split('result="', 1)[1].split('"', 1)[0]
             out[result] = out.get(result, 0.0) + float(value)
+    return out
+
+
+def share_lines(share: dict[str, Any] | None) -> list[str]:
+    """The report's lines for :meth:`ApiBench.ceiling_share` (none when it did not run)."""
+    if not share:
+        return []
+    rps = share["rps"]
+    out = [
+        "",
+        f"cached reads in turns with the ceiling ({share['rounds']} rounds ABBA, "
+        f"{share['seconds']:g} s windows; share = median over rounds of read / that round's "
+        "ceiling):",
+        f"  ceiling req/s by round: {', '.join(f'{v:,.0f}' for v in rps['ceiling'])}",
+    ]
+    for key, value in share["shares"].items():
+        ok = value >= share["target"]
+        out.append(
+            f"  {ENDPOINT_LABELS[key]:<18} req/s by round: "
+            f"{', '.join(f'{v:,.0f}' for v in rps[key])}; share {value:.1%}, "
+            f"target >= {share['target']:.0%}: {'PASS' if ok else 'MISS'}"
+        )
     return out
 
 
@@ -1481,6 +1569,12 @@ def parse(argv: list[str]) -> Options:
     )
     ap.add_argument("--scaling-rounds", type=int, default=2, help="ABBA rounds of the scaling")
     ap.add_argument(
+        "--share-rounds",
+        type=int,
+        default=3,
+        help="ABBA rounds of the cached reads in turns with the ceiling (0 skips them)",
+    )
+    ap.add_argument(
         "--out", type=Path, default=RESULTS / "api-latest.txt", help="report file ('-': none)"
     )
     ap.add_argument("--json", type=Path, default=None, help="also write the results as JSON")
@@ -1505,6 +1599,7 @@ def parse(argv: list[str]) -> Options:
         trial_seconds=ns.trial_seconds,
         scaling_cores=max(0.0, ns.scaling_cores),
         scaling_rounds=max(1, ns.scaling_rounds),
+        share_rounds=max(0, ns.share_rounds),
         out=None if str(ns.out) == "-" else ns.out,
         json_out=ns.json,
     )
@@ -1517,5 +1612,5 @@ def main(argv: list[str]) -> int:
     report = asyncio.run(bench.run())
     publish(report, opts.out)
     if opts.json_out is not None:
-        opts.json_out.write_text(json.dumps(bench.results, indent=2, default=str))
+        write_json(opts.json_out, json.dumps(bench.results, indent=2, default=str))
     return 0

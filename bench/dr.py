@@ -62,6 +62,7 @@ from bench.procs import (
     proc_cpu,
     publish,
     taskmanager_exe,
+    write_json,
 )
 from cli.embedded import EmbeddedMongo
 from config.connections import Connections
@@ -720,7 +721,7 @@ def main(argv: list[str]) -> int:
             "interval": opts.interval,
             "seed": opts.seed,
         }
-        opts.json_out.write_text(json.dumps(bench.results, indent=2, default=str))
+        write_json(opts.json_out, json.dumps(bench.results, indent=2, default=str))
     return 0
 
 

@@ -80,6 +80,7 @@ from bench.procs import (
     taskmanager_exe,
     tree_cpu,
     wait_http,
+    write_json,
 )
 from bench.workers import finite, log_errors
 from cli.embedded import free_port
@@ -849,7 +850,7 @@ def main(argv: list[str]) -> int:
     report = bench.run()
     publish(report, opts.out)
     if opts.json_out is not None:
-        opts.json_out.write_text(json.dumps(finite(bench.results), indent=2, default=str))
+        write_json(opts.json_out, json.dumps(finite(bench.results), indent=2, default=str))
     return 0
 
 

@@ -33,7 +33,16 @@ from typing import Any
 
 import redis
 
-from bench.procs import Child, children, clean_env, publish, python, rss_mb, tree_cpu
+from bench.procs import (
+    Child,
+    children,
+    clean_env,
+    publish,
+    python,
+    rss_mb,
+    tree_cpu,
+    write_json,
+)
 from cli.embedded import PrivateRedis
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -282,7 +291,7 @@ def main(argv: list[str]) -> int:
     text = report(res)
     publish(text, opts.out)
     if opts.json_out is not None:
-        opts.json_out.write_text(json.dumps(res, indent=2))
+        write_json(opts.json_out, json.dumps(res, indent=2))
     return 0
 
 

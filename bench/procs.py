@@ -372,6 +372,13 @@ def _book(path: Path) -> dict[str, str]:
     return dict(json.loads(book.read_text())) if book.exists() else {}
 
 
+def write_json(path: Path, text: str) -> None:
+    """Write a benchmark's JSON results and record when (:func:`note_written`): the report
+    dates each section by it, also when the benchmark ran alone."""
+    path.write_text(text)
+    note_written(path)
+
+
 def note_written(path: Path) -> None:
     """Record that ``path`` was written now (in :data:`WRITTEN` beside it)."""
     known = _book(path)

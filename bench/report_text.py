@@ -6,6 +6,7 @@ the causes measured by the benchmarks themselves (their text reports are appende
 from __future__ import annotations
 
 import re
+import statistics
 from typing import Any
 
 from bench.growth import KINDS
@@ -57,6 +58,19 @@ def targets(res: dict[str, dict[str, Any]]) -> list[tuple[str, str, str, str]]:
                     verdict(hit > CACHE_TARGET),
                 )
             )
+    share = api.get("share") or {}
+    for key, value in (share.get("shares") or {}).items():
+        label = {"stats": "GET /tasks/stats", "list": "GET /tasks"}.get(key, key)
+        rps = share["rps"]
+        rows.append(
+            (
+                f"cached {label} vs ceiling, windows in turns ({share['rounds']} rounds ABBA)",
+                f"{value:.0%} (median; {statistics.median(rps[key]):,.0f} vs "
+                f"{statistics.median(rps['ceiling']):,.0f} req/s)",
+                f">= {share['target']:.0%}",
+                verdict(value >= share["target"]),
+            )
+        )
     for key, e in (api.get("scaling") or {}).get("endpoints", {}).items():
         label = {"stats": "GET /tasks/stats", "list": "GET /tasks"}.get(key, key)
         rows.append(

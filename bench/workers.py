@@ -78,6 +78,7 @@ from bench.procs import (
     rss_mb,
     taskmanager_exe,
     wait_http,
+    write_json,
 )
 from bench.worker_noop import QUEUE, bare_broker, our_broker
 from cli.embedded import free_port
@@ -1701,7 +1702,7 @@ def main(argv: list[str]) -> int:
     publish(report, opts.out)
     if opts.json_out is not None:
         # Strict JSON: no NaN or Infinity (an unseen task's latency is null).
-        opts.json_out.write_text(json.dumps(finite(bench.results), indent=2, default=str))
+        write_json(opts.json_out, json.dumps(finite(bench.results), indent=2, default=str))
     return 0
 
 

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.timeout(120)
 #: A tiny run, with a profile and the trial patches (opt-in in `make bench`).
 OPTIONS = (
     "--seconds 0.4 --warmup 0.2 --tasks 30 --profile stats --trials all "
-    "--trial-endpoints stats --trial-rounds 1 --trial-seconds 0.4"
+    "--trial-endpoints stats --trial-rounds 1 --trial-seconds 0.4 --share-rounds 2"
 )
 LABELS = [
     "GET /tasks",
@@ -44,6 +44,13 @@ def test_api_benchmark_runs_end_to_end(tmp_path: Path) -> None:
     assert results["ceiling"]["ok"] > 0
     assert results["web_rss_mb"] > 0
     assert "web process RSS after the run" in report
+    # The cached reads were measured in turns with the ceiling, each round both ways.
+    share = results["share"]
+    assert [len(share["rps"][k]) for k in ("ceiling", "stats", "list")] == [2, 2, 2]
+    assert all(v > 0 for k in ("ceiling", "stats", "list") for v in share["rps"][k])
+    assert share["shares"]["stats"] > 0
+    assert share["shares"]["list"] > 0
+    assert "cached reads in turns with the ceiling" in report
     # The profile and the trial patches ran too (they are opt-in in `make bench`).
     [profile] = results["profiles"]
     assert profile["endpoint"] == "GET /tasks/stats"
