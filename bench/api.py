@@ -76,6 +76,7 @@ from bench.procs import (
     rss_mb,
     taskmanager_exe,
     tree_cpu,
+    until_quiet,
     wait_http,
     write_json,
 )
@@ -814,8 +815,9 @@ class ApiBench:
         """Ceiling, then per endpoint: raw (whole request), raw (queries only), HTTP."""
         out: dict[str, dict[str, Measurement]] = {}
         self.note("measuring the bare-aiohttp ceiling")
-        ceiling_req = f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{self.ceiling_port}\r\n\r\n"
-        out["ceiling"] = {"http": await self.http_load("ceiling", self.ceiling_port, [ceiling_req])}
+        out["ceiling"] = {
+            "http": await self.http_load("ceiling", self.ceiling_port, [self.ceiling_request])
+        }
         for endpoint in self.endpoints(raw, token, task_ids):
             await self.check(endpoint, token)
             self.note(f"measuring {endpoint.label}: raw store, then HTTP")
@@ -837,6 +839,11 @@ class ApiBench:
             self.results.setdefault("raw_desc", {})[endpoint.key] = endpoint.raw_desc
         return out
 
+    @property
+    def ceiling_request(self) -> str:
+        """The one request the bare-aiohttp ceiling answers."""
+        return f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{self.ceiling_port}\r\n\r\n"
+
     async def ceiling_share(self, raw: RawStore, token: str, task_ids: list[str]) -> dict[str, Any]:
         """The cached reads against the ceiling with their windows in turns: each round
         measures the ceiling, cached stats and the cached first page (the order reversed every
@@ -847,16 +854,11 @@ class ApiBench:
         It runs after ``POST /tasks``, whose writes left the web process's relay a backlog of
         events and the user's cache entries stale: first the process is let go quiet (its CPU
         under a tenth of a core, for 60 s at most) and both entries are read back in."""
-        assert self.web is not None
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            cpu0 = tree_cpu(self.web.pid)
-            await asyncio.sleep(1.0)
-            if tree_cpu(self.web.pid) - cpu0 < 0.1:
-                break
-        ceiling_req = f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{self.ceiling_port}\r\n\r\n"
+        web = self.web
+        assert web is not None
+        await until_quiet(lambda: tree_cpu(web.pid))
         windows: list[tuple[str, int, list[str], tuple[int, ...], str | None]] = [
-            ("ceiling", self.ceiling_port, [ceiling_req], (200,), None)
+            ("ceiling", self.ceiling_port, [self.ceiling_request], (200,), None)
         ]
         for e in self.endpoints(raw, token, task_ids):
             if e.key in SHARE_KEYS:

@@ -67,6 +67,7 @@ from bench.procs import (
     publish,
     taskmanager_exe,
     tree_cpu,
+    until_quiet,
     wait_http,
 )
 from cli.embedded import free_port
@@ -227,13 +228,7 @@ class PipelineBench:
     async def quiet(self, svc: Services, limit: float = 60.0) -> float:
         """Wait (at most ``limit`` s) until the store uses under a tenth of a core over a
         second, so that no step pays for the work its seeding left behind; returns the wait."""
-        t0 = time.monotonic()
-        while time.monotonic() - t0 < limit:
-            before = mongo_cpu(svc)
-            await asyncio.sleep(1.0)
-            if mongo_cpu(svc) - before < 0.1:
-                break
-        return round(time.monotonic() - t0, 1)
+        return await until_quiet(lambda: mongo_cpu(svc), limit)
 
     async def step(self, http: aiohttp.ClientSession, svc: Services, st: Stack) -> dict[str, Any]:
         """One burst of writes for a fresh user, until every side effect is settled."""

@@ -17,7 +17,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -162,6 +162,18 @@ async def await_children(parent: int, count: int, timeout: float = 30.0) -> list
 def tree_cpu(pid: int) -> float:
     """CPU seconds of a process and of the processes it forked (their sum)."""
     return proc_cpu(pid) + sum(proc_cpu(child) for child in children(pid))
+
+
+async def until_quiet(cpu: Callable[[], float], limit: float = 60.0) -> float:
+    """Wait (at most ``limit`` s) until ``cpu`` (CPU seconds of whatever is watched) grows by
+    under a tenth of a core over a second; returns the wait."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < limit:
+        before = cpu()
+        await asyncio.sleep(1.0)
+        if cpu() - before < 0.1:
+            break
+    return round(time.monotonic() - t0, 1)
 
 
 def machine_busy() -> float:

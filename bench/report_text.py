@@ -9,6 +9,7 @@ import re
 import statistics
 from typing import Any
 
+from bench.api import ENDPOINT_LABELS
 from bench.growth import KINDS
 
 P95_TARGET_MS = 50.0
@@ -60,7 +61,7 @@ def targets(res: dict[str, dict[str, Any]]) -> list[tuple[str, str, str, str]]:
             )
     share = api.get("share") or {}
     for key, value in (share.get("shares") or {}).items():
-        label = {"stats": "GET /tasks/stats", "list": "GET /tasks"}.get(key, key)
+        label = ENDPOINT_LABELS[key]
         rps = share["rps"]
         rows.append(
             (
@@ -72,7 +73,7 @@ def targets(res: dict[str, dict[str, Any]]) -> list[tuple[str, str, str, str]]:
             )
         )
     for key, e in (api.get("scaling") or {}).get("endpoints", {}).items():
-        label = {"stats": "GET /tasks/stats", "list": "GET /tasks"}.get(key, key)
+        label = ENDPOINT_LABELS[key]
         rows.append(
             (
                 f"two web processes vs one, {label} (cached; each held to "
