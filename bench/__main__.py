@@ -22,6 +22,8 @@ their results files, not re-run).
   stored, and with two worker processes (bench/pipeline.py);
 - ``coherence``: 100 users on a 90/10 read/write mix with writes to one web process and reads
   to another: stale reads, cache hit rate, reads answered in process (bench/coherence.py);
+- ``store``: the embedded server's write rate as writes accumulate, with PyMongo's retryable
+  writes on and off side by side (why the embedded URL turns them off; bench/store.py);
 - ``soak``: memory of every process over a soak under a mixed load (bench/soak.py);
 - ``report``: ``make bench``: runs api, workers, peers, growth and soak and writes
   BENCHMARKS.md with plots in docs/bench/ (bench/report.py).
@@ -45,6 +47,7 @@ BENCHMARKS: dict[str, str] = {
     "growth": "bench.growth",
     "pipeline": "bench.pipeline",
     "coherence": "bench.coherence",
+    "store": "bench.store",
     "soak": "bench.soak",
     #: Runs api, workers, peers, growth and soak and writes BENCHMARKS.md (``make bench``).
     "report": "bench.report",

@@ -1,0 +1,148 @@
+"""The embedded server's write rate as writes accumulate, with PyMongo's retryable writes on
+and off, side by side (``python -m bench store``).
+
+Why the embedded URL (``cli/embedded.py``) turns retryable writes off: SecantusDB keeps the
+reply of every retryable write for 30 minutes (so that a driver's retry replays it rather than
+applying the write twice) and, on each retryable write, walks all it keeps, then, above 10,000
+records, sorts them all to drop the oldest, under its one global lock. A server that has taken
+10,000 writes in half an hour (about a minute of the pipeline at 20 writes/s) spends
+milliseconds on that bookkeeping per write, for every client. This benchmark shows it: two
+fresh servers, one written to with retryable writes (PyMongo's default) and one without, the
+same writes (an ``update_one`` by ``_id`` and an ``insert_one``, in turns) sent to each in
+interleaved blocks, each block's rate printed as the writes accumulate.
+
+On a single-node server on loopback a retryable write buys little: the driver retries once
+after a network error or a primary stepping down, and the embedded server has no other member
+to step up (a dropped connection means the process died; the retry would fail as well).
+Writes to a real MongoDB (``MONGODB_URL``) keep the driver's default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pymongo
+from pymongo import AsyncMongoClient
+
+from bench.procs import cpu_model, publish, write_json
+from cli.embedded import EmbeddedMongo
+
+RESULTS = Path(__file__).resolve().parent / "results"
+#: Documents updated by ``_id`` (the inserts go to a collection of their own).
+DOCS = 2_000
+
+
+@dataclass
+class Variant:
+    """One server and the client that writes to it."""
+
+    label: str
+    retry_writes: bool
+    server: EmbeddedMongo
+    client: AsyncMongoClient[dict[str, object]] | None = None
+    rates: list[float] = field(default_factory=list)
+    written: int = 0
+
+    async def connect(self) -> None:
+        """Connect (with or without retryable writes) and store the documents to update."""
+        self.client = AsyncMongoClient(
+            f"mongodb://127.0.0.1:{self.server.port}/?directConnection=true",
+            retryWrites=self.retry_writes,
+        )
+        await self.client.bench.docs.insert_many([{"_id": i, "n": 0} for i in range(DOCS)])
+
+    async def block(self, writes: int) -> None:
+        """``writes`` writes, one at a time; the block's rate is kept."""
+        assert self.client is not None
+        db = self.client.bench
+        began = time.perf_counter()
+        for i in range(writes):
+            if i % 2:
+                await db.log.insert_one({"i": i, "text": "x" * 200})
+            else:
+                await db.docs.update_one({"_id": (self.written + i) % DOCS}, {"$inc": {"n": 1}})
+        self.rates.append(writes / (time.perf_counter() - began))
+        self.written += writes
+
+
+async def measure(writes: int, block: int) -> list[Variant]:
+    """Both variants, in interleaved blocks of ``block`` writes until each did ``writes``."""
+    variants = [
+        Variant("retryable writes (PyMongo's default)", True, EmbeddedMongo(":memory:").start()),
+        Variant("retryWrites=false (the embedded URL)", False, EmbeddedMongo(":memory:").start()),
+    ]
+    try:
+        for variant in variants:
+            await variant.connect()
+        for turn in range(writes // block):
+            # ABBA, so neither always goes first.
+            for variant in variants if turn % 2 == 0 else variants[::-1]:
+                await variant.block(block)
+    finally:
+        for variant in variants:
+            if variant.client is not None:
+                await variant.client.close()
+            variant.server.stop()
+    return variants
+
+
+def report(variants: list[Variant], block: int, took: float) -> str:
+    """The rates by block, side by side, and the last block's ratio."""
+    on, off = variants
+    lines = [
+        "Embedded store benchmark (python -m bench store): measured in one run",
+        f"  when      {datetime.now(UTC).isoformat(timespec='seconds')}, {took:.0f} s in all",
+        f"  machine   {cpu_model()}, {platform.system()}, Python {platform.python_version()}, "
+        f"PyMongo {pymongo.version}",
+        "  load      one client per server, one write at a time: update_one by _id and "
+        f"insert_one in turns; blocks of {block} writes, the servers in turns (ABBA)",
+        "",
+        f"  {'writes so far':>14}  {'retryable writes/s':>18}  {'retryWrites=false/s':>19}  ratio",
+    ]
+    for i, (a, b) in enumerate(zip(on.rates, off.rates, strict=True)):
+        lines.append(f"  {(i + 1) * block:>14,}  {a:>18,.0f}  {b:>19,.0f}  {b / a:5.1f}x")
+    lines += [
+        "",
+        f"  last block: {off.label} {off.rates[-1]:,.0f} writes/s, "
+        f"{on.label} {on.rates[-1]:,.0f} writes/s ({off.rates[-1] / on.rates[-1]:.1f}x)",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    """``python -m bench store [--writes N] [--block N]``."""
+    parser = argparse.ArgumentParser(prog="python -m bench store", description=__doc__)
+    parser.add_argument("--writes", type=int, default=16_000, help="writes to each server")
+    parser.add_argument("--block", type=int, default=2_000, help="writes per timed block")
+    parser.add_argument("--out", default=str(RESULTS / "store-latest.txt"), help="'-': none")
+    parser.add_argument("--json", help="also write the results as JSON")
+    args = parser.parse_args(argv)
+    if args.writes < args.block or args.block < 1:
+        parser.error("--writes must be at least --block, and --block at least 1")
+    began = time.monotonic()
+    variants = asyncio.run(measure(args.writes, args.block))
+    out = None if args.out == "-" else Path(args.out)
+    publish(report(variants, args.block, time.monotonic() - began), out)
+    if args.json:
+        results = {
+            "block": args.block,
+            "variants": [
+                {
+                    "label": v.label,
+                    "retry_writes": v.retry_writes,
+                    "writes": v.written,
+                    "rates": [round(r, 1) for r in v.rates],
+                }
+                for v in variants
+            ],
+        }
+        write_json(Path(args.json), json.dumps(results, indent=2) + "\n")
+    return 0
