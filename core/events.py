@@ -399,6 +399,33 @@ def receipt(finished: Iterable[str], expected: Iterable[Expected]) -> Doc:
     return update
 
 
+def merge_receipts(updates: Iterable[Doc]) -> Doc:
+    """One update doing what the :func:`receipt` updates of one event do one after another:
+    the finished keys united, each awaited field as the last sets it, the dues' ``$max`` and
+    the recheck's ``$min`` kept, the revision moved by as many. A worker merges the receipts
+    of one event waiting for the same flush, so the event (whose every index entry SecantusDB
+    rewrites on each update) is written once rather than once per actor."""
+    merged: Doc = {}
+    for update in updates:
+        for op, fields in update.items():
+            into: Doc = merged.setdefault(op, {})
+            for path, value in fields.items():
+                if op == "$inc":
+                    into[path] = into.get(path, 0) + value
+                elif op == "$addToSet":
+                    seen = into.setdefault(path, {"$each": []})["$each"]
+                    seen.extend(k for k in value["$each"] if k not in seen)
+                elif op == "$max":
+                    into[path] = max(value, into.get(path, value))
+                elif op == "$min":
+                    into[path] = min(value, into.get(path, value))
+                elif op == "$set":
+                    into[path] = value
+                else:
+                    raise ValueError(f"not a receipt's operator: {op}")
+    return merged
+
+
 def unfinished(event: Doc) -> dict[str, Doc]:
     """The event's awaited entries whose key has not finished."""
     done = set(event.get(FINISHED) or ())

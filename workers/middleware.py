@@ -32,7 +32,7 @@ from pymongo.errors import PyMongoError
 from config.logging import get_logger
 from config.sentry import tag_scope
 from core import events
-from core.store import utcnow
+from core.store import Doc, utcnow
 from workers.catalogue import CATALOGUE
 from workers.hooks import OutcomeMiddleware
 from workers.resources import WorkerResources
@@ -138,7 +138,9 @@ class OutboxReceipts(OutcomeMiddleware):
       with its body, due ``OUTBOX_REDELIVER_AFTER_S`` after its eta.
 
     The updates are written in unordered bulk writes on the worker's event loop, about every
-    :attr:`flush_delay` seconds and at shutdown; the worker never waits for them. A receipt
+    :attr:`flush_delay` seconds and at shutdown, one per event (the receipts of its actors
+    that finished since the last flush merged: ``events.merge_receipts``); the worker never
+    waits for them. A receipt
     that is lost (MongoDB unreachable, the process killed before a flush) only makes the sweep
     send its message again, which the actors' dedupe absorbs.
     """
@@ -153,7 +155,7 @@ class OutboxReceipts(OutcomeMiddleware):
         self.bound = timedelta(seconds=resources.settings.outbox_redeliver_after_s)
         self.flush_delay = flush_delay
         self._lock = threading.Lock()
-        self._pending: list[UpdateOne] = []
+        self._pending: list[tuple[ObjectId, Doc]] = []
         self._scheduled = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._alive: OrderedDict[tuple[ObjectId, str], datetime] = OrderedDict()
@@ -279,7 +281,7 @@ class OutboxReceipts(OutcomeMiddleware):
                     )
                 )
         if finished or expected:
-            self._submit(UpdateOne({"_id": tracked.event_id}, events.receipt(finished, expected)))
+            self._submit(tracked.event_id, events.receipt(finished, expected))
 
     def _note_alive(self, slot: tuple[ObjectId, str], due: datetime) -> bool:
         """Whether a retry due ``due`` is worth writing (see the class docstring)."""
@@ -295,9 +297,9 @@ class OutboxReceipts(OutcomeMiddleware):
 
     # --- writing the receipts ------------------------------------------------------------------
 
-    def _submit(self, op: UpdateOne) -> None:
+    def _submit(self, event_id: ObjectId, update: Doc) -> None:
         with self._lock:
-            self._pending.append(op)
+            self._pending.append((event_id, update))
             dropped = len(self._pending) - self.MAX_PENDING
             if dropped > 0:
                 del self._pending[:dropped]
@@ -326,14 +328,23 @@ class OutboxReceipts(OutcomeMiddleware):
     async def flush(self) -> None:
         """Write the queued receipts now (on the worker's event loop)."""
         with self._lock:
-            ops, self._pending = self._pending, []
+            receipts, self._pending = self._pending, []
             self._scheduled = False
-        if not ops:
+        if not receipts:
             return
+        # One update per event: the receipts of its actors that finished since the last flush,
+        # merged (core/events.py), so the event is rewritten once, not once per actor.
+        by_event: dict[ObjectId, list[Doc]] = {}
+        for event_id, update in receipts:
+            by_event.setdefault(event_id, []).append(update)
+        ops = [
+            UpdateOne({"_id": event_id}, events.merge_receipts(updates))
+            for event_id, updates in by_event.items()
+        ]
         try:
             ctx = await self.resources.context()
             for start in range(0, len(ops), 1000):
                 await ctx.store["events"].bulk_write(ops[start : start + 1000], ordered=False)
         except PyMongoError as exc:
             # Their messages are sent again after the bound; the actors dedupe.
-            log.warning("outbox.receipts_lost", count=len(ops), error=str(exc))
+            log.warning("outbox.receipts_lost", count=len(receipts), error=str(exc))

@@ -6,6 +6,8 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
+import pytest
+
 from core import events
 from core.events import Expected
 from core.store import utcnow
@@ -190,3 +192,41 @@ def test_awaited_keys_are_field_names() -> None:
     assert events.awaited_key("index_task") == "index_task"
     assert events.awaited_key("deliver_webhook", "m-1") == "deliver_webhook:m-1"
     assert events.awaited_key("pkg.actor", "$x") == "pkg_actor:_x"
+
+
+async def test_merged_receipts_do_what_they_do_in_turn(ctx: Any) -> None:
+    """A worker merges the receipts of one event waiting for the same flush into one update
+    (core/events.py ``merge_receipts``): it must leave the event as the receipts applied one
+    after another do, in either order."""
+    coll = ctx.store["events"]
+    now = utcnow()
+    receipts = [
+        events.receipt((), [Expected("index_task", "index_task", now + BOUND)]),
+        events.receipt(
+            (),
+            [
+                Expected(
+                    "deliver_webhook:m1", "deliver_webhook", now + timedelta(hours=1), retries=1
+                )
+            ],
+        ),
+        events.receipt(
+            ["fan_out_webhooks"],
+            [Expected("deliver_webhook:m1", "deliver_webhook", now + BOUND, message="{body}")],
+        ),
+        events.receipt(["index_task", "fan_out_webhooks"], ()),
+        events.receipt(
+            (), [Expected("deliver_webhook:m1", "deliver_webhook", now, message="{later}")]
+        ),
+    ]
+    for n, order in enumerate([receipts, receipts[::-1]]):
+        await coll.insert_many([{"_id": f"{n}-turns"}, {"_id": f"{n}-merged"}])
+        for update in order:
+            await coll.update_one({"_id": f"{n}-turns"}, update)
+        await coll.update_one({"_id": f"{n}-merged"}, events.merge_receipts(order))
+        turns = await coll.find_one({"_id": f"{n}-turns"}, {"_id": 0})
+        merged = await coll.find_one({"_id": f"{n}-merged"}, {"_id": 0})
+        assert merged == turns
+        assert merged is not None and merged["receipts_rev"] == 5
+    with pytest.raises(ValueError, match=r"not a receipt's operator: \$unset"):
+        events.merge_receipts([{"$unset": {"awaiting": ""}}])

@@ -14,6 +14,7 @@ from typing import Any
 import dramatiq
 import pytest
 from dramatiq import Worker
+from pymongo.asynchronous.collection import AsyncCollection
 
 from config.connections import Connections
 from core import events
@@ -245,3 +246,35 @@ async def test_follow_ups_are_awaited_and_sent_again_when_lost(
     async with working(platform, queues={"t_children"}):
         await eventually(finished(ctx, event["_id"], child_key), "the child's receipt")
     assert children == ["hello"]
+
+
+async def test_a_flush_writes_each_event_once(
+    ctx: Any, platform: Platform, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The receipts of one event's actors that wait for the same flush become one update of
+    the event (SecantusDB rewrites every index entry of a document it updates)."""
+    [receipts] = [m for m in platform.broker.middleware if isinstance(m, OutboxReceipts)]
+    sent: list[int] = []
+    real = AsyncCollection.bulk_write
+
+    async def counted(self: AsyncCollection[Doc], requests: Any, **kwargs: Any) -> Any:
+        sent.append(len(requests))
+        return await real(self, requests, **kwargs)
+
+    monkeypatch.setattr(AsyncCollection, "bulk_write", counted)
+    first, second = await login_event(ctx), await login_event(ctx)
+    due = utcnow() + timedelta(seconds=60)
+    awaited = events.receipt((), [events.Expected("fan_out_webhooks", "fan_out_webhooks", due)])
+    receipts._pending = [
+        (first["_id"], events.receipt(["refresh_user_cache"], ())),
+        (second["_id"], events.receipt(["refresh_user_cache"], ())),
+        (first["_id"], awaited),
+        (first["_id"], events.receipt(["index_task"], ())),
+    ]
+    await receipts.flush()
+    assert sent == [2]
+    doc = await event_doc(ctx, first["_id"])
+    assert doc["finished"] == ["refresh_user_cache", "index_task"]
+    assert list(events.unfinished(doc)) == ["fan_out_webhooks"]
+    assert doc["receipts_rev"] == 3
+    assert (await event_doc(ctx, second["_id"]))["finished"] == ["refresh_user_cache"]
