@@ -40,7 +40,7 @@ SECTIONS = ("api", "workers", "peers", "growth", "soak")
 #: Options of each benchmark in a full run and in a quick one (the smoke test).
 FULL: dict[str, list[str]] = {
     "api": [],
-    "workers": ["--ladder", "2,5,10,20,40,80"],
+    "workers": ["--ladder", "2,5,10,20,30,40,80"],
     "peers": [],
     "growth": [],
     "soak": [],

@@ -699,7 +699,13 @@ def why(res: dict[str, dict[str, Any]], extra: dict[str, tuple[str, str]] | None
             "re-read spared: about 24 to 17.7 at 20 writes/s) without moving the step that "
             "misses. Raising `FAIR_SHARE_WINDOW` and the per-user delivery cap for the one "
             "writing user (tried on 2026-12-01) only moved the bound onto the test server's "
-            "core (0.91 busy at 40 writes/s)."
+            "core (0.91 busy at 40 writes/s). Two costs of the test server were cut on "
+            "2026-12-01 evening: PyMongo's retryable writes (SecantusDB sorted its registry of "
+            "them on every write past 10,000: `python -m bench store`) and one update of the "
+            "event per actor's receipt (now merged per event and flush). Near the rate that "
+            "holds the runs are bimodal: SecantusDB serves fewer operations/s under more "
+            "concurrency, and a backlog raises the load (this benchmark's polling, the relay's "
+            "readings), so one 5 s step may keep up or collapse."
         )
         if shed:
             text += (
