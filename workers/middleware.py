@@ -140,9 +140,8 @@ class OutboxReceipts(OutcomeMiddleware):
     The updates are written in unordered bulk writes on the worker's event loop, about every
     :attr:`flush_delay` seconds and at shutdown, one per event (the receipts of its actors
     that finished since the last flush merged: ``events.merge_receipts``); the worker never
-    waits for them. A receipt
-    that is lost (MongoDB unreachable, the process killed before a flush) only makes the sweep
-    send its message again, which the actors' dedupe absorbs.
+    waits for them. A receipt that is lost (MongoDB unreachable, the process killed before a
+    flush) only makes the sweep send its message again, which the actors' dedupe absorbs.
     """
 
     #: At most this many recorded retry dues are remembered (per process).
