@@ -74,13 +74,15 @@ class Variant:
 
 async def measure(writes: int, block: int) -> list[Variant]:
     """Both variants, in interleaved blocks of ``block`` writes until each did ``writes``."""
-    variants = [
-        Variant("retryable writes (PyMongo's default)", True, EmbeddedMongo(":memory:").start()),
-        Variant("retryWrites=false (the embedded URL)", False, EmbeddedMongo(":memory:").start()),
-    ]
+    variants: list[Variant] = []
     try:
-        for variant in variants:
-            await variant.connect()
+        # Started inside the try: a second server that fails to start stops the first.
+        for label, retry_writes in (
+            ("retryable writes (PyMongo's default)", True),
+            ("retryWrites=false (the embedded URL)", False),
+        ):
+            variants.append(Variant(label, retry_writes, EmbeddedMongo(":memory:").start()))
+            await variants[-1].connect()
         for turn in range(writes // block):
             # ABBA, so neither always goes first.
             for variant in variants if turn % 2 == 0 else variants[::-1]:
