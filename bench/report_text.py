@@ -9,7 +9,7 @@ import re
 import statistics
 from typing import Any
 
-from bench.api import ENDPOINT_LABELS
+from bench.api import ENDPOINT_LABELS, RSS_LIMIT_MB
 from bench.growth import KINDS
 
 P95_TARGET_MS = 50.0
@@ -88,8 +88,8 @@ def targets(res: dict[str, dict[str, Any]]) -> list[tuple[str, str, str, str]]:
             (
                 "web process RSS after the API run",
                 f"{api['web_rss_mb']} MB",
-                f"<= {RSS_TARGET_MB:g} MB",
-                verdict(api["web_rss_mb"] <= RSS_TARGET_MB),
+                f"<= {RSS_TARGET_MB:g} MB (fast path: <= {RSS_LIMIT_MB:g} MB)",
+                verdict(api["web_rss_mb"] <= min(RSS_TARGET_MB, RSS_LIMIT_MB)),
             )
         )
     wk = res.get("workers", {})

@@ -19,6 +19,7 @@ the broker, all seeing the same data.
 
 from __future__ import annotations
 
+import linecache
 from typing import TYPE_CHECKING, Any
 
 import redis as redis_sync_lib
@@ -73,7 +74,7 @@ class Connections:
         s = self.settings
         if s.mongodb_url is None:
             raise RuntimeError("MONGODB_URL is not set")
-        return AsyncMongoClient(
+        client: MongoClient = AsyncMongoClient(
             s.mongodb_url,
             maxPoolSize=s.mongodb_max_pool_size,
             minPoolSize=s.mongodb_min_pool_size,
@@ -82,6 +83,12 @@ class Connections:
             tz_aware=True,
             appname="taskmanager",
         )
+        # PyMongo keeps the stack that created a client (to name it in a warning after a fork):
+        # formatting it read every source file on the stack into linecache, 1.1 MB in a web
+        # process (mongo_client.py and click's core.py alone are 290 KB of text). The cache
+        # is only a cache: a traceback printed later reads the files it needs again.
+        linecache.clearcache()
+        return client
 
     def redis(self) -> aioredis.Redis:
         """A new asyncio client of ``REDIS_URL`` (decoded responses are off: callers decode)."""

@@ -6,7 +6,6 @@ a request or a message carries them, including lines from libraries using stdlib
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import sys
 from collections.abc import MutableMapping
@@ -33,10 +32,12 @@ def setup_logging(settings: Settings, *, process: str) -> None:
     if settings.log_format == "json":
         render = [structlog.processors.format_exc_info, structlog.processors.JSONRenderer()]
     else:
-        colors = sys.stderr.isatty()
+        # Plain tracebacks, never with local variables (structlog's Rich formatter prints every
+        # frame's locals: passwords and request bodies in the log). Rich is held out of
+        # structlog's imports anyway (config/__init__.py).
         render = [
             structlog.dev.ConsoleRenderer(
-                colors=colors, exception_formatter=_traceback_formatter(colors)
+                colors=sys.stderr.isatty(), exception_formatter=structlog.dev.plain_traceback
             )
         ]
 
@@ -62,16 +63,6 @@ def setup_logging(settings: Settings, *, process: str) -> None:
     logging.getLogger("pymongo").setLevel(logging.WARNING)
     # Library warnings (e.g. PyJWT's key-length warning) become log lines, not raw stderr text.
     logging.captureWarnings(True)
-
-
-def _traceback_formatter(colors: bool) -> structlog.typing.ExceptionRenderer:
-    """Tracebacks for the console, never with local variables: structlog's default (Rich)
-    prints every frame's locals, which puts passwords and request bodies in the log."""
-    if importlib.util.find_spec("rich") is None:
-        return structlog.dev.plain_traceback
-    return structlog.dev.RichTracebackFormatter(
-        color_system="truecolor" if colors else None, show_locals=False
-    )
 
 
 def _wrap_for_formatter(

@@ -34,14 +34,12 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from bson import Binary
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from pymongo.errors import DuplicateKeyError, PyMongoError
 
 from config.logging import get_logger
 from core.context import Context
 from core.errors import Conflict, FieldError, Invalid
-from core.security import derive_key
+from core.security import Unsealable, derive_key, seal, unseal
 from core.store import Doc, utcnow
 
 log = get_logger(__name__)
@@ -183,8 +181,7 @@ async def claim(
 
 async def complete(ctx: Context, claim: Claim, response: StoredResponse) -> bool:
     """Store the response of a claimed request; ``False`` if the claim was lost meanwhile."""
-    nonce = secrets.token_bytes(12)
-    sealed = AESGCM(_record_key(ctx, claim.key)).encrypt(nonce, response.body, claim.id.encode())
+    sealed = seal(_record_key(ctx, claim.key), response.body, claim.id)
     result = await ctx.store[COLLECTION].update_one(
         {"_id": claim.id, "owner": claim.owner, "state": "in_progress"},
         {
@@ -192,7 +189,7 @@ async def complete(ctx: Context, claim: Claim, response: StoredResponse) -> bool
                 "state": "done",
                 "status": response.status,
                 "headers": response.headers,
-                "body": Binary(nonce + sealed),
+                "body": Binary(sealed),
                 "completed_at": utcnow(),
             },
             "$unset": {"lease_until": ""},
@@ -255,10 +252,9 @@ async def _release_quietly(ctx: Context, claim: Claim) -> None:
 
 
 def _decode(ctx: Context, doc: Doc, key: str) -> StoredResponse:
-    raw = bytes(doc["body"])
     try:
-        body = AESGCM(_record_key(ctx, key)).decrypt(raw[:12], raw[12:], doc["_id"].encode())
-    except InvalidTag as exc:
+        body = unseal(_record_key(ctx, key), doc["body"], doc["_id"])
+    except Unsealable as exc:
         # Only after JWT_SECRET was rotated: the first response can no longer be reproduced.
         raise Conflict(
             "The first response to this Idempotency-Key can no longer be replayed; "

@@ -52,6 +52,36 @@ def derive_key(settings: Settings, purpose: str) -> bytes:
     return hmac.new(root, b"taskmanager/" + purpose.encode(), hashlib.sha256).digest()
 
 
+class Unsealable(ValueError):
+    """A sealed value that does not open: another key (``JWT_SECRET`` changed), another owner
+    or altered bytes."""
+
+
+def seal(key: bytes, plain: bytes, bound_to: str) -> bytes:
+    """``plain`` encrypted and authenticated (AES-256-GCM, a random 12-byte nonce first), bound to
+    ``bound_to`` (the record's id): the bytes open only with the same key for the same record.
+
+    cryptography is imported on the first seal or unseal, not with this module: its compiled
+    binding is 8.5 MB of a process's RSS, and a web process that never stores an idempotent
+    response nor registers a webhook never needs it."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    nonce = secrets.token_bytes(12)
+    return nonce + AESGCM(key).encrypt(nonce, plain, bound_to.encode())
+
+
+def unseal(key: bytes, sealed: bytes, bound_to: str) -> bytes:
+    """The plain bytes of :func:`seal`'s output; :class:`Unsealable` if they do not open."""
+    from cryptography.exceptions import InvalidTag
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    raw = bytes(sealed)
+    try:
+        return AESGCM(key).decrypt(raw[:12], raw[12:], bound_to.encode())
+    except (InvalidTag, ValueError) as exc:
+        raise Unsealable(str(exc) or type(exc).__name__) from exc
+
+
 def usable_cores() -> int:
     """The cores this process may run on (its CPU affinity where the OS tells it)."""
     if hasattr(os, "sched_getaffinity"):

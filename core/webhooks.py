@@ -38,8 +38,6 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from bson import Binary, ObjectId
 from bson.errors import InvalidId
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 from pymongo import ASCENDING, DESCENDING, ReturnDocument
 from pymongo.asynchronous.client_session import AsyncClientSession
@@ -51,7 +49,7 @@ from core import events, ssrf
 from core.context import Context
 from core.errors import Conflict, NotFound
 from core.pagination import Page, PageQuery, keyset_page
-from core.security import derive_key
+from core.security import Unsealable, derive_key, seal, unseal
 from core.store import Doc, utcnow
 from core.webhook_url import URL_PATTERN
 
@@ -226,17 +224,14 @@ def _secret_key(settings: Settings) -> bytes:
 
 def seal_secret(settings: Settings, webhook_id: str, secret: str) -> Binary:
     """Encrypt a webhook's secret for storage, bound to the webhook's id."""
-    nonce = secrets.token_bytes(12)
-    sealed = AESGCM(_secret_key(settings)).encrypt(nonce, secret.encode(), webhook_id.encode())
-    return Binary(nonce + sealed)
+    return Binary(seal(_secret_key(settings), secret.encode(), webhook_id))
 
 
 def open_secret(settings: Settings, webhook_id: str, sealed: bytes) -> str:
     """Decrypt a stored secret; :class:`SecretUnreadable` after a ``JWT_SECRET`` change."""
-    raw = bytes(sealed)
     try:
-        plain = AESGCM(_secret_key(settings)).decrypt(raw[:12], raw[12:], webhook_id.encode())
-    except (InvalidTag, ValueError) as exc:
+        plain = unseal(_secret_key(settings), sealed, webhook_id)
+    except Unsealable as exc:
         raise SecretUnreadable(
             "The webhook's secret cannot be decrypted (JWT_SECRET changed?); register the "
             "webhook again"

@@ -1,1 +1,3 @@
 """jobs."""
+
+import config  # noqa: F401  (first: see config/__init__.py)

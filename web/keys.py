@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
@@ -18,7 +19,8 @@ from workers.relay import Relay
 SETTINGS = web.AppKey("settings", Settings)
 CONNECTIONS = web.AppKey("connections", Connections)
 CONTEXT = web.AppKey("context", Context)
-OPENAPI: web.AppKey[dict[str, Any]] = web.AppKey("openapi")
+#: The OpenAPI document, built on the first ask (``web/app.py``).
+OPENAPI: web.AppKey[Callable[[], dict[str, Any]]] = web.AppKey("openapi")
 #: Wakes the outbox relay right after a write, so events leave without waiting for a poll.
 RELAY_WAKE = web.AppKey("relay_wake", asyncio.Event)
 

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from core.errors import Unauthorized
-from core.security import Tokens
+from core.security import Tokens, Unsealable, seal, unseal
 
 
 def test_a_verified_token_is_served_from_the_cache_until_it_expires(
@@ -50,3 +50,19 @@ def test_the_cache_is_bounded(settings: Any, monkeypatch: pytest.MonkeyPatch) ->
         tokens.decode(token, "access")
     assert len(tokens._verified) == 3
     assert list(tokens._verified) == issued[2:]
+
+
+def test_a_sealed_value_opens_only_with_its_key_for_its_record() -> None:
+    key, other = b"k" * 32, b"o" * 32
+    sealed = seal(key, b"the secret", "record-1")
+    assert b"the secret" not in sealed
+    assert seal(key, b"the secret", "record-1") != sealed  # a new nonce each time
+    assert unseal(key, sealed, "record-1") == b"the secret"
+    for wrong_key, record, raw in (
+        (other, "record-1", sealed),  # JWT_SECRET changed
+        (key, "record-2", sealed),  # copied onto another record
+        (key, "record-1", sealed[:-1] + bytes([sealed[-1] ^ 1])),  # altered
+        (key, "record-1", sealed[:8]),  # cut short
+    ):
+        with pytest.raises(Unsealable):
+            unseal(wrong_key, raw, record)

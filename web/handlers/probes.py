@@ -126,7 +126,7 @@ async def metrics(request: web.Request) -> web.Response:
 async def openapi(request: web.Request) -> web.Response:
     """The OpenAPI 3.1 document of this API (limited per address, as ``/metrics``)."""
     await spend_operations_budget(request)
-    return json_response(request.app[OPENAPI])
+    return json_response(request.app[OPENAPI]())
 
 
 def _inline_script_hashes(page: str) -> str:
