@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 PROBE = """
 import sys
+import cli.main  # first, as in `taskmanager web`
 from config.settings import Settings
 from core import account_rules
 from web.app import create_app
