@@ -85,9 +85,11 @@ class Connections:
         )
         # PyMongo keeps the stack that created a client (to name it in a warning after a fork):
         # formatting it read every source file on the stack into linecache, 1.1 MB in a web
-        # process (mongo_client.py and click's core.py alone are 290 KB of text). The cache
-        # is only a cache: a traceback printed later reads the files it needs again.
-        linecache.clearcache()
+        # process (mongo_client.py and click's core.py alone are 290 KB of text). Those files
+        # are dropped from the cache (a traceback printed later reads what it needs again);
+        # sources registered without a file ("<attrs generated ...>") stay.
+        for name in [n for n in linecache.cache if not n.startswith("<")]:
+            linecache.cache.pop(name, None)
         return client
 
     def redis(self) -> aioredis.Redis:
