@@ -66,7 +66,7 @@ def create_app(
     # Built on the first GET /openapi.json, not at start-up: generating the models' JSON
     # schemas left 3.5 MB in every web process (measured building the app) that most never
     # serve the document.
-    app[OPENAPI] = _openapi_once()
+    app[OPENAPI] = _openapi_document
     app[RELAY_WAKE] = asyncio.Event()
     app[READINESS] = Readiness()
     app[DRAINING] = Draining()
@@ -233,14 +233,13 @@ async def _prepare(request: web.Request, response: web.StreamResponse) -> None:
 MAX_LINE_SIZE = 65536
 
 
-def _openapi_once() -> Callable[[], dict[str, Any]]:
-    """The document's builder, building it once."""
+def _build_openapi() -> dict[str, Any]:
+    return build_openapi(ROUTES, version=version("taskmanager"))
 
-    @functools.cache
-    def document() -> dict[str, Any]:
-        return build_openapi(ROUTES, version=version("taskmanager"))
 
-    return document
+#: The OpenAPI document, built once per process on the first ask (it depends on the routes
+#: alone, so every app of the process shares it).
+_openapi_document: Callable[[], dict[str, Any]] = functools.cache(_build_openapi)
 
 
 def serve(app: web.Application, *, host: str, port: int, reuse_port: bool = False) -> None:
