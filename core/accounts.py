@@ -24,7 +24,6 @@ from pydantic import (
     Field,
     StringConstraints,
 )
-from pymongo import ReturnDocument
 from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.errors import DuplicateKeyError
 from redis.exceptions import RedisError
@@ -34,7 +33,7 @@ from core import account_rules, events
 from core.context import Context
 from core.errors import Conflict, NotFound, Overloaded, RateLimited, Unauthorized
 from core.security import TokenClaims, hash_password, needs_rehash, verify_password
-from core.store import Doc, utcnow
+from core.store import Doc, update_then_read, utcnow
 
 log = get_logger(__name__)
 
@@ -272,10 +271,11 @@ async def refresh(ctx: Context, body: RefreshIn) -> TokenPair:
     """Rotate a refresh token; reuse of a rotated one revokes the whole login."""
     claims = ctx.tokens.decode(body.refresh_token, "refresh")
     new_jti = secrets.token_urlsafe(16)
-    login_doc = await ctx.store["logins"].find_one_and_update(
+    login_doc = await update_then_read(
+        ctx.store["logins"],
         {"_id": claims.login_id, "refresh_jti": claims.jti, "revoked": False},
         {"$set": {"refresh_jti": new_jti, "refreshed_at": utcnow()}},
-        return_document=ReturnDocument.AFTER,
+        still={"refresh_jti": new_jti},
     )
     if login_doc is None:
         existing = await ctx.store["logins"].find_one({"_id": claims.login_id})
@@ -350,9 +350,7 @@ async def update_me(ctx: Context, user_id: str, patch: MePatch) -> Doc:
     if not changes:
         return await get_user(ctx, user_id)
     changes["updated_at"] = utcnow()
-    doc = await ctx.store["users"].find_one_and_update(
-        {"_id": _oid(user_id)}, {"$set": changes}, return_document=ReturnDocument.AFTER
-    )
+    doc = await update_then_read(ctx.store["users"], {"_id": _oid(user_id)}, {"$set": changes})
     if doc is None:
         raise NotFound("No such user")
     return doc
@@ -406,7 +404,8 @@ async def ensure_admin(
                 raise
             if not promote_existing:
                 return existing, "exists"
-    promoted = await ctx.store["users"].find_one_and_update(
+    promoted = await update_then_read(
+        ctx.store["users"],
         {"_id": existing["_id"]},
         {
             "$set": {
@@ -415,7 +414,6 @@ async def ensure_admin(
                 "updated_at": utcnow(),
             }
         },
-        return_document=ReturnDocument.AFTER,
     )
     if promoted is None:
         raise NotFound("No such user")

@@ -17,11 +17,11 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pymongo import ASCENDING, DESCENDING, ReturnDocument
+from pymongo import ASCENDING, DESCENDING
 from pymongo.errors import DuplicateKeyError
 
 from core.context import Context
-from core.store import Doc, utcnow
+from core.store import Doc, update_then_read, utcnow
 
 RunStatus = Literal["enqueued", "running", "succeeded", "failed"]
 
@@ -91,7 +91,8 @@ async def unsent(ctx: Context, job: str, *, since: datetime) -> list[Doc]:
 async def start(ctx: Context, job: str, fire_key: str) -> Doc | None:
     """Mark a run started; ``None`` if this fire already succeeded (a redelivered message)."""
     try:
-        return await ctx.store["job_runs"].find_one_and_update(
+        return await update_then_read(
+            ctx.store["job_runs"],
             {"_id": fire_key, "status": {"$ne": "succeeded"}},
             {
                 "$set": {"job": job, "status": "running", "started_at": utcnow()},
@@ -99,7 +100,6 @@ async def start(ctx: Context, job: str, fire_key: str) -> Doc | None:
                 "$inc": {"attempts": 1},
             },
             upsert=True,
-            return_document=ReturnDocument.AFTER,
         )
     except DuplicateKeyError:  # the upsert met the succeeded record: nothing to do
         return None

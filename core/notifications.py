@@ -27,7 +27,7 @@ from typing import Literal
 from bson import ObjectId
 from bson.errors import InvalidId
 from pydantic import BaseModel
-from pymongo import ASCENDING, ReturnDocument, UpdateOne
+from pymongo import ASCENDING, UpdateOne
 from pymongo.asynchronous.cursor import AsyncCursor
 from pymongo.errors import BulkWriteError
 
@@ -175,13 +175,12 @@ async def mark_read(ctx: Context, user_id: str, notification_id: str) -> Doc:
     :class:`NotFound` for a malformed id or another user's notification."""
     oid = _oid(notification_id)
     coll = ctx.store["notifications"]
-    doc = await coll.find_one_and_update(
-        {"_id": oid, "user_id": user_id, "read_at": None},
-        {"$set": {"read_at": utcnow()}},
-        return_document=ReturnDocument.AFTER,
+    # An update then a read of the notification, not findAndModify (a whole-collection scan
+    # on the test server: core/store.update_then_read).
+    await coll.update_one(
+        {"_id": oid, "user_id": user_id, "read_at": None}, {"$set": {"read_at": utcnow()}}
     )
-    if doc is None:
-        doc = await coll.find_one({"_id": oid, "user_id": user_id})
+    doc = await coll.find_one({"_id": oid, "user_id": user_id})
     if doc is None:
         raise NotFound("No such notification")
     return doc

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from bson import Binary, ObjectId
 from bson.errors import InvalidId
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
-from pymongo import ASCENDING, DESCENDING, ReturnDocument
+from pymongo import ASCENDING, DESCENDING
 from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.errors import DuplicateKeyError, PyMongoError
 from redis.exceptions import RedisError
@@ -50,7 +50,7 @@ from core.context import Context
 from core.errors import Conflict, NotFound
 from core.pagination import Page, PageQuery, keyset_page
 from core.security import Unsealable, derive_key, seal, unseal
-from core.store import Doc, utcnow
+from core.store import Doc, update_then_read, utcnow
 from core.webhook_url import URL_PATTERN
 
 #: The event types a webhook can receive: the task events of the catalogue (core/events.py);
@@ -387,7 +387,8 @@ async def _redeliver(
     now = utcnow()
 
     async def work(session: AsyncClientSession) -> Doc | None:
-        doc = await ctx.store["webhook_deliveries"].find_one_and_update(
+        doc = await update_then_read(
+            ctx.store["webhook_deliveries"],
             {"_id": delivery_id, "webhook_id": webhook_id, "owner": owner, **(only or {})},
             {
                 "$inc": {"generation": 1},
@@ -402,7 +403,6 @@ async def _redeliver(
                 },
                 "$unset": {**_NO_LEASE, "dead_at": "", "held_at": ""},
             },
-            return_document=ReturnDocument.AFTER,
             session=session,
         )
         if doc is None:
@@ -427,13 +427,13 @@ async def resume(ctx: Context, owner: str, webhook_id: str) -> tuple[Doc, int]:
     oldest first, at most :data:`RESUME_REDELIVER_LIMIT` per call; returns the webhook and how
     many deliveries were sent again."""
     hook_id = oid(webhook_id)
-    doc = await ctx.store["webhooks"].find_one_and_update(
+    doc = await update_then_read(
+        ctx.store["webhooks"],
         {"_id": hook_id, "owner": owner},
         {
             "$set": {"state": "active", "consecutive_failures": 0, "updated_at": utcnow()},
             "$unset": {"paused_reason": "", "paused_at": ""},
         },
-        return_document=ReturnDocument.AFTER,
     )
     if doc is None:
         raise NotFound("No such webhook")
@@ -465,11 +465,11 @@ async def note_outcome(ctx: Context, hook: Doc, attempt: Attempt) -> bool:
             {"$set": {"consecutive_failures": 0}},
         )
         return False
-    counted = await hooks.find_one_and_update(
+    counted = await update_then_read(
+        hooks,
         {"_id": hook["_id"]},
         {"$inc": {"consecutive_failures": 1}},
         projection={"consecutive_failures": 1, "state": 1},
-        return_document=ReturnDocument.AFTER,
     )
     if counted is None:
         return False
@@ -664,17 +664,13 @@ async def ensure_delivery(ctx: Context, hook: Doc, event: dict[str, Any]) -> tup
         "expires_at": now + DELIVERY_RETENTION,
     }
     coll = ctx.store["webhook_deliveries"]
-    doc: Doc | None = None
+    # An upsert, not findAndModify (a scan on the test server: core/store.update_then_read);
     # DuplicateKeyError: a concurrent fan-out of the same event inserted it first.
     with contextlib.suppress(DuplicateKeyError):
-        doc = await coll.find_one_and_update(
-            {"_id": delivery_id},
-            {"$setOnInsert": fresh},
-            upsert=True,
-            return_document=ReturnDocument.AFTER,
-        )
-    if doc is None:
-        doc = await coll.find_one({"_id": delivery_id})
+        result = await coll.update_one({"_id": delivery_id}, {"$setOnInsert": fresh}, upsert=True)
+        if result.upserted_id is not None:
+            return fresh, True
+    doc = await coll.find_one({"_id": delivery_id})
     if doc is None:  # the webhook was deleted meanwhile
         return fresh, False
     return doc, doc.get("enqueued_at") is None
@@ -725,10 +721,9 @@ async def claim(
             "lease_worker": holder.worker_id if holder is not None else None,
             "leased_at": now,
         }
-        doc = await coll.find_one_and_update(
-            {**live, "lease_token": None},
-            {"$set": fields},
-            return_document=ReturnDocument.AFTER,
+        mine = {"lease_token": token}
+        doc = await update_then_read(
+            coll, {**live, "lease_token": None}, {"$set": fields}, still=mine
         )
         if doc is not None:
             return Lease(doc, token)
@@ -746,7 +741,8 @@ async def claim(
                 return "busy"
         gone = "expired" if expired else str(worker)
         reason = "the lease expired" if expired else f"worker {worker} stopped beating"
-        doc = await coll.find_one_and_update(
+        doc = await update_then_read(
+            coll,
             {**live, "lease_token": held["lease_token"]},
             {
                 "$set": {
@@ -757,7 +753,7 @@ async def claim(
                 },
                 "$inc": {"attempts": 1},
             },
-            return_document=ReturnDocument.AFTER,
+            still=mine,
         )
         if doc is not None:
             return Lease(doc, token, took_over=gone)

@@ -1,11 +1,14 @@
-"""The worker pipeline's writes by ``_id`` never carry ``$or`` (nor ``$nor``, ``$expr``).
+"""The worker pipeline's writes by ``_id`` never carry ``$or`` (nor ``$nor``, ``$expr``), and
+nothing sends findAndModify.
 
 SecantusDB answers a filter on ``_id`` alone (or with plain field comparisons) through the
 ``_id`` index, but scans the whole collection as soon as the filter also holds ``$or``: 50 ms
 against 1 ms at 5,000 documents, so the pipeline slowed as data grew (108 → 20 messages/s over
-2,400 tasks). ``explain()`` cannot tell the two apart (it reports COLLSCAN for both), so these
-tests record the commands the pipeline really sends, with PyMongo's command monitoring, and
-check every filter that names ``_id``.
+2,400 tasks). It runs every findAndModify as such a scan too (its write re-asserts the query
+under ``$and``): 25 ms against 0.8 ms for the same update at 3,000 documents, so those go
+through :func:`core.store.update_then_read`. ``explain()`` cannot tell the cases apart (it
+reports COLLSCAN for both), so these tests record the commands the pipeline really sends, with
+PyMongo's command monitoring, and check every filter that names ``_id``.
 """
 
 from __future__ import annotations
@@ -16,13 +19,14 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
+from bson import ObjectId
 from pymongo import AsyncMongoClient, monitoring
 
 from config.connections import Connections
 from config.settings import Settings
-from core import events, fairness, search
+from core import events, fairness, jobruns, notifications, search, webhooks
 from core.context import Context
-from core.store import Store, utcnow
+from core.store import Store, update_then_read, utcnow
 from workers.relay import Outcome, Relay
 
 #: Operators that make a filter naming ``_id`` scan the collection on SecantusDB.
@@ -190,3 +194,57 @@ async def test_a_claim_of_events_read_whole_reads_nothing_again(
     mine = await fairness.claim(monitored, partial, now, timedelta(seconds=30), "me")
     assert [d["_id"] for d in mine] == [evs[2]["_id"]] and "data" in mine[0]
     assert [n for c, n, _ in recorder.filters if c == "events"] == ["update", "find"]
+
+
+async def test_update_then_read(monitored: Context) -> None:
+    coll = monitored.store["shapes"]
+    await coll.insert_one({"_id": 1, "n": 0, "token": None})
+    after = await update_then_read(coll, {"_id": 1, "token": None}, {"$set": {"token": "a"}})
+    assert after == {"_id": 1, "n": 0, "token": "a"}
+    # No match: nothing written, nothing read.
+    assert await update_then_read(coll, {"_id": 1, "token": None}, {"$inc": {"n": 1}}) is None
+    assert await update_then_read(coll, {"_id": 2}, {"$inc": {"n": 1}}) is None
+    # The document changed again before the read: ``still`` says it is no longer ours.
+    assert (
+        await update_then_read(coll, {"_id": 1}, {"$inc": {"n": 1}}, still={"token": "b"}) is None
+    )
+    assert await update_then_read(
+        coll, {"_id": 2}, {"$setOnInsert": {"n": 5}}, upsert=True, projection={"n": 1}
+    ) == {"_id": 2, "n": 5}
+    assert await coll.find_one({"_id": 1}) == {"_id": 1, "n": 1, "token": "a"}
+    with pytest.raises(ValueError, match="_id"):
+        await update_then_read(coll, {"n": 1}, {"$inc": {"n": 1}})
+
+
+async def test_deliveries_leases_and_redeliveries_send_no_find_and_modify(
+    monitored: Context, recorder: Recorder
+) -> None:
+    hook = {"_id": ObjectId(), "owner": "alice", "url": "http://127.0.0.1:9/h", "events": ["*"]}
+    await monitored.store["webhooks"].insert_one(hook)
+    event = {"id": str(ObjectId()), "type": "task.created", "created_at": "2026-12-02T00:00:00Z"}
+    delivery, fresh = await webhooks.ensure_delivery(monitored, hook, event)
+    assert fresh and delivery["status"] == "pending"
+    assert await webhooks.ensure_delivery(monitored, hook, event) == (delivery, True)
+    lease = await webhooks.claim(monitored, delivery["_id"], 0, timedelta(seconds=30))
+    assert isinstance(lease, webhooks.Lease) and lease.delivery["lease_token"] == lease.token
+    assert await webhooks.claim(monitored, delivery["_id"], 0, timedelta(seconds=30)) == "busy"
+    # The lease runs out: the next claim takes it over and counts the interrupted attempt.
+    await monitored.store["webhook_deliveries"].update_one(
+        {"_id": delivery["_id"]}, {"$set": {"lease_until": utcnow() - timedelta(seconds=1)}}
+    )
+    taken = await webhooks.claim(monitored, delivery["_id"], 0, timedelta(seconds=30))
+    assert isinstance(taken, webhooks.Lease) and taken.took_over == "expired"
+    assert taken.delivery["attempts"] == 1 and taken.delivery["lease_token"] == taken.token
+    failed = webhooks.Attempt(ok=False, response_code=500, error="HTTP 500")
+    assert await webhooks.record_attempt(monitored, delivery["_id"], taken.token, failed, "failed")
+    assert not await webhooks.note_outcome(monitored, hook, failed)
+    again = await webhooks._redeliver(monitored, "alice", str(hook["_id"]), delivery["_id"])
+    assert again is not None and again["generation"] == 1 and again["status"] == "pending"
+    assert await webhooks.claim(monitored, delivery["_id"], 0, timedelta(seconds=30)) is None
+    run = await jobruns.start(monitored, "backup", "backup:1")
+    assert run is not None and run["attempts"] == 1 and run["status"] == "running"
+    note = {"_id": ObjectId(), "user_id": "alice", "key": "k", "read_at": None}
+    await monitored.store["notifications"].insert_one(note)
+    assert (await notifications.mark_read(monitored, "alice", str(note["_id"])))["read_at"]
+    sent = [name for _, name, _ in recorder.filters]
+    assert "findAndModify" not in sent and sent.count("update") >= 8, sent
