@@ -25,9 +25,10 @@ from core.store import Doc, utcnow
 from tests.conftest import bearer, eventually, register, serve_http, signed
 from web.app import create_app
 from web.keys import CONTEXT, PLATFORM
+from workers.actors import ActorContext
 from workers.broker import build_broker
 from workers.registry import registry_index
-from workers.webhooks import DeliveryRefused, attempt_delivery, post
+from workers.webhooks import Deferred, DeliveryRefused, attempt_delivery, deliver_webhook, post
 
 W = "/api/v1/webhooks"
 FAST = {
@@ -639,3 +640,53 @@ async def test_a_dead_workers_slot_is_free_again(ctx: Any) -> None:
     assert not await webhooks.take_slot(ctx, "u1", webhooks.slot_token(me), ttl, holder=me)
     assert not await webhooks.take_slot(ctx, "u1", "plain", ttl)
     assert await webhooks.slots_in_use(ctx, "u1") == cap
+
+
+async def test_the_owners_slot_is_held_around_the_post_alone(
+    brokers: list[Any],
+    make_settings: Any,
+    aiohttp_client: Any,
+    receiver: Receiver,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The slot is taken once the delivery is leased and given back before the attempt is
+    recorded (the receiver sees it held; the delivery's reads and writes do not hold it).
+    With every slot taken before a message starts, it is deferred before any claim."""
+    app, client, auth = await setup(brokers, make_settings, aiohttp_client, None)
+    ctx, platform = app[CONTEXT], app[PLATFORM]
+    delivery_id = await pending_delivery(app, client, auth, receiver.url())
+    owner = str((await ctx.store["webhook_deliveries"].find_one({"_id": delivery_id}))["owner"])
+    # Each step with the requests the receiver had by then and the owner's slots in use.
+    steps: list[tuple[str, int, int]] = []
+
+    def noting(name: str) -> None:
+        real = getattr(webhooks, name)
+
+        async def call(*args: Any, **kwargs: Any) -> Any:
+            steps.append((name, len(receiver.hits), await webhooks.slots_in_use(ctx, owner)))
+            return await real(*args, **kwargs)
+
+        monkeypatch.setattr(webhooks, name, call)
+
+    for name in ("claim", "take_slot", "free_slot", "record_attempt"):
+        noting(name)
+    actor_ctx = ActorContext.of(ctx, platform.resources.mailer, platform.broker)
+    await deliver_webhook(actor_ctx, delivery_id, 0, owner)
+    # Claimed with no slot held; the slot taken, then the POST, then given back; recorded
+    # with no slot held.
+    assert steps == [
+        ("claim", 0, 0),
+        ("take_slot", 0, 0),
+        ("free_slot", 1, 1),
+        ("record_attempt", 1, 0),
+    ]
+    doc = await ctx.store["webhook_deliveries"].find_one({"_id": delivery_id})
+    assert (doc["status"], doc["attempts"]) == ("succeeded", 1)
+
+    # Every slot taken (by other deliveries' POSTs): deferred before the delivery is claimed.
+    for n in range(ctx.settings.webhook_max_in_flight_per_user):
+        assert await webhooks.take_slot(ctx, owner, f"other{n}", timedelta(seconds=30))
+    steps.clear()
+    with pytest.raises(Deferred):
+        await deliver_webhook(actor_ctx, delivery_id, 1, owner)
+    assert [name for name, _, _ in steps] == ["take_slot"]
