@@ -15,7 +15,7 @@ QUEUE = "cache"
 WARM_DEBOUNCE_MS = 500
 #: A warm-up that took ``t`` opens a window of at least this many times ``t``, at most
 #: :data:`WARM_MAX_WINDOW_MS` (see :class:`WarmPacer`).
-WARM_COST_FACTOR = 10
+WARM_COST_FACTOR = 20
 WARM_MAX_WINDOW_MS = 10_000
 
 
@@ -27,7 +27,7 @@ class WarmPacer:
     and while the user keeps writing each warm-up is stale at their next write: with a fixed
     window, one user writing steadily with thousands of tasks kept the store busy warming
     what nobody read in between (an aggregation every 0.5 s). Paced by its cost, warming takes
-    at most a tenth of the store's time per busy user; a reader in a longer window computes
+    at most a twentieth of the store's time per busy user; a reader in a longer window computes
     on its cache miss, as without a warm-up. Per process (each worker paces what it runs), at
     most :attr:`limit` users remembered, the oldest forgotten first.
     """

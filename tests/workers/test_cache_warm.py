@@ -13,20 +13,20 @@ from core.store import utcnow
 from workers import cache as cache_actor
 
 
-def test_the_window_is_the_debounce_or_ten_times_the_last_warm_up_capped() -> None:
+def test_the_window_is_the_debounce_or_twenty_times_the_last_warm_up_capped() -> None:
     pacer = cache_actor.WarmPacer(limit=2)
     assert pacer.window_ms("a") == cache_actor.WARM_DEBOUNCE_MS
     pacer.took("a", 0.01)  # cheap: the debounce
     assert pacer.window_ms("a") == 500
     pacer.took("a", 0.2)
-    assert pacer.window_ms("a") == 2_000
+    assert pacer.window_ms("a") == 4_000
     pacer.took("b", 60.0)
     assert pacer.window_ms("b") == cache_actor.WARM_MAX_WINDOW_MS
     pacer.took("c", 0.3)  # over the limit: the oldest remembered (a) is forgotten
-    assert pacer.window_ms("a") == 500 and pacer.window_ms("c") == 3_000
+    assert pacer.window_ms("a") == 500 and pacer.window_ms("c") == 6_000
     pacer.took("b", 0.1)  # remembered again: b is now the newest, c the oldest
     pacer.took("a", 0.1)
-    assert pacer.window_ms("c") == 500 and pacer.window_ms("b") == 1_000
+    assert pacer.window_ms("c") == 500 and pacer.window_ms("b") == 2_000
 
 
 async def _cached(ctx: Context, user: str, name: str) -> bool:
@@ -64,7 +64,7 @@ async def test_the_warm_window_is_paced_by_what_the_warm_up_took(ctx: Context) -
     took = cache_actor.PACER._took[user]
     window = await ctx.redis.pttl(ctx.key("warm", user))
     assert window > 0 and abs(window - cache_actor.PACER.window_ms(user)) < 200
-    assert cache_actor.PACER.window_ms(user) == max(500, min(10_000, int(10_000 * took)))
+    assert cache_actor.PACER.window_ms(user) == max(500, min(10_000, int(20_000 * took)))
     # A write within the window: invalidated, not warmed again (a reader computes).
     await cache_actor.refresh_user_cache(ctx, event())  # type: ignore[arg-type]
     assert not await _cached(ctx, user, tasks.STATS_CACHE)
