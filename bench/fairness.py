@@ -111,7 +111,7 @@ class Options:
     idle_probes: int = 5
     users: int = 100
     max_burst: int = 25
-    window: int = 16
+    window: int = Settings.model_fields["fair_share_window"].default
     #: FAIR_SHARE_BUDGET of the "on" mode (0: none, the product's default).
     budget: int = 0
     timeout: float = 1200.0
@@ -794,7 +794,12 @@ def parse(argv: list[str]) -> Options:
     ap.add_argument("--idle-probes", type=int, default=5, help="B's writes when idle")
     ap.add_argument("--users", type=int, default=100, help="users of the many-users part")
     ap.add_argument("--max-burst", type=int, default=25, help="largest of their bursts")
-    ap.add_argument("--window", type=int, default=16, help="FAIR_SHARE_WINDOW")
+    ap.add_argument(
+        "--window",
+        type=int,
+        default=Settings.model_fields["fair_share_window"].default,
+        help="FAIR_SHARE_WINDOW (the product's default unless given)",
+    )
     ap.add_argument(
         "--budget", type=int, default=0, help="FAIR_SHARE_BUDGET with fairness on (0: none)"
     )

@@ -192,8 +192,9 @@ class Settings(BaseSettings):
     #: events of each user in flight (sent, side effects not all finished), times the user's
     #: weight (``FAIR_SHARE_WEIGHTS``: ``user_id=4,role:admin=2,default=1``), and fills the
     #: windows round-robin; ``FAIR_SHARE=false`` sends the outbox in order, as it was written.
+    #: 32 since 2026-12-02 (16 before): see the README, Fair share, for what each costs.
     fair_share: bool = True
-    fair_share_window: int = Field(16, ge=1, le=10_000)
+    fair_share_window: int = Field(32, ge=1, le=10_000)
     fair_share_weights: str = ""
     #: Events in flight across all users at most (core/fairness.py; 0: no budget, only the
     #: windows): the broker holds a short line filled round-robin.

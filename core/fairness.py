@@ -18,7 +18,7 @@ in the broker at a time and fills the windows round-robin across users:
   settings key by key and reach every relay within :data:`WEIGHTS_TTL`); events claimed
   (leased) by a relay and not yet sent count against it too;
 - **budget** (``FAIR_SHARE_BUDGET``, off by default): events in flight across all users at
-  most. Without it 100 users with 16-event windows can put 1,600 events in the broker at
+  most. Without it 100 users with 32-event windows can put 3,200 events in the broker at
   once, served in the order they were written: whoever wrote last waits behind everyone.
   With it the broker holds a short line and the round-robin decides who goes next, which
   aims at each user's burst served in time proportional to its size (equal slowdown, the

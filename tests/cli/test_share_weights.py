@@ -80,7 +80,7 @@ def test_set_list_and_unset(ops_env: Settings, monkeypatch: pytest.MonkeyPatch) 
 def test_nothing_set(ops_env: Settings) -> None:
     result = invoke("share-weights")
     assert result.exit_code == 0, result.output
-    assert result.output.strip() == "no weights: every user has weight 1 (window 16)"
+    assert result.output.strip() == "no weights: every user has weight 1 (window 32)"
 
 
 def test_errors_exit_1(ops_env: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
