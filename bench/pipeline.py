@@ -26,7 +26,12 @@ ceiling), so a second worker process has nothing to add. To compare one worker p
 two *while the store has headroom*, as the target asks, each worker (the Dramatiq supervisor
 and its worker process) is held to ``--worker-cores`` of a core by a cgroup CPU quota
 (``bench.procs.CpuCap``; needs root), so the workers bind the pipeline and the store's cores
-are printed beside it. One and two capped workers take turns on the largest stack (ABBA).
+are printed beside it. One and two capped workers take turns on the largest stack (ABBA). The
+scaling steps' user is given a fair-share weight of :data:`SCALING_WEIGHT` first (stored, as
+``taskmanager share-weights set`` does), so that its window of events in flight does not bind
+instead of the workers: a single user's 400-write burst is what the window exists to hold
+back, and with the default window one capped worker did 21.4 and two 33.6 messages/s
+(2026-12-02, window 16; 35.1 and 45.7 with 32).
 
 Targets (issue: the fast path): throughput with 20,000 tasks stored ≥ 90 % of that with 1,000;
 MongoDB operations per write ≤ 12; two worker processes ≥ 1.6 times one while the store has
@@ -72,7 +77,7 @@ from bench.procs import (
 )
 from cli.embedded import free_port
 from config.connections import Connections
-from core import search
+from core import fairness, search
 from core.context import open_context
 
 RESULTS = Path(__file__).parent / "results"
@@ -86,6 +91,8 @@ def worker_args() -> list[str]:
 #: Actor messages one ``task.created`` causes for a user without webhooks.
 MESSAGES_PER_WRITE = 4
 SETTLE_TIMEOUT = 300.0
+#: The scaling steps' user's fair-share weight (its window: that many times FAIR_SHARE_WINDOW).
+SCALING_WEIGHT = 100
 #: The store "has headroom" while it uses less than this many cores (one Python process).
 STORE_BUSY = 0.7
 
@@ -216,22 +223,25 @@ class PipelineBench:
                         members = await await_children(worker.pid, 1)
                         cap.cap(f"w{k + 1}", [worker.pid, *members], self.worker_cores)
                     await asyncio.sleep(3)  # the workers' start-up
-                    step = await self.step(http, svc, st)
+                    step = await self.step(http, svc, st, weight=SCALING_WEIGHT)
                     steps.append({**step, "round": r + 1, "capped": True})
                 finally:
                     for worker in st.workers:
                         worker.stop()
                     st.workers = []
                     cap.close()
-        return {"cores_each": self.worker_cores, "steps": steps}
+        return {"cores_each": self.worker_cores, "weight": SCALING_WEIGHT, "steps": steps}
 
     async def quiet(self, svc: Services, limit: float = 60.0) -> float:
         """Wait (at most ``limit`` s) until the store uses under a tenth of a core over a
         second, so that no step pays for the work its seeding left behind; returns the wait."""
         return await until_quiet(lambda: mongo_cpu(svc), limit)
 
-    async def step(self, http: aiohttp.ClientSession, svc: Services, st: Stack) -> dict[str, Any]:
-        """One burst of writes for a fresh user, until every side effect is settled."""
+    async def step(
+        self, http: aiohttp.ClientSession, svc: Services, st: Stack, weight: int | None = None
+    ) -> dict[str, Any]:
+        """One burst of writes for a fresh user (given the fair-share ``weight`` first, when
+        given), until every side effect is settled."""
         base = f"http://127.0.0.1:{st.port}{API}"
         body = {"email": f"p-{ObjectId()}@example.com", "password": PASSWORD, "name": "p"}
         async with http.post(f"{base}/auth/register", json=body) as resp:
@@ -239,6 +249,9 @@ class PipelineBench:
             if resp.status != 201:
                 raise RuntimeError(f"register answered {resp.status}: {data}")
         owner = str(data["user"]["id"])
+        if weight is not None:
+            await fairness.set_weight(st.ctx, owner, weight, by="bench pipeline")
+            await asyncio.sleep(fairness.WEIGHTS_TTL + 0.5)  # every relay has read it
         headers = {"Authorization": f"Bearer {data['access_token']}"}
         rng = random.Random(st.stored)
         now = time.time()
@@ -409,8 +422,9 @@ def scaling_lines(scaled: dict[str, Any], head: str) -> list[str]:
         "",
         f"Worker scaling: each worker (the Dramatiq supervisor and its worker process) held "
         f"to {scaled['cores_each']:g} of a core by a cgroup CPU quota, so that the workers, "
-        f"not the test server, bind the pipeline; one and two workers in turns on the "
-        f"{steps[0]['stored']:,}-task stack",
+        f"not the test server, bind the pipeline (and the writing user given a fair-share "
+        f"weight of {scaled.get('weight', 1)}, so that its window does not); one and two "
+        f"workers in turns on the {steps[0]['stored']:,}-task stack",
         head,
     ]
     for s in steps:

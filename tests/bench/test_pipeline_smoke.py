@@ -31,6 +31,7 @@ def test_pipeline_benchmark_runs_end_to_end(tmp_path: Path) -> None:
     else:
         capped = scaled["steps"]
         assert [s["worker_processes"] for s in capped] == [1, 2, 2, 1]
+        assert scaled["weight"] > 1 and "fair-share weight of" in report
         for step in capped:
             # Each worker's tree is held to its 0.3 of a core (0.35: the readings' slack).
             assert step["cores"]["worker"] <= 0.35, step
