@@ -5,10 +5,11 @@ SecantusDB answers a filter on ``_id`` alone (or with plain field comparisons) t
 ``_id`` index, but scans the whole collection as soon as the filter also holds ``$or``: 50 ms
 against 1 ms at 5,000 documents, so the pipeline slowed as data grew (108 → 20 messages/s over
 2,400 tasks). It runs every findAndModify as such a scan too (its write re-asserts the query
-under ``$and``): 25 ms against 0.8 ms for the same update at 3,000 documents, so those go
-through :func:`core.store.update_then_read`. ``explain()`` cannot tell the cases apart (it
-reports COLLSCAN for both), so these tests record the commands the pipeline really sends, with
-PyMongo's command monitoring, and check every filter that names ``_id``.
+under ``$and``): 24 ms against 1.8 ms for the same update and a read of the document at 3,000
+documents (``python -m bench store``), so those go through :func:`core.store.update_then_read`.
+``explain()`` cannot tell the cases apart (it reports COLLSCAN for both), so these tests record
+the commands the pipeline really sends, with PyMongo's command monitoring, and check every
+filter that names ``_id``.
 """
 
 from __future__ import annotations
