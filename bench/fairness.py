@@ -797,7 +797,7 @@ def parse(argv: list[str]) -> Options:
     ap.add_argument(
         "--window",
         type=int,
-        default=Settings.model_fields["fair_share_window"].default,
+        default=Options.window,
         help="FAIR_SHARE_WINDOW (the product's default unless given)",
     )
     ap.add_argument(

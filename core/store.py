@@ -148,8 +148,8 @@ class Store:
         for collection, indexes in INDEXES.items():
             await self.db[collection].create_indexes(indexes)
         for collection, names in RETIRED.items():
-            present = {ix["name"] async for ix in await self.db[collection].list_indexes()}
-            for name in present.intersection(names):
+            present = await self.db[collection].index_information()
+            for name in present.keys() & set(names):
                 await self.db[collection].drop_index(name)
 
     async def ping(self) -> None:
